@@ -1,0 +1,849 @@
+"""
+odscratch: an object detector built from scratch, in one file you can read top to bottom.
+
+The recipe:
+1. A ResNet-18 (random init) turns an image into a grid of cells, one cell every `stride` pixels.
+2. One linear layer maps each cell's C features to a box (cx, cy, w, h) and K+1 class logits,
+   the last logit being "background" (so 1 - p(background) is the cell's objectness).
+3. Training: each ground-truth box belongs to the one cell its centre falls in. Cross-entropy on
+   every cell's class, SmoothL1 + GIoU on the boxes of the cells that own a ground-truth box.
+4. Inference: softmax, a confidence threshold, per-class NMS, boxes scaled back to the image.
+5. Evaluation: COCO's mAP, written out below and tested against pycocotools.
+
+Run it (offline, on built-in synthetic shapes unless --data says otherwise):
+    odscratch train                                   # -> runs/train/exp/best.pt
+    odscratch eval                                    # newest best.pt, test split, AP table
+    odscratch detect photo.jpg                        # boxes table + runs/detect/exp/photo.jpg
+    odscratch train --data ../shared/data/bccd --time 15
+"""
+
+import contextlib
+import csv
+import io
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import datasets
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from torchvision import tv_tensors
+from torchvision.ops import batched_nms, box_convert, box_iou, clip_boxes_to_image, generalized_box_iou_loss
+from torchvision.transforms import v2
+
+console = Console()
+datasets.disable_progress_bars()
+datasets.logging.set_verbosity_error()
+
+
+class UserError(Exception):
+    """A problem with the user's input: shown as one line, never as a traceback."""
+
+
+@dataclass
+class Config:
+    data: str = "synthetic"         # "synthetic", a hub name, or a local folder that datasets can load
+    bbox_format: str = "xyxy"       # how the data stores boxes: xyxy (fashionpedia, BCCD) or xywh (COCO)
+    img_size: int = 192             # images are resized to img_size x img_size
+    stride: int = 16                # pixels per grid cell: 8, 16 or 32 (where ResNet-18 is cut)
+    epochs: int = 7
+    time: float = 0.0               # minutes; when set, the schedule ends at this budget
+    batch: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    seed: int = 0
+    fp32: bool = False              # turn off bf16 autocast + channels_last
+    device: str = "auto"
+
+
+# -----------------------------------------------------------------------------
+# Data: every source becomes one format, the schema of detection-datasets/fashionpedia:
+# a datasets.Dataset with `image` and `objects` = {bbox: [[x_min, y_min, x_max, y_max]] in pixels,
+# category: ClassLabel}. The built-in synthetic set is generated in-process, so that everything
+# runs offline; anything else goes through datasets.load_dataset.
+
+SYNTHETIC_CLASSES = ["ellipse", "rectangle", "triangle"]
+SYNTHETIC_SPLITS = {"train": 2000, "validation": 200, "test": 200}  # images per split
+SYNTHETIC_SIZE = 320                 # pixels per side
+SYNTHETIC_OBJECT_SIDE = (0.05, 0.5)  # object side as a fraction of the image side, log-uniform
+SYNTHETIC_MAX_COVER = 0.5            # an object may hide at most this much of an earlier one
+SYNTHETIC_JPEG_QUALITY = 95
+VALIDATION_FRACTION = 0.15           # carved from train when a dataset has no validation split
+SPLIT_SEED = 0                       # the carve is fixed, so train and eval agree on it
+
+
+def synthetic_background(rng):
+    # smooth colour blobs + stripes + pixel noise: texture that the detector must learn to ignore
+    coarse = rng.integers(0, 256, (*rng.integers(2, 8, size=2), 3), dtype=np.uint8)
+    img = PIL.Image.fromarray(coarse).resize((SYNTHETIC_SIZE, SYNTHETIC_SIZE), PIL.Image.BILINEAR)
+    draw = PIL.ImageDraw.Draw(img)
+    for _ in range(rng.integers(0, 6)):
+        x0, y0, x1, y1 = rng.uniform(0, SYNTHETIC_SIZE, 4)
+        draw.line((x0, y0, x1, y1), fill=tuple(rng.integers(0, 256, 3).tolist()), width=int(rng.integers(1, 4)))
+    noise = rng.integers(-16, 17, (SYNTHETIC_SIZE, SYNTHETIC_SIZE, 1))
+    return PIL.Image.fromarray(np.clip(np.asarray(img, np.int16) + noise, 0, 255).astype(np.uint8))
+
+
+def draw_shape(draw, category, box, colour):
+    x0, y0, x1, y1 = box
+    if SYNTHETIC_CLASSES[category] == "ellipse":
+        draw.ellipse(box, fill=colour)
+    elif SYNTHETIC_CLASSES[category] == "rectangle":
+        draw.rectangle(box, fill=colour)
+    else:
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=colour)
+
+
+def box_iou_parts(a, b):
+    # intersection areas [len(a), len(b)] of xyxy boxes
+    lt, rb = torch.max(a[:, None, :2], b[None, :, :2]), torch.min(a[:, None, 2:], b[None, :, 2:])
+    return (rb - lt).clamp(min=0).prod(-1)
+
+
+def synthetic_example(rng):
+    """One image with 1-8 shapes; colour is random, so only the shape tells the class."""
+    img = synthetic_background(rng)
+    draw = PIL.ImageDraw.Draw(img)
+    boxes, categories = [], []
+    for _ in range(rng.integers(1, 9)):
+        side = SYNTHETIC_SIZE * math.exp(rng.uniform(*np.log(SYNTHETIC_OBJECT_SIDE)))
+        aspect = rng.uniform(0.7, 1.4)
+        w, h = side * math.sqrt(aspect), side / math.sqrt(aspect)
+        x0, y0 = rng.uniform(0, SYNTHETIC_SIZE - w), rng.uniform(0, SYNTHETIC_SIZE - h)
+        box = [x0, y0, x0 + w, y0 + h]
+        if boxes:  # some overlap is wanted, a shape hidden behind another is not
+            inter = box_iou_parts(torch.tensor([box]), torch.tensor(boxes))
+            if (inter / torch.tensor([(b[2] - b[0]) * (b[3] - b[1]) for b in boxes])).max() > SYNTHETIC_MAX_COVER:
+                continue
+        category = int(rng.integers(len(SYNTHETIC_CLASSES)))
+        draw_shape(draw, category, box, tuple(rng.integers(0, 256, 3).tolist()))
+        boxes.append(box)
+        categories.append(category)
+    return img, boxes, categories
+
+
+def detection_features(class_names):
+    return datasets.Features({
+        "image": datasets.Image(),
+        "objects": {
+            "bbox": datasets.List(datasets.List(datasets.Value("float32"), length=4)),
+            "category": datasets.List(datasets.ClassLabel(names=class_names)),
+        },
+    })
+
+
+def jpeg_bytes(img):
+    # JPEG, not datasets' default PNG: the pixel noise makes PNG 30x slower to write
+    buffer = io.BytesIO()
+    img.save(buffer, "JPEG", quality=SYNTHETIC_JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+@lru_cache(maxsize=None)
+def synthetic_split(split):
+    """The same images for the same split on any machine: one seeded numpy generator per split."""
+    rng = np.random.default_rng([SPLIT_SEED, list(SYNTHETIC_SPLITS).index(split)])
+    examples = [synthetic_example(rng) for _ in range(SYNTHETIC_SPLITS[split])]
+    return datasets.Dataset.from_dict({
+        "image": [{"bytes": jpeg_bytes(img), "path": None} for img, _, _ in examples],
+        "objects": [{"bbox": boxes, "category": cats} for _, boxes, cats in examples],
+    }, features=detection_features(SYNTHETIC_CLASSES))
+
+
+def objects_columns(objects):
+    # datasets stores `objects` either as a dict of lists or as a list of dicts
+    if isinstance(objects, dict):
+        return objects["bbox"], objects["category"]
+    return [o["bbox"] for o in objects], [o["category"] for o in objects]
+
+
+def category_feature(ds):
+    objects = ds.features["objects"]
+    objects = getattr(objects, "feature", objects)  # list of dicts -> the dict
+    return getattr(objects["category"], "feature", objects["category"])
+
+
+def load_hub_or_folder(data, split):
+    try:
+        return datasets.load_dataset(data, split=split)
+    except Exception as e:
+        raise UserError(f"cannot load split {split!r} of {data!r}: {str(e).splitlines()[0]} "
+                        "(offline? point --data at a local folder, or use --data synthetic)") from None
+
+
+def load_split(data, split, bbox_format="xyxy"):
+    """Any source -> a datasets.Dataset with the fashionpedia schema (xyxy pixels, ClassLabel)."""
+    if data == "synthetic":
+        if split not in SYNTHETIC_SPLITS:
+            raise UserError(f"synthetic has no split {split!r}; it has: {', '.join(SYNTHETIC_SPLITS)}")
+        return synthetic_split(split)
+    try:
+        available = datasets.get_dataset_split_names(data)
+    except Exception as e:
+        raise UserError(f"cannot load dataset {data!r}: {str(e).splitlines()[0]} "
+                        "(offline? point --data at a local folder, or use --data synthetic)") from None
+    if split == "validation" and split not in available and "train" in available:
+        carve = load_hub_or_folder(data, "train").train_test_split(VALIDATION_FRACTION, seed=SPLIT_SEED)
+        console.print(f"{data} has no validation split: using a seeded {VALIDATION_FRACTION:.0%} of train "
+                      f"({len(carve['test'])} images)")
+        ds = carve["test"]
+    elif split == "train" and "validation" not in available and "train" in available:
+        ds = load_hub_or_folder(data, "train").train_test_split(VALIDATION_FRACTION, seed=SPLIT_SEED)["train"]
+    elif split in available:
+        ds = load_hub_or_folder(data, split)
+    else:
+        raise UserError(f"{data!r} has no split {split!r}; it has: {', '.join(available)}")
+    if len(ds) == 0:
+        raise UserError(f"split {split!r} of {data!r} is empty")
+    if "objects" not in ds.features:
+        raise UserError(f"{data!r} has no `objects` column (bbox + category per image); it has: "
+                        f"{', '.join(ds.features)}")
+    return to_detection_schema(ds, data, bbox_format)
+
+
+def to_detection_schema(ds, data, bbox_format):
+    # Data already in the schema (fashionpedia, BCCD) passes through untouched: no copy of the images.
+    names = class_names(ds, data)
+    strings = not isinstance(category_feature(ds), datasets.ClassLabel)
+    if bbox_format == "xyxy" and not strings:
+        return ds
+
+    def convert(objects_batch):
+        out = []
+        for objects in objects_batch:
+            boxes, cats = objects_columns(objects)
+            if bbox_format == "xywh":
+                boxes = [[x, y, x + w, y + h] for x, y, w, h in boxes]
+            out.append({"bbox": boxes, "category": [names.index(c) for c in cats] if strings else cats})
+        return {"objects": out}
+
+    features = datasets.Features({**ds.features, **detection_features(names)})
+    return ds.map(convert, input_columns="objects", batched=True, features=features)
+
+
+def class_names(ds, data):
+    """From the ClassLabel, or the sorted unique strings of the train split's categories."""
+    feature = category_feature(ds)
+    if isinstance(feature, datasets.ClassLabel):
+        return feature.names
+    train = load_hub_or_folder(data, "train") if data != "synthetic" else ds
+    return sorted({c for objects in train["objects"] for c in objects_columns(objects)[1]})
+
+
+def open_image(record):
+    # record is datasets' undecoded image: {"bytes": ..., "path": ...}
+    return PIL.Image.open(io.BytesIO(record["bytes"]) if record["bytes"] else record["path"])
+
+
+def clip_and_drop(boxes, width, height):
+    """Boxes partly outside the image are clipped to it; boxes with no area left are dropped."""
+    clipped = boxes.clone()
+    clipped[:, 0::2] = clipped[:, 0::2].clamp(0, width)
+    clipped[:, 1::2] = clipped[:, 1::2].clamp(0, height)
+    keep = (clipped[:, 2] - clipped[:, 0] >= 1) & (clipped[:, 3] - clipped[:, 1] >= 1)
+    n_clipped = int(((clipped != boxes).any(1) & keep).sum())
+    return clipped[keep], keep, n_clipped
+
+
+def make_transform(img_size, train):
+    # Resize first: every later step then works on the small image.
+    steps = [v2.ToImage(), v2.Resize((img_size, img_size), antialias=True)]
+    if train:
+        steps += [
+            v2.RandomHorizontalFlip(),
+            v2.RandomAffine(degrees=0, translate=(0.1, 0.1), scale=(0.75, 1.25)),  # scale + crop
+            v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3),
+            v2.ClampBoundingBoxes(),
+            v2.SanitizeBoundingBoxes(min_size=2),  # boxes pushed out of the frame go
+        ]
+    return v2.Compose(steps + [v2.ToDtype(torch.float32, scale=True)])
+
+
+class DetectionDataset(torch.utils.data.Dataset):
+    """A load_split dataset as tensors: (image [3, S, S] in [0, 1], {boxes [N, 4] xyxy in S-pixels, labels [N]}).
+
+    Boxes are read, checked and stored once here; images are decoded on demand. `targets[i]` keeps
+    the boxes in the original image's pixels: that is what the evaluator compares against.
+    """
+
+    def __init__(self, ds, img_size, train, name=""):
+        self.ds = ds.cast_column("image", datasets.Image(decode=False))
+        self.transform = make_transform(img_size, train)
+        self.sizes, self.targets, n_clipped, n_dropped = [], [], 0, 0
+        for row in self.ds:  # row by row: a large dataset's images never sit in memory together
+            width, height = open_image(row["image"]).size  # reads the header only
+            boxes, cats = objects_columns(row["objects"])
+            boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+            boxes, keep, clipped = clip_and_drop(boxes, width, height)
+            n_clipped, n_dropped = n_clipped + clipped, n_dropped + int((~keep).sum())
+            self.sizes.append((height, width))
+            self.targets.append({"boxes": boxes, "labels": torch.tensor(cats, dtype=torch.long)[keep]})
+        if n_clipped or n_dropped:
+            console.print(f"{name}: {n_clipped} boxes clipped to their image, {n_dropped} with no area dropped")
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        image = open_image(self.ds[i]["image"]).convert("RGB")
+        target = self.targets[i]
+        boxes = tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=self.sizes[i])
+        out = self.transform({"image": image, "boxes": boxes, "labels": target["labels"]})
+        return out["image"], {"boxes": out["boxes"].as_subclass(torch.Tensor), "labels": out["labels"], "index": i}
+
+
+def collate(batch):
+    images, targets = zip(*batch)
+    return torch.stack(images), list(targets)
+
+
+# -----------------------------------------------------------------------------
+# Model: a ResNet-18 cut after the layer whose stride gives the grid we want, and one linear layer
+# applied to every cell. Nothing is downloaded: the weights start random.
+
+BACKBONE_CHANNELS = {8: 128, 16: 256, 32: 512}  # ResNet-18's channels after layer2, layer3, layer4
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def resnet18_backbone(stride):
+    r = torchvision.models.resnet18(weights=None)
+    layers = [r.conv1, r.bn1, r.relu, r.maxpool, r.layer1, r.layer2, r.layer3, r.layer4]
+    return nn.Sequential(*layers[:{8: 6, 16: 7, 32: 8}[stride]])
+
+
+def cells_to_boxes(raw, h, w):
+    """Raw head outputs [B, h*w, 4] -> boxes (cx, cy, w, h) relative to the image.
+    The centre cannot leave its cell: (cell index + sigmoid offset) / grid size."""
+    rows, cols = torch.meshgrid(torch.arange(h, device=raw.device), torch.arange(w, device=raw.device), indexing="ij")
+    cx = (cols.flatten() + raw[..., 0].sigmoid()) / w
+    cy = (rows.flatten() + raw[..., 1].sigmoid()) / h
+    return torch.stack([cx, cy, raw[..., 2].sigmoid(), raw[..., 3].sigmoid()], -1)
+
+
+class GridDetector(nn.Module):
+    def __init__(self, num_classes, stride):
+        super().__init__()
+        self.backbone = resnet18_backbone(stride)
+        self.head = nn.Linear(BACKBONE_CHANNELS[stride], 4 + num_classes + 1)  # box + K classes + background
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def forward(self, images):                               # [B, 3, S, S] in [0, 1]
+        features = self.backbone((images - self.mean) / self.std)  # [B, C, h, w]
+        _, _, h, w = features.shape
+        out = self.head(features.flatten(2).transpose(1, 2))  # [B, h*w, 4 + K + 1]
+        return cells_to_boxes(out[..., :4].float(), h, w), out[..., 4:].float()
+
+
+# -----------------------------------------------------------------------------
+# Loss: the seed's rule gives each ground-truth box to the one cell its centre falls in. Every cell
+# learns its class (background when it owns no box); cells that own a box also learn the box.
+
+BACKGROUND_WEIGHT = 0.1  # most cells are background: down-weighted, so the few object cells are heard (README)
+BOX_LOSS_WEIGHT, GIOU_LOSS_WEIGHT = 1.0, 1.0
+
+
+def assign_boxes_to_cells(boxes, labels, h, w, background):
+    """boxes [N, 4] (cx, cy, w, h) relative to the image -> per cell: class [h*w] and box [h*w, 4].
+
+    When several centres fall in one cell, the largest box keeps the cell (it dominates the cell's
+    features); the others are lost for this image and counted as collisions.
+    """
+    classes = torch.full((h * w,), background, dtype=torch.long)
+    targets = torch.zeros(h * w, 4)
+    cols = (boxes[:, 0] * w).long().clamp(0, w - 1)
+    rows = (boxes[:, 1] * h).long().clamp(0, h - 1)
+    cells = rows * w + cols
+    for i in (boxes[:, 2] * boxes[:, 3]).argsort(stable=True).tolist():  # smallest first: the largest writes last
+        classes[cells[i]] = labels[i]
+        targets[cells[i]] = boxes[i]
+    return classes, targets, len(cells) - len(cells.unique())
+
+
+def detection_loss(boxes, logits, targets, img_size):
+    """boxes [B, h*w, 4], logits [B, h*w, K+1], targets with boxes in img_size pixels -> loss parts."""
+    grid = math.isqrt(boxes.shape[1])
+    background = logits.shape[-1] - 1
+    assigned = [assign_boxes_to_cells(box_convert(t["boxes"] / img_size, "xyxy", "cxcywh"), t["labels"],
+                                      grid, grid, background) for t in targets]
+    classes = torch.stack([a[0] for a in assigned]).to(logits.device)  # [B, h*w]
+    target_boxes = torch.stack([a[1] for a in assigned]).to(boxes.device)  # [B, h*w, 4]
+    weight = torch.ones(background + 1, device=logits.device)
+    weight[background] = BACKGROUND_WEIGHT
+    cls = F.cross_entropy(logits.flatten(0, 1), classes.flatten(), weight=weight)
+    positive = classes != background
+    pred, true = boxes[positive], target_boxes[positive]  # [P, 4]
+    if len(pred):
+        box = F.smooth_l1_loss(pred * grid, true * grid)  # in cell units, so errors are O(1)
+        giou = generalized_box_iou_loss(box_convert(pred, "cxcywh", "xyxy"), box_convert(true, "cxcywh", "xyxy"),
+                                        reduction="mean")
+    else:
+        box = giou = boxes.sum() * 0
+    loss = cls + BOX_LOSS_WEIGHT * box + GIOU_LOSS_WEIGHT * giou
+    return {"loss": loss, "cls": cls, "box": box, "giou": giou}, sum(a[2] for a in assigned)
+
+
+# -----------------------------------------------------------------------------
+# Decoding: from per-cell outputs to a short list of boxes per image, in the original image's pixels.
+
+MAX_DETECTIONS = 100
+
+
+def decode_detections(boxes, logits, sizes, conf, iou):
+    """boxes [B, h*w, 4], logits [B, h*w, K+1], sizes [(height, width)] -> per image {boxes xyxy, scores, labels}."""
+    scores, labels = logits.softmax(-1)[..., :-1].max(-1)  # [B, h*w]: the best non-background class per cell
+    results = []
+    for b, (height, width) in enumerate(sizes):
+        keep = scores[b] > conf
+        xyxy = box_convert(boxes[b, keep], "cxcywh", "xyxy") * torch.tensor([width, height, width, height],
+                                                                           device=boxes.device)
+        xyxy = clip_boxes_to_image(xyxy, (height, width))
+        kept = batched_nms(xyxy, scores[b, keep], labels[b, keep], iou)[:MAX_DETECTIONS]
+        results.append({"boxes": xyxy[kept].cpu(), "scores": scores[b, keep][kept].cpu(),
+                        "labels": labels[b, keep][kept].cpu()})
+    return results
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: COCO's mean average precision, written out so the rules can be read (and no
+# pycocotools is needed at run time). For each class: sort all detections by score, walk down
+# the list matching each to the best unmatched ground truth at IoU >= t, and average the
+# precision at 101 recall points. mAP averages over classes and t = 0.50, 0.55, ..., 0.95.
+
+IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
+RECALL_POINTS = np.linspace(0, 1, 101)
+
+
+def match_detections(pred_boxes, true_boxes):
+    """Detections [D, 4] (sorted by score) vs ground truth [G, 4] of one image and class ->
+    [T, D] bool: was detection d a true positive at IoU threshold t?"""
+    ious = box_iou(pred_boxes, true_boxes).numpy()  # [D, G]
+    hit = np.zeros((len(IOU_THRESHOLDS), len(pred_boxes)), bool)
+    for t, threshold in enumerate(IOU_THRESHOLDS):
+        taken = np.zeros(len(true_boxes), bool)
+        for d in range(len(pred_boxes)):
+            free = np.flatnonzero(~taken & (ious[d] >= min(threshold, 1 - 1e-10)))
+            if len(free):
+                best = free[ious[d, free] == ious[d, free].max()][-1]  # COCO keeps the last of equals
+                taken[best] = hit[t, d] = True
+    return hit
+
+
+def average_precision(hits, num_true):
+    """hits [D] in descending score order -> area under COCO's 101-point interpolated PR curve."""
+    tp = np.cumsum(hits).astype(float)
+    fp = np.cumsum(~hits).astype(float)
+    recall = tp / num_true
+    precision = tp / (tp + fp + np.spacing(1))
+    precision = np.maximum.accumulate(precision[::-1])[::-1]  # best precision at this recall or beyond
+    at = np.searchsorted(recall, RECALL_POINTS, side="left")  # first detection reaching each recall point
+    return np.append(precision, 0)[at].mean()  # recall points never reached count as precision 0
+
+
+def evaluate(predictions, targets, num_classes):
+    """COCO-style mAP. predictions / targets: one dict per image, `boxes` [N, 4] xyxy pixels,
+    `labels` [N] (and `scores` [N] in predictions). Classes with no ground truth are left out of
+    the means and reported as -1, as COCO does."""
+    scores = [[] for _ in range(num_classes)]
+    hits = [[] for _ in range(num_classes)]
+    num_true = np.zeros(num_classes, int)
+    for pred, true in zip(predictions, targets):
+        for k in range(num_classes):
+            true_boxes = true["boxes"][true["labels"] == k].double()
+            mine = pred["labels"] == k
+            score = pred["scores"][mine].double().numpy()
+            order = np.argsort(-score, kind="mergesort")[:MAX_DETECTIONS]  # per image and class, as COCO
+            num_true[k] += len(true_boxes)
+            scores[k].append(score[order])
+            hits[k].append(match_detections(pred["boxes"][mine].double()[order], true_boxes))
+    ap = -np.ones((len(IOU_THRESHOLDS), num_classes))
+    for k in np.flatnonzero(num_true):
+        order = np.argsort(-np.concatenate(scores[k]), kind="mergesort")
+        class_hits = np.concatenate(hits[k], axis=1)[:, order]
+        ap[:, k] = [average_precision(h, num_true[k]) for h in class_hits]
+
+    def mean(rows):
+        valid = ap[rows][:, num_true > 0]
+        return float(valid.mean()) if valid.size else -1.0
+
+    at = {round(t * 100): i for i, t in enumerate(IOU_THRESHOLDS)}
+    return {"map": mean(slice(None)), "map50": mean([at[50]]), "map75": mean([at[75]]), "map90": mean([at[90]]),
+            "ap50_per_class": ap[at[50]].tolist(),
+            "ap_per_class": [float(ap[:, k].mean()) if num_true[k] else -1.0 for k in range(num_classes)]}
+
+
+# -----------------------------------------------------------------------------
+# Training: one loop for every model in this file. AdamW; the learning rate warms up, then follows
+# a cosine to zero over the planned run, measured in steps (--epochs) or in wall time (--time), so a
+# time budget gets a full schedule. bf16 autocast + channels_last where the hardware has bf16.
+
+WARMUP_FRACTION = 0.05
+GRAD_CLIP = 10.0
+
+
+def pick_device(name):
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but torch sees no GPU here; use --device cpu")
+    return torch.device(name)
+
+
+def use_bf16(device, fp32):
+    # Measured on a 2-core AVX-512-bf16 CPU: ResNet-18 trains ~2x faster (see README). Without bf16
+    # hardware the emulation is slower than float32, so we stay in float32 there.
+    if fp32:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+
+
+def learning_rate(cfg, progress):
+    if progress < WARMUP_FRACTION:
+        return cfg.lr * progress / WARMUP_FRACTION
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (progress - WARMUP_FRACTION) / (1 - WARMUP_FRACTION)))
+
+
+def save_checkpoint(path, checkpoint):
+    # temp file + rename: a crash mid-write never leaves a half-written best.pt or last.pt
+    tmp = path.with_suffix(".tmp")
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+class Budget:
+    """How much of the planned run is done, from 0 to 1: by wall time with --time, else by steps."""
+
+    def __init__(self, cfg, steps_per_epoch):
+        self.minutes, self.total_steps = cfg.time, cfg.epochs * steps_per_epoch
+        self.start, self.steps = time.time(), 0
+
+    def progress(self):
+        if self.minutes:
+            return min((time.time() - self.start) / (self.minutes * 60), 1.0)
+        return self.steps / self.total_steps
+
+
+def train_epoch(model, loader, compute_loss, optimizer, cfg, budget, title):
+    """One pass over `loader`, or less when the budget runs out -> mean loss parts, collisions."""
+    device = next(model.parameters()).device
+    bf16 = use_bf16(device, cfg.fp32)
+    model.train()
+    sums, seen, collisions, start = {}, 0, 0, time.time()
+    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task(title, total=len(loader), info="")
+        for images, targets in loader:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, budget.progress())
+            images = images.to(device, memory_format=torch.channels_last if bf16 else torch.contiguous_format)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                outputs = model(images)
+            parts, lost = compute_loss(outputs, targets)
+            optimizer.zero_grad(set_to_none=True)
+            parts["loss"].backward()
+            nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+            optimizer.step()
+            budget.steps, seen, collisions = budget.steps + 1, seen + len(images), collisions + lost
+            for name, value in parts.items():
+                sums[name] = sums.get(name, 0.0) + value.item() * len(images)
+            info = " ".join(f"{n} {v / seen:.3f}" for n, v in sums.items())
+            bar.update(task, advance=1, info=f"{info} | {seen / (time.time() - start):.1f} img/s")
+            if budget.progress() >= 1:
+                break
+    return {n: v / seen for n, v in sums.items()}, collisions
+
+
+def append_row(path, row):
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def fit(model, loader, compute_loss, validate, cfg, run_dir, meta, best_metric):
+    """Train `model`; after each epoch `validate(model)` -> metrics. Writes last.pt, best.pt (highest
+    `best_metric`) and results.csv (one row per epoch) to run_dir. Returns the best metrics."""
+    if use_bf16(next(model.parameters()).device, cfg.fp32):
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    budget, best, epoch = Budget(cfg, len(loader)), None, 0
+
+    def checkpoint(metrics):
+        return {**meta, "model": model.state_dict(), "config": asdict(cfg), "epoch": epoch, "metrics": metrics}
+
+    try:
+        while budget.progress() < 1:
+            epoch += 1
+            losses, collisions = train_epoch(model, loader, compute_loss, optimizer, cfg, budget, f"epoch {epoch}")
+            metrics = validate(model)
+            scalars = {n: round(v, 5) for n, v in metrics.items() if isinstance(v, float)}
+            append_row(run_dir / "results.csv", {"epoch": epoch, "elapsed_s": round(time.time() - budget.start, 1),
+                                                 **{n: round(v, 5) for n, v in losses.items()},
+                                                 "collisions": collisions, **scalars})
+            console.print(f"epoch {epoch}: " + " ".join(f"{n} {v:.3f}" for n, v in scalars.items())
+                          + f" | {collisions} boxes lost to shared cells")
+            save_checkpoint(run_dir / "last.pt", checkpoint(metrics))
+            if best is None or metrics[best_metric] > best[best_metric]:
+                best = metrics
+                save_checkpoint(run_dir / "best.pt", checkpoint(metrics))
+    except KeyboardInterrupt:
+        save_checkpoint(run_dir / "last.pt", checkpoint(best or {}))
+        raise UserError(f"interrupted in epoch {epoch}: weights saved to {run_dir / 'last.pt'}") from None
+    return best
+
+
+@torch.no_grad()
+def predict(model, data, batch, conf, iou, bf16):
+    """A DetectionDataset -> one detections dict per image, in original pixels."""
+    model.eval()
+    device = next(model.parameters()).device
+    loader = torch.utils.data.DataLoader(data, batch_size=batch, collate_fn=collate)
+    results = []
+    for images, targets in loader:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            boxes, logits = model(images.to(device))
+        results += decode_detections(boxes, logits, [data.sizes[t["index"]] for t in targets], conf, iou)
+    return results
+
+
+EVAL_CONF = 0.001  # evaluation keeps low-confidence boxes: they extend the PR curve
+NMS_IOU = 0.5
+
+
+def validate_detector(model, data, num_classes, cfg, bf16):
+    return evaluate(predict(model, data, cfg.batch, EVAL_CONF, NMS_IOU, bf16), data.targets, num_classes)
+
+
+def seed_everything(seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+def new_run_dir(command, name):
+    """runs/<command>/<name>, or <name>2, <name>3, ... : an earlier run is never overwritten."""
+    for i in range(1, 10_000):
+        path = Path("runs") / command / (name if i == 1 else f"{name}{i}")
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+    raise UserError(f"runs/{command}/ has too many runs named {name!r}; pass --name")
+
+
+def train_detector(cfg, name):
+    if cfg.stride not in BACKBONE_CHANNELS:
+        raise UserError(f"--stride must be one of {sorted(BACKBONE_CHANNELS)}, not {cfg.stride}")
+    if cfg.img_size % cfg.stride:
+        raise UserError(f"--img-size {cfg.img_size} is not a multiple of --stride {cfg.stride}")
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    train_ds = load_split(cfg.data, "train", cfg.bbox_format)
+    classes = class_names(train_ds, cfg.data)
+    train_data = DetectionDataset(train_ds, cfg.img_size, train=True, name=f"{cfg.data} train")
+    val_data = DetectionDataset(load_split(cfg.data, "validation", cfg.bbox_format), cfg.img_size, train=False,
+                                name=f"{cfg.data} validation")
+    run_dir = new_run_dir("train", name)
+    console.print(f"training on {cfg.data}: {len(train_data)} train / {len(val_data)} validation images, "
+                  f"classes {classes}, {device}, {'bf16' if use_bf16(device, cfg.fp32) else 'float32'} -> {run_dir}")
+    if len(train_data) < cfg.batch:
+        raise UserError(f"the train split has {len(train_data)} images, fewer than --batch {cfg.batch}")
+    model = GridDetector(len(classes), cfg.stride).to(device)
+    generator = torch.Generator().manual_seed(cfg.seed)  # fixes the data order
+    loader = torch.utils.data.DataLoader(train_data, batch_size=cfg.batch, shuffle=True, drop_last=True,
+                                         collate_fn=collate, generator=generator)
+    bf16 = use_bf16(device, cfg.fp32)
+    best = fit(model, loader, lambda outputs, targets: detection_loss(*outputs, targets, cfg.img_size),
+               lambda m: validate_detector(m, val_data, len(classes), cfg, bf16), cfg, run_dir,
+               {"kind": "detector", "classes": classes}, best_metric="map")
+    return run_dir, best, classes
+
+
+# -----------------------------------------------------------------------------
+# Command line: train, eval, detect. Every command runs offline with no arguments.
+
+app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
+                  help="odscratch: a small object detector you can read, train on a CPU, and ship.")
+
+
+@contextlib.contextmanager
+def user_errors():
+    try:
+        yield
+    except UserError as e:
+        console.print(f"[red]error:[/red] {e}", soft_wrap=True)
+        raise typer.Exit(1)
+
+
+def newest_weights():
+    found = sorted(Path("runs/train").glob("*/best.pt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise UserError("no trained model in runs/train/: run `odscratch train` first, or pass --weights")
+    return found[-1]
+
+
+def load_detector(path, device):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not an odscratch checkpoint ({type(e).__name__})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("kind") != "detector":
+        raise UserError(f"{path} is not an odscratch detector checkpoint (`odscratch train` writes those)")
+    cfg = Config(**checkpoint["config"])
+    model = GridDetector(len(checkpoint["classes"]), cfg.stride)
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval(), cfg, checkpoint["classes"]
+
+
+def metrics_table(title, metrics, classes):
+    table = Table(title=title)
+    for column in ["class", "AP50", "AP50-95"]:
+        table.add_column(column, justify="right" if column != "class" else "left")
+    fmt = lambda v: "-" if v < 0 else f"{v:.3f}"
+    table.add_row("all", fmt(metrics["map50"]), fmt(metrics["map"]), style="bold")
+    for name, ap50, ap in zip(classes, metrics["ap50_per_class"], metrics["ap_per_class"]):
+        table.add_row(name, fmt(ap50), fmt(ap))
+    table.caption = f"mAP75 {fmt(metrics['map75'])}   mAP90 {fmt(metrics['map90'])}"
+    return table
+
+
+@app.command()
+def train(
+    data: str = typer.Option(Config.data, help="'synthetic', a hub dataset name, or a local folder"),
+    bbox_format: str = typer.Option(Config.bbox_format, help="xyxy or xywh: how the data stores boxes"),
+    img_size: int = typer.Option(Config.img_size, help="train and detect at img_size x img_size"),
+    stride: int = typer.Option(Config.stride, help="pixels per grid cell: 8, 16 or 32"),
+    epochs: int = typer.Option(Config.epochs),
+    time_budget: float = typer.Option(Config.time, "--time", help="minutes; overrides --epochs"),
+    batch: int = typer.Option(Config.batch),
+    lr: float = typer.Option(Config.lr),
+    seed: int = typer.Option(Config.seed, help="fixes init, data order and augmentation"),
+    fp32: bool = typer.Option(Config.fp32, "--fp32", help="no bf16 autocast / channels_last"),
+    device: str = typer.Option(Config.device, help="auto, cpu or cuda"),
+    name: str = typer.Option("exp", help="run folder under runs/train/"),
+):
+    """Train a detector; writes runs/train/<name>/{best.pt,last.pt,results.csv}."""
+    with user_errors():
+        if bbox_format not in ("xyxy", "xywh"):
+            raise UserError(f"--bbox-format must be xyxy or xywh, not {bbox_format!r}")
+        cfg = Config(data, bbox_format, img_size, stride, epochs, time_budget, batch, lr, Config.weight_decay,
+                     seed, fp32, device)
+        run_dir, best, classes = train_detector(cfg, name)
+        console.print(metrics_table(f"best validation epoch ({run_dir / 'best.pt'})", best, classes))
+
+
+@app.command("eval")
+def evaluate_command(
+    weights: str = typer.Option(None, help="a best.pt; default: the newest under runs/train/"),
+    data: str = typer.Option(None, help="default: the data the model was trained on"),
+    split: str = typer.Option("test"),
+    batch: int = typer.Option(Config.batch),
+    device: str = typer.Option(Config.device),
+):
+    """COCO mAP of a trained model on a split, overall and per class."""
+    with user_errors():
+        device = pick_device(device)
+        weights = Path(weights) if weights else newest_weights()
+        model, cfg, classes = load_detector(weights, device)
+        ds = load_split(data or cfg.data, split, cfg.bbox_format)
+        if class_names(ds, data or cfg.data) != classes:
+            raise UserError(f"the model's classes {classes} differ from the data's {class_names(ds, data or cfg.data)}")
+        dataset = DetectionDataset(ds, cfg.img_size, train=False, name=f"{data or cfg.data} {split}")
+        metrics = evaluate(predict(model, dataset, batch, EVAL_CONF, NMS_IOU, use_bf16(device, cfg.fp32)),
+                           dataset.targets, len(classes))
+        console.print(metrics_table(f"{weights} on {data or cfg.data} {split} ({len(dataset)} images)", metrics, classes))
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+DETECT_CONF = 0.25
+BOX_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
+
+
+def draw_detections(image, det, classes):
+    image = image.convert("RGB")
+    draw = PIL.ImageDraw.Draw(image)
+    for box, score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist()):
+        colour = BOX_COLOURS[label % len(BOX_COLOURS)]
+        draw.rectangle(box, outline=colour, width=2)
+        draw.text((box[0] + 2, box[1] + 1), f"{classes[label]} {score:.2f}", fill=colour)
+    return image
+
+
+def detect_images(source):
+    """A file or a folder -> [(name, PIL image)]; no source: a few built-in synthetic test images."""
+    if source is None:
+        ds = synthetic_split("test")
+        return [(f"synthetic_test_{i}.jpg", ds[i]["image"]) for i in range(4)]
+    path = Path(source)
+    if not path.exists():
+        raise UserError(f"image or folder not found: {path}")
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
+    if not files:
+        raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {path}")
+    images = []
+    for file in files:
+        try:
+            images.append((file.name, PIL.Image.open(file).convert("RGB")))
+        except (OSError, PIL.Image.DecompressionBombError) as e:
+            raise UserError(f"cannot read image {file}: {e}") from None
+    return images
+
+
+@app.command()
+def detect(
+    source: str = typer.Argument(None, help="an image or a folder of images"),
+    weights: str = typer.Option(None, help="a best.pt; default: the newest under runs/train/"),
+    conf: float = typer.Option(DETECT_CONF, help="minimum score"),
+    iou: float = typer.Option(NMS_IOU, help="NMS IoU threshold"),
+    json_output: bool = typer.Option(False, "--json", help="also write detections.json"),
+    device: str = typer.Option(Config.device),
+    name: str = typer.Option("exp", help="run folder under runs/detect/"),
+):
+    """Detect objects; prints a table and writes annotated images to runs/detect/<name>/."""
+    with user_errors():
+        device = pick_device(device)
+        model, cfg, classes = load_detector(Path(weights) if weights else newest_weights(), device)
+        images = detect_images(source)
+        run_dir = new_run_dir("detect", name)
+        transform = make_transform(cfg.img_size, train=False)
+        table = Table("image", "class", "score", "box (x1, y1, x2, y2)")
+        results = []
+        for file_name, image in images:
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(device, cfg.fp32)):
+                boxes, logits = model(transform(image)[None].to(device))
+            det = decode_detections(boxes, logits, [(image.height, image.width)], conf, iou)[0]
+            draw_detections(image, det, classes).save(run_dir / (Path(file_name).stem + ".jpg"))
+            for box, score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist()):
+                table.add_row(file_name, classes[label], f"{score:.2f}", ", ".join(f"{v:.0f}" for v in box))
+            results.append({"image": file_name, "detections": [
+                {"class": classes[l], "label": l, "score": round(s, 4), "box_xyxy": [round(v, 1) for v in b]}
+                for b, s, l in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist())]})
+        console.print(table)
+        if json_output:
+            (run_dir / "detections.json").write_text(json.dumps(results, indent=1))
+        console.print(f"{sum(len(r['detections']) for r in results)} objects in {len(images)} images -> {run_dir}")
+
+
+if __name__ == "__main__":
+    app()

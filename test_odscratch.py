@@ -1,0 +1,258 @@
+"""Tests at tiny sizes: the whole suite runs in a few minutes on 2 CPU cores, offline."""
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import odscratch as ods
+
+BCCD = Path(__file__).resolve().parent.parent / "shared" / "data" / "bccd"
+needs_bccd = pytest.mark.skipif(not BCCD.is_dir(), reason=f"BCCD not found at {BCCD} (it lives in ../shared, "
+                                                          "beside the project's CI checkout, not in a user's clone)")
+runner = CliRunner()
+
+
+# --- evaluation: our evaluate() against pycocotools on the same inputs -------------------------------
+
+def random_case(rng, num_images, num_classes):
+    """Images with and without boxes or predictions, a class absent from the ground truth, tied
+    scores and predictions that overlap their ground truth (and each other) heavily."""
+    predictions, targets = [], []
+    present = num_classes - 1 if rng.random() < 0.5 else num_classes  # maybe one class with no ground truth
+    for _ in range(num_images):
+        n = rng.integers(0, 6)
+        xy = rng.uniform(0, 80, (n, 2))
+        true = np.concatenate([xy, xy + rng.uniform(2, 40, (n, 2))], 1)
+        true_labels = rng.integers(0, present, n)
+        jitter = true + rng.normal(0, 3, true.shape)
+        extra_xy = rng.uniform(0, 80, (rng.integers(0, 4), 2))
+        extra = np.concatenate([extra_xy, extra_xy + rng.uniform(2, 40, extra_xy.shape)], 1)
+        pred = np.concatenate([jitter, jitter + rng.normal(0, 1, true.shape), extra])
+        pred[:, 2:] = np.maximum(pred[:, 2:], pred[:, :2] + 1)
+        pred_labels = np.concatenate([true_labels, true_labels, rng.integers(0, num_classes, len(extra))])
+        pred_labels = np.where(rng.random(len(pred)) < 0.1, rng.integers(0, num_classes, len(pred)), pred_labels)
+        scores = np.round(rng.random(len(pred)), 1)  # one decimal: many ties
+        if rng.random() < 0.2:  # an image without predictions
+            pred, pred_labels, scores = pred[:0], pred_labels[:0], scores[:0]
+        predictions.append({"boxes": torch.tensor(pred), "scores": torch.tensor(scores),
+                            "labels": torch.tensor(pred_labels)})
+        targets.append({"boxes": torch.tensor(true), "labels": torch.tensor(true_labels)})
+    return predictions, targets
+
+
+def pycocotools_metrics(predictions, targets, num_classes):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    def xywh(b):
+        return [b[0], b[1], b[2] - b[0], b[3] - b[1]]
+
+    gt = {"images": [{"id": i + 1} for i in range(len(targets))],
+          "categories": [{"id": k + 1} for k in range(num_classes)], "annotations": []}
+    for i, t in enumerate(targets):
+        for box, label in zip(t["boxes"].tolist(), t["labels"].tolist()):
+            w = xywh(box)
+            gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": i + 1, "category_id": label + 1,
+                                      "bbox": w, "area": w[2] * w[3], "iscrowd": 0})
+    dets = [{"image_id": i + 1, "category_id": label + 1, "bbox": xywh(box), "score": score}
+            for i, p in enumerate(predictions)
+            for box, label, score in zip(p["boxes"].tolist(), p["labels"].tolist(), p["scores"].tolist())]
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = gt
+        coco.createIndex()
+        result = COCOeval(coco, coco.loadRes(dets), "bbox")
+        result.evaluate()
+        result.accumulate()
+    precision = result.eval["precision"][:, :, :, 0, -1]  # [T, R, K] at area "all", 100 detections
+
+    def mean(p):
+        return float(p[p > -1].mean()) if (p > -1).any() else -1.0
+
+    return {"map": mean(precision), "map50": mean(precision[0]), "map75": mean(precision[5]),
+            "map90": mean(precision[8]), "ap50_per_class": [mean(precision[0, :, k]) for k in range(num_classes)]}
+
+
+@pytest.mark.parametrize("case", range(25))
+def test_evaluate_matches_pycocotools(case):
+    rng = np.random.default_rng(case)
+    predictions, targets = random_case(rng, num_images=int(rng.integers(1, 12)), num_classes=3)
+    if not any(len(p["boxes"]) for p in predictions):  # pycocotools cannot load an empty result list
+        predictions[0] = {"boxes": torch.tensor([[1.0, 1, 9, 9]]), "scores": torch.tensor([0.5]),
+                          "labels": torch.tensor([0])}
+    ours, theirs = ods.evaluate(predictions, targets, 3), pycocotools_metrics(predictions, targets, 3)
+    for key in ["map", "map50", "map75", "map90"]:
+        assert ours[key] == pytest.approx(theirs[key], abs=1e-6), key
+    assert ours["ap50_per_class"] == pytest.approx(theirs["ap50_per_class"], abs=1e-6)
+
+
+def test_evaluate_perfect_and_empty():
+    boxes = torch.tensor([[10.0, 10, 50, 50], [60, 60, 90, 90]])
+    labels = torch.tensor([0, 1])
+    perfect = ods.evaluate([{"boxes": boxes, "scores": torch.tensor([0.9, 0.8]), "labels": labels}],
+                           [{"boxes": boxes, "labels": labels}], 3)
+    assert perfect["map"] == pytest.approx(1.0) and perfect["ap50_per_class"][2] == -1  # class 2: no ground truth
+    nothing = ods.evaluate([{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}],
+                           [{"boxes": boxes, "labels": labels}], 3)
+    assert nothing["map"] == 0.0
+
+
+# --- the centre-cell rule -------------------------------------------------------------------
+
+def test_assign_boxes_to_cells_edges_and_collisions():
+    boxes = torch.tensor([[0.6, 0.1, 0.2, 0.2],     # row 0, col 2 of a 4x4 grid
+                          [1.0, 1.0, 0.1, 0.1],     # centre on the far edge: clamped into the last cell
+                          [0.0, 0.0, 0.1, 0.1],     # centre on the near edge: the first cell
+                          [0.55, 0.15, 0.05, 0.05]])  # same cell as box 0, smaller: loses it
+    classes, targets, collisions = ods.assign_boxes_to_cells(boxes, torch.tensor([1, 0, 2, 0]), 4, 4, background=3)
+    assert collisions == 1
+    assert classes[2] == 1 and torch.equal(targets[2], boxes[0])
+    assert classes[15] == 0 and classes[0] == 2
+    assert (classes == 3).sum() == 13
+
+
+def test_encoded_targets_decode_back_to_the_ground_truth():
+    data = ods.DetectionDataset(ods.load_split("synthetic", "validation").select(range(40)), 320, train=False)
+    grid, K = 320 // 16, 3
+    boxes, logits, lost = [], [], []
+    for i in range(len(data)):
+        target = data[i][1]
+        cls, box, collisions = ods.assign_boxes_to_cells(
+            ods.box_convert(target["boxes"] / 320, "xyxy", "cxcywh"), target["labels"], grid, grid, K)
+        logits.append(torch.nn.functional.one_hot(cls, K + 1).float() * 20)  # certain of the assigned class
+        boxes.append(box)
+        lost.append(collisions)
+    detections = ods.decode_detections(torch.stack(boxes), torch.stack(logits), data.sizes, conf=0.5, iou=1.0)
+    assert sum(len(d["boxes"]) for d in detections) == sum(len(t["boxes"]) for t in data.targets) - sum(lost)
+    clean = [i for i in range(len(data)) if lost[i] == 0]
+    assert len(clean) > 20
+    metrics = ods.evaluate([detections[i] for i in clean], [data.targets[i] for i in clean], K)
+    assert metrics["map"] == pytest.approx(1.0, abs=1e-6)
+
+
+# --- data -----------------------------------------------------------------------------------
+
+def test_synthetic_is_seeded_and_in_schema():
+    ds = ods.load_split("synthetic", "validation")
+    assert ods.class_names(ds, "synthetic") == ods.SYNTHETIC_CLASSES
+    ods.synthetic_split.cache_clear()
+    again = ods.load_split("synthetic", "validation")
+    assert ds[3]["objects"] == again[3]["objects"]
+    assert np.array_equal(np.asarray(ds[3]["image"]), np.asarray(again[3]["image"]))
+    counts = [len(o["bbox"]) for o in ds["objects"]]
+    assert min(counts) >= 1 and max(counts) <= 8
+
+
+@needs_bccd
+def test_load_split_bccd():
+    test = ods.load_split(str(BCCD), "test")
+    assert len(test) == 72 and ods.class_names(test, str(BCCD)) == ["Platelets", "RBC", "WBC"]
+    data = ods.DetectionDataset(test, 320, train=False)
+    boxes = torch.cat([t["boxes"] for t in data.targets])
+    assert len(boxes) == 945
+    assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+    assert boxes[:, 2].max() <= 640 and boxes[:, 3].max() <= 480
+
+
+def make_imagefolder(folder, n=20):
+    """An imagefolder with metadata.jsonl: COCO-style xywh boxes, string categories, train only."""
+    rng = np.random.default_rng(0)
+    with open(folder / "metadata.jsonl", "w") as f:
+        for i in range(n):
+            PIL.Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+            objects = {"bbox": [[4.0, 6.0, 20.0, 10.0], [30.0, 20.0, 50.0, 40.0]], "category": ["dog", "cat"]}
+            f.write(json.dumps({"file_name": f"img{i}.png", "objects": objects}) + "\n")
+
+
+def test_load_split_imagefolder_xywh_strings_no_validation(tmp_path):
+    make_imagefolder(tmp_path)
+    train = ods.load_split(str(tmp_path), "train", bbox_format="xywh")
+    validation = ods.load_split(str(tmp_path), "validation", bbox_format="xywh")
+    assert ods.class_names(train, str(tmp_path)) == ["cat", "dog"]
+    assert len(train) == 17 and len(validation) == 3  # a seeded 15 % of train
+    first = train[0]["objects"]
+    assert first["bbox"][0] == [4.0, 6.0, 24.0, 16.0]  # xywh -> xyxy
+    assert first["category"] == [1, 0]  # dog, cat -> sorted class indices
+    data = ods.DetectionDataset(train, 64, train=False)
+    assert sum(len(t["boxes"]) for t in data.targets) == 17 + 17  # the 50x40 box is clipped, kept
+    assert torch.equal(data.targets[0]["boxes"][1], torch.tensor([30.0, 20.0, 64.0, 48.0]))
+    with pytest.raises(ods.UserError, match="no split 'test'"):
+        ods.load_split(str(tmp_path), "test")
+
+
+# --- the commands, end to end ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny real training run on the synthetic data, shared by the command tests."""
+    folder = tmp_path_factory.mktemp("runs")
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        result = runner.invoke(ods.app, ["train", "--img-size", "128", "--epochs", "3", "--seed", "0"])
+    finally:
+        os.chdir(cwd)
+    assert result.exit_code == 0, result.output
+    return folder, result
+
+
+def test_train_writes_checkpoints_and_learns(trained):
+    folder, _ = trained
+    run = folder / "runs" / "train" / "exp"
+    assert (run / "last.pt").is_file() and (run / "results.csv").is_file()
+    checkpoint = torch.load(run / "best.pt", weights_only=True)
+    assert checkpoint["classes"] == ods.SYNTHETIC_CLASSES and checkpoint["config"]["img_size"] == 128
+    rows = (run / "results.csv").read_text().splitlines()
+    assert len(rows) == 4 and "collisions" in rows[0] and "map50" in rows[0]
+    model, cfg, classes = ods.load_detector(run / "best.pt", torch.device("cpu"))
+    test = ods.DetectionDataset(ods.load_split("synthetic", "test"), cfg.img_size, train=False)
+    metrics = ods.evaluate(ods.predict(model, test, 32, ods.EVAL_CONF, ods.NMS_IOU, bf16=False), test.targets, 3)
+    assert metrics["map50"] > 0.2  # chance is ~0: a few seconds of training already finds the shapes
+
+
+def test_eval_and_detect_commands(trained, tmp_path, monkeypatch):
+    folder, _ = trained
+    monkeypatch.chdir(folder)
+    result = runner.invoke(ods.app, ["eval", "--split", "validation"])
+    assert result.exit_code == 0, result.output
+    assert "ellipse" in result.output and "AP50" in result.output
+    image = tmp_path / "shapes.png"
+    ods.load_split("synthetic", "test")[0]["image"].save(image)
+    result = runner.invoke(ods.app, ["detect", str(image), "--conf", "0.05", "--json"])
+    assert result.exit_code == 0, result.output
+    out = folder / "runs" / "detect" / "exp"
+    assert PIL.Image.open(out / "shapes.jpg").size == (320, 320)
+    detections = json.loads((out / "detections.json").read_text())
+    assert detections[0]["image"] == "shapes.png" and detections[0]["detections"]
+    assert set(detections[0]["detections"][0]) == {"class", "label", "score", "box_xyxy"}
+    result = runner.invoke(ods.app, ["detect"])  # no arguments: built-in images, newest weights, a new folder
+    assert result.exit_code == 0, result.output
+    assert len(list((folder / "runs" / "detect" / "exp2").glob("*.jpg"))) == 4
+
+
+def test_missing_image_is_one_line_error(trained, monkeypatch):
+    folder, _ = trained
+    monkeypatch.chdir(folder)
+    result = runner.invoke(ods.app, ["detect", "no/such/image.jpg"])
+    assert result.exit_code == 1
+    assert result.output.strip() == "error: image or folder not found: no/such/image.jpg"
+
+
+def test_hub_name_offline_is_one_line_error(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parent)}
+    result = subprocess.run([sys.executable, "-m", "odscratch", "train", "--data", "nobody/no-such-dataset"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode == 1
+    assert "Traceback" not in output and len(output.splitlines()) == 1, output
+    assert "nobody/no-such-dataset" in output and "local folder" in output
