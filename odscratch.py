@@ -750,8 +750,8 @@ def train(
     with user_errors():
         if bbox_format not in ("xyxy", "xywh"):
             raise UserError(f"--bbox-format must be xyxy or xywh, not {bbox_format!r}")
-        cfg = Config(data, bbox_format, img_size, stride, epochs, time_budget, batch, lr, Config.weight_decay,
-                     seed, fp32, device)
+        cfg = Config(data=data, bbox_format=bbox_format, img_size=img_size, stride=stride, epochs=epochs,
+                     time=time_budget, batch=batch, lr=lr, seed=seed, fp32=fp32, device=device)
         run_dir, best, classes = train_detector(cfg, name)
         console.print(metrics_table(f"best validation epoch ({run_dir / 'best.pt'})", best, classes))
 
@@ -769,13 +769,14 @@ def evaluate_command(
         device = pick_device(device)
         weights = Path(weights) if weights else newest_weights()
         model, cfg, classes = load_detector(weights, device)
-        ds = load_split(data or cfg.data, split, cfg.bbox_format)
-        if class_names(ds, data or cfg.data) != classes:
-            raise UserError(f"the model's classes {classes} differ from the data's {class_names(ds, data or cfg.data)}")
-        dataset = DetectionDataset(ds, cfg.img_size, train=False, name=f"{data or cfg.data} {split}")
+        data = data or cfg.data
+        ds = load_split(data, split, cfg.bbox_format)
+        if class_names(ds, data) != classes:
+            raise UserError(f"the model's classes {classes} differ from the data's {class_names(ds, data)}")
+        dataset = DetectionDataset(ds, cfg.img_size, train=False, name=f"{data} {split}")
         metrics = evaluate(predict(model, dataset, batch, EVAL_CONF, NMS_IOU, use_bf16(device, cfg.fp32)),
                            dataset.targets, len(classes))
-        console.print(metrics_table(f"{weights} on {data or cfg.data} {split} ({len(dataset)} images)", metrics, classes))
+        console.print(metrics_table(f"{weights} on {data} {split} ({len(dataset)} images)", metrics, classes))
 
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
