@@ -14,7 +14,7 @@ Run it (offline, on built-in synthetic shapes unless --data says otherwise):
     odscratch train                                   # -> runs/train/exp/best.pt
     odscratch eval                                    # newest best.pt, test split, AP table
     odscratch detect photo.jpg                        # boxes table + runs/detect/exp/photo.jpg
-    odscratch train --data ../shared/data/bccd --time 15
+    odscratch train --data ../shared/data/bccd --img-size 320 --time 15   # a real dataset
 """
 
 import contextlib
@@ -790,7 +790,9 @@ def draw_detections(image, det, classes):
     for box, score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist()):
         colour = BOX_COLOURS[label % len(BOX_COLOURS)]
         draw.rectangle(box, outline=colour, width=2)
-        draw.text((box[0] + 2, box[1] + 1), f"{classes[label]} {score:.2f}", fill=colour)
+        label_box = draw.textbbox((box[0] + 2, box[1] + 1), f"{classes[label]} {score:.2f}")
+        draw.rectangle(label_box, fill=colour)  # a solid tag stays readable on any background
+        draw.text(label_box[:2], f"{classes[label]} {score:.2f}", fill="white")
     return image
 
 
