@@ -256,3 +256,14 @@ def test_hub_name_offline_is_one_line_error(tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in output and len(output.splitlines()) == 1, output
     assert "nobody/no-such-dataset" in output and "local folder" in output
+
+
+def test_same_seed_same_weights(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--img-size", "64", "--epochs", "1", "--batch", "64"]
+    for seed, name in [(0, "a"), (0, "b"), (1, "c")]:
+        result = runner.invoke(ods.app, args + ["--seed", str(seed), "--name", name])
+        assert result.exit_code == 0, result.output
+    a, b, c = (torch.load(tmp_path / "runs" / "train" / n / "last.pt", weights_only=True)["model"] for n in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # init, data order and augmentation all follow --seed
+    assert not all(torch.equal(a[k], c[k]) for k in a)
