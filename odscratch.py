@@ -790,9 +790,10 @@ def draw_detections(image, det, classes):
     for box, score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist()):
         colour = BOX_COLOURS[label % len(BOX_COLOURS)]
         draw.rectangle(box, outline=colour, width=2)
-        label_box = draw.textbbox((box[0] + 2, box[1] + 1), f"{classes[label]} {score:.2f}")
-        draw.rectangle(label_box, fill=colour)  # a solid tag stays readable on any background
-        draw.text(label_box[:2], f"{classes[label]} {score:.2f}", fill="white")
+        tag = f"{classes[label]} {score:.2f}"
+        tag_box = draw.textbbox((box[0] + 2, box[1] + 1), tag)
+        draw.rectangle(tag_box, fill=colour)  # a solid tag stays readable on any background
+        draw.text(tag_box[:2], tag, fill="white")
     return image
 
 
@@ -841,11 +842,11 @@ def detect(
                 boxes, logits = model(transform(image)[None].to(device, memory_format=memory_format(bf16)))
             det = decode_detections(boxes, logits, [(image.height, image.width)], conf, iou)[0]
             draw_detections(image, det, classes).save(run_dir / (Path(file_name).stem + ".jpg"))
-            for box, score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist()):
-                table.add_row(file_name, classes[label], f"{score:.2f}", ", ".join(f"{v:.0f}" for v in box))
-            results.append({"image": file_name, "detections": [
-                {"class": classes[l], "label": l, "score": round(s, 4), "box_xyxy": [round(v, 1) for v in b]}
-                for b, s, l in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist())]})
+            found = [{"class": classes[l], "label": l, "score": round(s, 4), "box_xyxy": [round(v, 1) for v in b]}
+                     for b, s, l in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist())]
+            for d in found:
+                table.add_row(file_name, d["class"], f"{d['score']:.2f}", ", ".join(f"{v:.0f}" for v in d["box_xyxy"]))
+            results.append({"image": file_name, "detections": found})
         console.print(table)
         if json_output:
             (run_dir / "detections.json").write_text(json.dumps(results, indent=1))
