@@ -184,8 +184,8 @@ def load_hub_or_folder(data, split):
                         "(offline? point --data at a local folder, or use --data synthetic)") from None
 
 
-def load_split(data, split, bbox_format="xyxy"):
-    """Any source -> a datasets.Dataset with the fashionpedia schema (xyxy pixels, ClassLabel)."""
+def load_raw_split(data, split):
+    """A split as datasets gives it (any columns); a missing validation split is carved from train."""
     if data == "synthetic":
         if split not in SYNTHETIC_SPLITS:
             raise UserError(f"synthetic has no split {split!r}; it has: {', '.join(SYNTHETIC_SPLITS)}")
@@ -208,6 +208,14 @@ def load_split(data, split, bbox_format="xyxy"):
         raise UserError(f"{data!r} has no split {split!r}; it has: {', '.join(available)}")
     if len(ds) == 0:
         raise UserError(f"split {split!r} of {data!r} is empty")
+    if "image" not in ds.features:
+        raise UserError(f"{data!r} has no `image` column; it has: {', '.join(ds.features)}")
+    return ds
+
+
+def load_split(data, split, bbox_format="xyxy"):
+    """Any source -> a datasets.Dataset with the fashionpedia schema (xyxy pixels, ClassLabel)."""
+    ds = load_raw_split(data, split)
     if "objects" not in ds.features:
         raise UserError(f"{data!r} has no `objects` column (bbox + category per image); it has: "
                         f"{', '.join(ds.features)}")
@@ -311,6 +319,63 @@ def collate(batch):
 
 
 # -----------------------------------------------------------------------------
+# Learn To Detect (LTD): pretraining without labels. Cut a random sub-image S out of a reference
+# image R, change its colours and blur it, and ask the network for S's box inside R. To answer, it
+# needs what a detector needs: features that say what is where, at any scale. R is left intact:
+# greying out S's hole would give the answer away (the seed's ablation, `--mask-crop`, repeats it).
+
+LTD_AREA = (0.04, 0.4)   # S's area as a fraction of R's, log-uniform (README: measured choice)
+LTD_ASPECT = (0.5, 2.0)  # S's width / height, log-uniform
+LTD_CROP_SIZE = 96       # S is resized to a fixed size: its scale in R must be inferred, not read off
+LTD_JITTER = v2.Compose([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.05),
+                         v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 2.0))], p=0.5)])
+MASK_GREY = 0.5
+
+
+def log_uniform(low, high):
+    return math.exp(torch.empty(()).uniform_(math.log(low), math.log(high)).item())
+
+
+def sample_ltd_crop(R, jitter=LTD_JITTER):
+    """R [3, H, W] in [0, 1] -> S [3, LTD_CROP_SIZE, LTD_CROP_SIZE], S's box in R [4] (xyxy, R's pixels).
+    Random from torch's generator, so --seed fixes it; tests pass jitter=nn.Identity() to see S's raw pixels."""
+    _, height, width = R.shape
+    area, aspect = log_uniform(*LTD_AREA) * height * width, log_uniform(*LTD_ASPECT)
+    w, h = min(round(math.sqrt(area * aspect)), width), min(round(math.sqrt(area / aspect)), height)
+    x, y = torch.randint(0, width - w + 1, ()).item(), torch.randint(0, height - h + 1, ()).item()
+    S = v2.functional.resized_crop(R, y, x, h, w, [LTD_CROP_SIZE, LTD_CROP_SIZE], antialias=True)
+    return jitter(S), torch.tensor([x, y, x + w, y + h], dtype=torch.float32)
+
+
+class LTDDataset(torch.utils.data.Dataset):
+    """Any split's images (labels ignored) -> ((R [3, S, S], S [3, c, c]), {boxes [1, 4], labels [1]}):
+    one object per image, the crop, in the same target format as detection. A new crop every epoch."""
+
+    def __init__(self, ds, img_size, mask_crop):
+        self.ds = ds.select_columns(["image"]).cast_column("image", datasets.Image(decode=False))
+        self.img_size, self.mask_crop = img_size, mask_crop
+        self.transform = v2.Compose([v2.ToImage(), v2.Resize((img_size, img_size), antialias=True),
+                                     v2.ToDtype(torch.float32, scale=True)])
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        R = self.transform(open_image(self.ds[i]["image"]).convert("RGB"))
+        S, box = sample_ltd_crop(R)
+        if self.mask_crop:
+            x1, y1, x2, y2 = box.int().tolist()
+            R = R.clone()
+            R[:, y1:y2, x1:x2] = MASK_GREY
+        return (R, S), {"boxes": box[None], "labels": torch.zeros(1, dtype=torch.long), "index": i}
+
+
+def collate_pairs(batch):
+    pairs, targets = zip(*batch)
+    return (torch.stack([R for R, _ in pairs]), torch.stack([S for _, S in pairs])), list(targets)
+
+
+# -----------------------------------------------------------------------------
 # Model: a ResNet-18 cut after the layer whose stride gives the grid we want, and one linear layer
 # applied to every cell. Nothing is downloaded: the weights start random.
 
@@ -341,11 +406,32 @@ class GridDetector(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 
-    def forward(self, images):                               # [B, 3, S, S] in [0, 1]
-        features = self.backbone((images - self.mean) / self.std)  # [B, C, h, w]
+    def features(self, images):                              # [B, 3, S, S] in [0, 1]
+        return self.backbone((images - self.mean) / self.std)  # [B, C, h, w]
+
+    def cells(self, features):
         _, _, h, w = features.shape
         out = self.head(features.flatten(2).transpose(1, 2))  # [B, h*w, 4 + K + 1]
         return cells_to_boxes(out[..., :4].float(), h, w), out[..., 4:].float()
+
+    def forward(self, images):
+        return self.cells(self.features(images))
+
+
+class LTDNet(nn.Module):
+    """Where in R is S? One GridDetector with one class sees both images. S's pooled features scale
+    R's channels, so a cell's linear head sees the product of what is there and what is sought:
+    a learned correlation (README: measured against alternatives). Its backbone then starts a detector."""
+
+    def __init__(self, stride):
+        super().__init__()
+        self.detector = GridDetector(num_classes=1, stride=stride)
+
+    def forward(self, pair):
+        R, S = pair                                            # [B, 3, S, S], [B, 3, c, c]
+        query = self.detector.features(S).mean((2, 3))         # [B, C]
+        features = self.detector.features(R)                   # [B, C, h, w]
+        return self.detector.cells(features * query[:, :, None, None])
 
 
 # -----------------------------------------------------------------------------
@@ -541,6 +627,13 @@ class Budget:
         return self.steps / self.total_steps
 
 
+def to_device(images, device, bf16):
+    # a detector's batch is one tensor of images; LTD's is the pair (R, S)
+    if isinstance(images, tuple):
+        return tuple(to_device(x, device, bf16) for x in images)
+    return images.to(device, memory_format=memory_format(bf16))
+
+
 def train_epoch(model, loader, compute_loss, optimizer, cfg, budget, title):
     """One pass over `loader`, or less when the budget runs out -> mean loss parts, collisions."""
     device = next(model.parameters()).device
@@ -554,17 +647,16 @@ def train_epoch(model, loader, compute_loss, optimizer, cfg, budget, title):
         for images, targets in loader:
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, budget.progress())
-            images = images.to(device, memory_format=memory_format(bf16))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                outputs = model(images)
+                outputs = model(to_device(images, device, bf16))
             parts, lost = compute_loss(outputs, targets)
             optimizer.zero_grad(set_to_none=True)
             parts["loss"].backward()
             nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
             optimizer.step()
-            budget.steps, seen, collisions = budget.steps + 1, seen + len(images), collisions + lost
+            budget.steps, seen, collisions = budget.steps + 1, seen + len(targets), collisions + lost
             for name, value in parts.items():
-                sums[name] = sums.get(name, 0.0) + value.item() * len(images)
+                sums[name] = sums.get(name, 0.0) + value.item() * len(targets)
             info = " ".join(f"{n} {v / seen:.3f}" for n, v in sums.items())
             bar.update(task, advance=1, info=f"{info} | {seen / (time.time() - start):.1f} img/s")
             if budget.progress() >= 1:
@@ -601,7 +693,7 @@ def fit(model, loader, compute_loss, validate, cfg, run_dir, meta, best_metric):
                                                  **{n: round(v, 5) for n, v in losses.items()},
                                                  "collisions": collisions, **scalars})
             console.print(f"epoch {epoch}: " + " ".join(f"{n} {v:.3f}" for n, v in scalars.items())
-                          + f" | {collisions} boxes lost to shared cells")
+                          + (f" | {collisions} boxes lost to shared cells" if collisions else ""))
             save_checkpoint(run_dir / "last.pt", checkpoint(metrics))
             if best is None or metrics[best_metric] > best[best_metric]:
                 best = metrics
@@ -651,11 +743,47 @@ def new_run_dir(command, name):
     raise UserError(f"runs/{command}/ has too many runs named {name!r}; pass --name")
 
 
-def train_detector(cfg, name):
+def check_grid(cfg):
     if cfg.stride not in BACKBONE_CHANNELS:
         raise UserError(f"--stride must be one of {sorted(BACKBONE_CHANNELS)}, not {cfg.stride}")
     if cfg.img_size % cfg.stride:
         raise UserError(f"--img-size {cfg.img_size} is not a multiple of --stride {cfg.stride}")
+
+
+CHECKPOINT_KINDS = {"detector": "a detector (`odscratch train` writes it)",
+                    "ltd": "a whole LTD network (`odscratch pretrain`'s best.pt / last.pt)",
+                    "backbone": "a pretrained backbone (`odscratch pretrain` writes it as backbone.pt)"}
+
+
+def read_checkpoint(path, kind):
+    """Any file -> the checkpoint dict, if it is an odscratch checkpoint of `kind`; else one clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint file not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not an odscratch checkpoint ({type(e).__name__})") from None
+    found = checkpoint.get("kind") if isinstance(checkpoint, dict) else None
+    if found not in CHECKPOINT_KINDS:
+        raise UserError(f"{path} is not an odscratch checkpoint; expected {CHECKPOINT_KINDS[kind]}")
+    if found != kind:
+        raise UserError(f"{path} holds {CHECKPOINT_KINDS[found]}, but this needs {CHECKPOINT_KINDS[kind]}")
+    return checkpoint
+
+
+def load_backbone(path, stride):
+    """backbone.pt -> the ResNet-18 weights for a detector with this stride."""
+    checkpoint = read_checkpoint(path, "backbone")
+    if checkpoint["stride"] != stride:
+        raise UserError(f"{path} was pretrained with --stride {checkpoint['stride']}, but this run uses "
+                        f"--stride {stride}: pass --stride {checkpoint['stride']}, or pretrain with --stride {stride}")
+    return checkpoint["backbone"]
+
+
+def train_detector(cfg, name, backbone=None):
+    check_grid(cfg)
+    pretrained = load_backbone(backbone, cfg.stride) if backbone else None  # a wrong file fails before any work
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     train_ds = load_split(cfg.data, "train", cfg.bbox_format)
@@ -668,19 +796,104 @@ def train_detector(cfg, name):
                   f"classes {classes}, {device}, {'bf16' if use_bf16(device, cfg.fp32) else 'float32'} -> {run_dir}")
     if len(train_data) < cfg.batch:
         raise UserError(f"the train split has {len(train_data)} images, fewer than --batch {cfg.batch}")
-    model = GridDetector(len(classes), cfg.stride).to(device)
+    model = GridDetector(len(classes), cfg.stride)
+    if pretrained:
+        model.backbone.load_state_dict(pretrained)
+        console.print(f"backbone from {backbone}")
+    model = model.to(device)
     generator = torch.Generator().manual_seed(cfg.seed)  # fixes the data order
     loader = torch.utils.data.DataLoader(train_data, batch_size=cfg.batch, shuffle=True, drop_last=True,
                                          collate_fn=collate, generator=generator)
     bf16 = use_bf16(device, cfg.fp32)
     best = fit(model, loader, lambda outputs, targets: detection_loss(*outputs, targets, cfg.img_size),
                lambda m: validate_detector(m, val_data, len(classes), cfg, bf16), cfg, run_dir,
-               {"kind": "detector", "classes": classes}, best_metric="map")
+               {"kind": "detector", "classes": classes, "backbone": str(backbone or "")}, best_metric="map")
     return run_dir, best, classes
 
 
+# LTD pretraining: the same loss and loop as detection, on (R, S) pairs with one box each.
+LTD_HELD_OUT_SEED = 0  # held-out crops come from their own seed: the same crops every epoch, so epochs compare
+LTD_SAMPLES = 8        # pairs drawn in ltd_samples.jpg
+
+
+@torch.no_grad()
+def locate_crops(model, data, n, batch, bf16):
+    """The first n held-out pairs -> predicted and true S boxes [n, 4] in R's pixels. The prediction
+    is the box of the cell most sure that it holds S. No DataLoader: it would draw from the seed too."""
+    model.eval()
+    device = next(model.parameters()).device
+    predicted, true = [], []
+    with torch.random.fork_rng():
+        torch.manual_seed(LTD_HELD_OUT_SEED)
+        for start in range(0, n, batch):
+            pairs, targets = collate_pairs([data[i] for i in range(start, min(start + batch, n))])
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                boxes, logits = model(to_device(pairs, device, bf16))  # [b, h*w, 4], [b, h*w, 2]
+            best = logits.softmax(-1)[..., 0].argmax(1)             # [b]
+            predicted.append(box_convert(boxes[torch.arange(len(best)), best], "cxcywh", "xyxy").cpu() * data.img_size)
+            true.append(torch.cat([t["boxes"] for t in targets]))
+    return torch.cat(predicted), torch.cat(true)
+
+
+def validate_ltd(model, data, batch, bf16):
+    """The LTD metric: mean IoU of the predicted S box, and the share of pairs with IoU >= 0.5."""
+    iou = box_iou(*locate_crops(model, data, len(data), batch, bf16)).diagonal()
+    return {"iou": iou.mean().item(), "hit50": (iou >= 0.5).float().mean().item()}
+
+
+def draw_ltd_samples(model, data, batch, bf16, path):
+    """A grid of held-out R images with S's true box (green) and the predicted one (red), S beside each."""
+    n = min(LTD_SAMPLES, len(data))
+    predicted, true = locate_crops(model, data, n, batch, bf16)
+    with torch.random.fork_rng():
+        torch.manual_seed(LTD_HELD_OUT_SEED)  # the same pairs locate_crops saw
+        pairs = [data[i][0] for i in range(n)]
+    size, pad = data.img_size, 8
+    tile = (size + LTD_CROP_SIZE + 2 * pad, max(size, LTD_CROP_SIZE + 16) + pad)  # room for the IoU under S
+    grid = PIL.Image.new("RGB", (2 * tile[0], (n + 1) // 2 * tile[1]), "white")
+    for i, ((R, S), p, t) in enumerate(zip(pairs, predicted, true)):
+        x, y = i % 2 * tile[0], i // 2 * tile[1]
+        image = v2.functional.to_pil_image(R)
+        draw = PIL.ImageDraw.Draw(image)
+        draw.rectangle(t.tolist(), outline="lime", width=2)
+        draw.rectangle(p.tolist(), outline="red", width=2)
+        grid.paste(image, (x, y))
+        grid.paste(v2.functional.to_pil_image(S.clamp(0, 1)), (x + size + pad, y))
+        iou = box_iou(p[None], t[None]).item()
+        PIL.ImageDraw.Draw(grid).text((x + size + pad, y + LTD_CROP_SIZE + 4), f"IoU {iou:.2f}", fill="black")
+    grid.save(path)
+
+
+def pretrain_backbone(cfg, name, mask_crop):
+    check_grid(cfg)
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    train_data = LTDDataset(load_raw_split(cfg.data, "train"), cfg.img_size, mask_crop)
+    val_data = LTDDataset(load_raw_split(cfg.data, "validation"), cfg.img_size, mask_crop)
+    run_dir = new_run_dir("pretrain", name)
+    bf16 = use_bf16(device, cfg.fp32)
+    console.print(f"LTD pretraining on {cfg.data}: {len(train_data)} train / {len(val_data)} held-out images"
+                  f"{', crop hole greyed out' if mask_crop else ''}, {device}, "
+                  f"{'bf16' if bf16 else 'float32'} -> {run_dir}")
+    if len(train_data) < cfg.batch:
+        raise UserError(f"the train split has {len(train_data)} images, fewer than --batch {cfg.batch}")
+    model = LTDNet(cfg.stride).to(device)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    loader = torch.utils.data.DataLoader(train_data, batch_size=cfg.batch, shuffle=True, drop_last=True,
+                                         collate_fn=collate_pairs, generator=generator)
+    best = fit(model, loader, lambda outputs, targets: detection_loss(*outputs, targets, cfg.img_size),
+               lambda m: validate_ltd(m, val_data, cfg.batch, bf16), cfg, run_dir,
+               {"kind": "ltd", "mask_crop": mask_crop}, best_metric="iou")
+    model.load_state_dict(torch.load(run_dir / "best.pt", map_location=device, weights_only=True)["model"])
+    save_checkpoint(run_dir / "backbone.pt", {"kind": "backbone", "stride": cfg.stride, "mask_crop": mask_crop,
+                                              "config": asdict(cfg), "metrics": best,
+                                              "backbone": model.detector.backbone.state_dict()})
+    draw_ltd_samples(model, val_data, cfg.batch, bf16, run_dir / "ltd_samples.jpg")
+    return run_dir, best
+
+
 # -----------------------------------------------------------------------------
-# Command line: train, eval, detect. Every command runs offline with no arguments.
+# Command line: pretrain, train, eval, detect. Every command runs offline with no arguments.
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                   help="odscratch: a small object detector you can read, train on a CPU, and ship.")
@@ -703,15 +916,7 @@ def newest_weights():
 
 
 def load_detector(path, device):
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"weights file not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path} is not an odscratch checkpoint ({type(e).__name__})") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("kind") != "detector":
-        raise UserError(f"{path} is not an odscratch detector checkpoint (`odscratch train` writes those)")
+    checkpoint = read_checkpoint(path, "detector")
     cfg = Config(**checkpoint["config"])
     model = GridDetector(len(checkpoint["classes"]), cfg.stride)
     model.load_state_dict(checkpoint["model"])
@@ -732,6 +937,30 @@ def metrics_table(title, metrics, classes):
 
 
 @app.command()
+def pretrain(
+    data: str = typer.Option(Config.data, help="'synthetic', a hub dataset, or a local folder (labels not needed)"),
+    img_size: int = typer.Option(Config.img_size, help="R is resized to img_size x img_size"),
+    stride: int = typer.Option(Config.stride, help="pixels per grid cell: 8, 16 or 32; train with the same"),
+    epochs: int = typer.Option(Config.epochs),
+    time_budget: float = typer.Option(Config.time, "--time", help="minutes; overrides --epochs"),
+    batch: int = typer.Option(Config.batch),
+    lr: float = typer.Option(Config.lr),
+    seed: int = typer.Option(Config.seed, help="fixes init, data order and crops"),
+    mask_crop: bool = typer.Option(False, "--mask-crop", help="grey out S's region in R (the seed's ablation)"),
+    fp32: bool = typer.Option(Config.fp32, "--fp32", help="no bf16 autocast / channels_last"),
+    device: str = typer.Option(Config.device, help="auto, cpu or cuda"),
+    name: str = typer.Option("exp", help="run folder under runs/pretrain/"),
+):
+    """LTD self-supervised pretraining; writes runs/pretrain/<name>/{backbone.pt,ltd_samples.jpg,results.csv}."""
+    with user_errors():
+        cfg = Config(data=data, img_size=img_size, stride=stride, epochs=epochs, time=time_budget, batch=batch,
+                     lr=lr, seed=seed, fp32=fp32, device=device)
+        run_dir, best = pretrain_backbone(cfg, name, mask_crop)
+        console.print(f"held-out crops: mean IoU {best['iou']:.3f}, {best['hit50']:.1%} with IoU >= 0.5 -> "
+                      f"{run_dir / 'backbone.pt'}; see {run_dir / 'ltd_samples.jpg'}")
+
+
+@app.command()
 def train(
     data: str = typer.Option(Config.data, help="'synthetic', a hub dataset name, or a local folder"),
     bbox_format: str = typer.Option(Config.bbox_format, help="xyxy or xywh: how the data stores boxes"),
@@ -742,6 +971,7 @@ def train(
     batch: int = typer.Option(Config.batch),
     lr: float = typer.Option(Config.lr),
     seed: int = typer.Option(Config.seed, help="fixes init, data order and augmentation"),
+    backbone: str = typer.Option(None, help="start from a backbone.pt that `odscratch pretrain` wrote"),
     fp32: bool = typer.Option(Config.fp32, "--fp32", help="no bf16 autocast / channels_last"),
     device: str = typer.Option(Config.device, help="auto, cpu or cuda"),
     name: str = typer.Option("exp", help="run folder under runs/train/"),
@@ -752,7 +982,7 @@ def train(
             raise UserError(f"--bbox-format must be xyxy or xywh, not {bbox_format!r}")
         cfg = Config(data=data, bbox_format=bbox_format, img_size=img_size, stride=stride, epochs=epochs,
                      time=time_budget, batch=batch, lr=lr, seed=seed, fp32=fp32, device=device)
-        run_dir, best, classes = train_detector(cfg, name)
+        run_dir, best, classes = train_detector(cfg, name, backbone)
         console.print(metrics_table(f"best validation epoch ({run_dir / 'best.pt'})", best, classes))
 
 
