@@ -9,12 +9,16 @@ The recipe:
    every cell's class, SmoothL1 + GIoU on the boxes of the cells that own a ground-truth box.
 4. Inference: softmax, a confidence threshold, per-class NMS, boxes scaled back to the image.
 5. Evaluation: COCO's mAP, written out below and tested against pycocotools.
+Optionally first, without labels: Learn To Detect (LTD). Cut a sub-image S out of an image R and train
+the same network to find S's box in R; its backbone then starts the detector.
 
 Run it (offline, on built-in synthetic shapes unless --data says otherwise):
     odscratch train                                   # -> runs/train/exp/best.pt
     odscratch eval                                    # newest best.pt, test split, AP table
     odscratch detect photo.jpg                        # boxes table + runs/detect/exp/photo.jpg
     odscratch train --data ../shared/data/bccd --img-size 320 --time 15   # a real dataset
+    odscratch pretrain                                # LTD -> runs/pretrain/exp/backbone.pt
+    odscratch train --backbone runs/pretrain/exp/backbone.pt
 """
 
 import contextlib
@@ -281,7 +285,8 @@ def make_transform(img_size, train):
 
 
 class DetectionDataset(torch.utils.data.Dataset):
-    """A load_split dataset as tensors: (image [3, S, S] in [0, 1], {boxes [N, 4] xyxy in S-pixels, labels [N]}).
+    """A load_split dataset as tensors: (image [3, img_size, img_size] in [0, 1], {boxes [N, 4] xyxy in those
+    pixels, labels [N]}).
 
     Boxes are read, checked and stored once here; images are decoded on demand. `targets[i]` keeps
     the boxes in the original image's pixels: that is what the evaluator compares against.
@@ -348,8 +353,8 @@ def sample_ltd_crop(R, jitter=LTD_JITTER):
 
 
 class LTDDataset(torch.utils.data.Dataset):
-    """Any split's images (labels ignored) -> ((R [3, S, S], S [3, c, c]), {boxes [1, 4], labels [1]}):
-    one object per image, the crop, in the same target format as detection. A new crop every epoch."""
+    """Any split's images (labels ignored) -> ((R [3, img_size, img_size], S [3, LTD_CROP_SIZE, LTD_CROP_SIZE]),
+    {boxes [1, 4], labels [1]}): one object per image, S, in detection's target format. A new S every epoch."""
 
     def __init__(self, ds, img_size, mask_crop):
         self.ds = ds.select_columns(["image"]).cast_column("image", datasets.Image(decode=False))
@@ -365,8 +370,7 @@ class LTDDataset(torch.utils.data.Dataset):
         S, box = sample_ltd_crop(R)
         if self.mask_crop:
             x1, y1, x2, y2 = box.int().tolist()
-            R = R.clone()
-            R[:, y1:y2, x1:x2] = MASK_GREY
+            R[:, y1:y2, x1:x2] = MASK_GREY  # S was already cut from the intact R
         return (R, S), {"boxes": box[None], "labels": torch.zeros(1, dtype=torch.long), "index": i}
 
 
@@ -406,7 +410,7 @@ class GridDetector(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 
-    def features(self, images):                              # [B, 3, S, S] in [0, 1]
+    def features(self, images):                              # [B, 3, img_size, img_size] in [0, 1]
         return self.backbone((images - self.mean) / self.std)  # [B, C, h, w]
 
     def cells(self, features):
@@ -428,7 +432,7 @@ class LTDNet(nn.Module):
         self.detector = GridDetector(num_classes=1, stride=stride)
 
     def forward(self, pair):
-        R, S = pair                                            # [B, 3, S, S], [B, 3, c, c]
+        R, S = pair                        # [B, 3, img_size, img_size], [B, 3, LTD_CROP_SIZE, LTD_CROP_SIZE]
         query = self.detector.features(S).mean((2, 3))         # [B, C]
         features = self.detector.features(R)                   # [B, C, h, w]
         return self.detector.cells(features * query[:, :, None, None])
@@ -678,7 +682,7 @@ def fit(model, loader, compute_loss, validate, cfg, run_dir, meta, best_metric):
     `best_metric`) and results.csv (one row per epoch) to run_dir. Returns the best metrics."""
     model.to(memory_format=memory_format(use_bf16(next(model.parameters()).device, cfg.fp32)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    budget, best, epoch = Budget(cfg, len(loader)), None, 0
+    budget, best, epoch, shown = Budget(cfg, len(loader)), None, 0, ""
 
     def checkpoint(metrics):
         return {**meta, "model": model.state_dict(), "config": asdict(cfg), "epoch": epoch, "metrics": metrics}
@@ -686,9 +690,11 @@ def fit(model, loader, compute_loss, validate, cfg, run_dir, meta, best_metric):
     try:
         while budget.progress() < 1:
             epoch += 1
-            losses, collisions = train_epoch(model, loader, compute_loss, optimizer, cfg, budget, f"epoch {epoch}")
+            title = f"epoch {epoch}{shown}"
+            losses, collisions = train_epoch(model, loader, compute_loss, optimizer, cfg, budget, title)
             metrics = validate(model)
             scalars = {n: round(v, 5) for n, v in metrics.items() if isinstance(v, float)}
+            shown = " | val " + " ".join(f"{n} {v:.2f}" for n, v in scalars.items())  # in the next epoch's bar
             append_row(run_dir / "results.csv", {"epoch": epoch, "elapsed_s": round(time.time() - budget.start, 1),
                                                  **{n: round(v, 5) for n, v in losses.items()},
                                                  "collisions": collisions, **scalars})

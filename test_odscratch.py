@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import numpy as np
 import PIL.Image
 import pytest
@@ -193,18 +194,23 @@ def test_load_split_imagefolder_xywh_strings_no_validation(tmp_path):
 
 # --- the commands, end to end ---------------------------------------------------------------
 
+def invoke_in(folder, args):
+    """The CLI run with `folder` as working directory (module fixtures cannot use monkeypatch.chdir)."""
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        result = runner.invoke(ods.app, args)
+    finally:
+        os.chdir(cwd)
+    assert result.exit_code == 0, result.output
+    return result
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One tiny real training run on the synthetic data, shared by the command tests."""
     folder = tmp_path_factory.mktemp("runs")
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        result = runner.invoke(ods.app, ["train", "--img-size", "128", "--epochs", "3", "--seed", "0"])
-    finally:
-        os.chdir(cwd)
-    assert result.exit_code == 0, result.output
-    return folder, result
+    return folder, invoke_in(folder, ["train", "--img-size", "128", "--epochs", "3", "--seed", "0"])
 
 
 def test_train_writes_checkpoints_and_learns(trained):
@@ -301,17 +307,29 @@ def test_sample_ltd_crop_box_matches_the_pixels_and_the_ranges():
     assert torch.equal(S1, S2) and torch.equal(box1, box2)  # jitter included, the seed fixes everything
 
 
+def test_mask_crop_greys_out_exactly_the_crop():
+    images = [PIL.Image.fromarray(np.random.default_rng(i).integers(0, 255, (50, 70, 3), dtype=np.uint8))
+              for i in range(3)]
+    ds = datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()}))
+    intact, masked = ods.LTDDataset(ds, 64, mask_crop=False), ods.LTDDataset(ds, 64, mask_crop=True)
+    for i in range(3):
+        torch.manual_seed(i)
+        (R, S), target = intact[i]
+        torch.manual_seed(i)
+        (R_masked, S_masked), _ = masked[i]
+        assert torch.equal(S, S_masked)  # S is cut from the intact R either way
+        x1, y1, x2, y2 = target["boxes"][0].int().tolist()
+        hole = torch.zeros(64, 64, dtype=torch.bool)
+        hole[y1:y2, x1:x2] = True
+        assert (R_masked[:, hole] == ods.MASK_GREY).all() and torch.equal(R_masked[:, ~hole], R[:, ~hole])
+        assert not torch.equal(R, R_masked) and target["labels"].tolist() == [0]
+
+
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    """One tiny LTD pretraining through the CLI on the synthetic images (a few seconds)."""
+    """One tiny LTD pretraining through the CLI on the synthetic images (about a minute)."""
     folder = tmp_path_factory.mktemp("pretrain")
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        result = runner.invoke(ods.app, ["pretrain", "--img-size", "96", "--epochs", "4", "--batch", "32"])
-    finally:
-        os.chdir(cwd)
-    assert result.exit_code == 0, result.output
+    invoke_in(folder, ["pretrain", "--img-size", "96", "--epochs", "4", "--batch", "32"])
     return folder / "runs" / "pretrain" / "exp"
 
 

@@ -59,8 +59,8 @@ def read_rows(path):
 
 
 def table(rows):
-    lines = ["| configuration | pretrain (LTD) | train | test mAP50 | mAP50-95 | AP90 | seeds |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| configuration | LTD pretraining | LTD held-out IoU | detector training | test mAP50 | mAP50-95 | AP90 | seeds |",
+             "|---|---|---|---|---|---|---|---|"]
     for config in CONFIGS:
         mine = [r for r in rows if r["config"] == config]
         if not mine:
@@ -72,8 +72,10 @@ def table(rows):
             return f"{statistics.mean(values):.3f} ± {spread:.3f}"
 
         minutes = lambda key: statistics.median(float(r[key]) for r in mine) / 60
-        pretrain = f"{mine[0]['pretrain_epochs']} ep, {minutes('pretrain_s'):.1f} min" if config != "scratch" else "-"
-        lines.append(f"| {config} | {pretrain} | {mine[0]['train_epochs']} ep, {minutes('train_s'):.1f} min | "
+        pretrained = config != "scratch"
+        pretrain = f"{mine[0]['pretrain_epochs']} epochs, {minutes('pretrain_s'):.1f} min" if pretrained else "-"
+        lines.append(f"| {config} | {pretrain} | {stat('ltd_iou') if pretrained else '-'} | "
+                     f"{mine[0]['train_epochs']} epochs, {minutes('train_s'):.1f} min | "
                      f"{stat('map50')} | {stat('map')} | {stat('map90')} | {len(mine)} |")
     return "\n".join(lines)
 
