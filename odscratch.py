@@ -433,8 +433,12 @@ class LTDNet(nn.Module):
 
     def forward(self, pair):
         R, S = pair                        # [B, 3, img_size, img_size], [B, 3, LTD_CROP_SIZE, LTD_CROP_SIZE]
-        query = self.detector.features(S).mean((2, 3))         # [B, C]
         features = self.detector.features(R)                   # [B, C, h, w]
+        # S is normalised with R's running batch-norm statistics, in training as at test: batches of
+        # zoomed-in crops have other statistics, and mixing them in made the held-out metric collapse
+        self.detector.backbone.train(False)
+        query = self.detector.features(S).mean((2, 3))         # [B, C]
+        self.detector.backbone.train(self.training)
         return self.detector.cells(features * query[:, :, None, None])
 
 
