@@ -8,7 +8,8 @@ Four configurations, each with several seeds, evaluated on BCCD's test split:
 
 Budgets are in epochs, not minutes, so a busy CPU changes the wall clock but not the result; on the
 README's machine an epoch of either kind at 320 px takes about 13 s, so T = 24 epochs is about 5 minutes.
-Each finished run appends a row to the CSV (run again to resume); at the end a table of mean +- std.
+Each finished run appends a row to the CSV (run again to resume); at the end a table of mean +- std
+of the test metrics over seeds, and the wall time of the fastest seed.
 
     python benchmarks/ltd_ablation.py --data ../shared/data/bccd           # all runs, then the table
     python benchmarks/ltd_ablation.py --table                              # the table from the CSV only
@@ -71,7 +72,7 @@ def table(rows):
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
             return f"{statistics.mean(values):.3f} ± {spread:.3f}"
 
-        minutes = lambda key: statistics.median(float(r[key]) for r in mine) / 60
+        minutes = lambda key: min(float(r[key]) for r in mine) / 60  # the fastest seed: others may have shared the CPU
         pretrained = config != "scratch"
         pretrain = f"{mine[0]['pretrain_epochs']} epochs, {minutes('pretrain_s'):.1f} min" if pretrained else "-"
         lines.append(f"| {config} | {pretrain} | {stat('ltd_iou') if pretrained else '-'} | "
