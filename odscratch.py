@@ -359,8 +359,7 @@ class LTDDataset(torch.utils.data.Dataset):
     def __init__(self, ds, img_size, mask_crop):
         self.ds = ds.select_columns(["image"]).cast_column("image", datasets.Image(decode=False))
         self.img_size, self.mask_crop = img_size, mask_crop
-        self.transform = v2.Compose([v2.ToImage(), v2.Resize((img_size, img_size), antialias=True),
-                                     v2.ToDtype(torch.float32, scale=True)])
+        self.transform = make_transform(img_size, train=False)  # R is only resized: the crop is the augmentation
 
     def __len__(self):
         return len(self.ds)
