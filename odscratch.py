@@ -22,6 +22,7 @@ Run it (offline, on built-in synthetic shapes unless --data says otherwise):
 """
 
 import contextlib
+import copy
 import csv
 import io
 import json
@@ -63,6 +64,7 @@ class Config:
     bbox_format: str = "xyxy"       # how the data stores boxes: xyxy (fashionpedia, BCCD) or xywh (COCO)
     img_size: int = 192             # images are resized to img_size x img_size
     stride: int = 16                # pixels per grid cell: 8, 16 or 32 (where ResNet-18 is cut)
+    assign_radius: float = 0.5      # a box trains the cells within this many cells of its centre (Loss)
     epochs: int = 7
     time: float = 0.0               # minutes; when set, the schedule ends at this budget
     batch: int = 16
@@ -87,6 +89,7 @@ SYNTHETIC_MAX_COVER = 0.5            # an object may hide at most this much of a
 SYNTHETIC_JPEG_QUALITY = 95
 VALIDATION_FRACTION = 0.15           # carved from train when a dataset has no validation split
 SPLIT_SEED = 0                       # the carve is fixed, so train and eval agree on it
+MOSAIC = 0.0
 
 
 def synthetic_background(rng):
@@ -270,31 +273,39 @@ def clip_and_drop(boxes, width, height):
     return clipped[keep], keep, n_clipped
 
 
-def make_transform(img_size, train):
+def resize_transform(img_size):
     # Resize first: every later step then works on the small image.
-    steps = [v2.ToImage(), v2.Resize((img_size, img_size), antialias=True)]
-    if train:
-        steps += [
-            v2.RandomHorizontalFlip(),
-            v2.RandomAffine(degrees=0, translate=(0.1, 0.1), scale=(0.75, 1.25)),  # scale + crop
-            v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3),
-            v2.ClampBoundingBoxes(),
-            v2.SanitizeBoundingBoxes(min_size=2),  # boxes pushed out of the frame go
-        ]
-    return v2.Compose(steps + [v2.ToDtype(torch.float32, scale=True)])
+    return v2.Compose([v2.ToImage(), v2.Resize((img_size, img_size), antialias=True)])
+
+
+def inference_transform(img_size):
+    """A PIL image -> what the network sees: [3, img_size, img_size] floats in [0, 1]."""
+    return v2.Compose([resize_transform(img_size), v2.ToDtype(torch.float32, scale=True)])
+
+
+AUGMENT = v2.Compose([  # on the resized image, at training time only
+    v2.RandomHorizontalFlip(),
+    v2.RandomAffine(degrees=0, translate=(0.1, 0.1), scale=(0.75, 1.25)),  # scale + crop
+    v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3),
+    v2.ClampBoundingBoxes(),
+    v2.SanitizeBoundingBoxes(min_size=2),  # boxes pushed out of the frame go
+])
+CACHE_BYTES = 2 * 2**30  # a split whose resized images fit in this many bytes is decoded once and kept
 
 
 class DetectionDataset(torch.utils.data.Dataset):
     """A load_split dataset as tensors: (image [3, img_size, img_size] in [0, 1], {boxes [N, 4] xyxy in those
     pixels, labels [N]}).
 
-    Boxes are read, checked and stored once here; images are decoded on demand. `targets[i]` keeps
-    the boxes in the original image's pixels: that is what the evaluator compares against.
+    Boxes are read, checked and stored once here. Images are decoded and resized on first use, and
+    kept if the whole split fits in CACHE_BYTES (README: measured). `targets[i]` keeps the boxes in the
+    original image's pixels: that is what the evaluator compares against.
     """
 
     def __init__(self, ds, img_size, train, name=""):
         self.ds = ds.cast_column("image", datasets.Image(decode=False))
-        self.transform = make_transform(img_size, train)
+        self.img_size, self.train = img_size, train
+        self.resize, self.to_float = resize_transform(img_size), v2.ToDtype(torch.float32, scale=True)
         self.sizes, self.targets, n_clipped, n_dropped = [], [], 0, 0
         for row in self.ds:  # row by row: a large dataset's images never sit in memory together
             width, height = open_image(row["image"]).size  # reads the header only
@@ -306,16 +317,43 @@ class DetectionDataset(torch.utils.data.Dataset):
             self.targets.append({"boxes": boxes, "labels": torch.tensor(cats, dtype=torch.long)[keep]})
         if n_clipped or n_dropped:
             console.print(f"{name}: {n_clipped} boxes clipped to their image, {n_dropped} with no area dropped")
+        self.cache = {} if len(self.ds) * 3 * img_size**2 <= CACHE_BYTES else None
 
     def __len__(self):
         return len(self.ds)
 
-    def __getitem__(self, i):
-        image = open_image(self.ds[i]["image"]).convert("RGB")
+    def resized(self, i):
+        """Image i as uint8 [3, img_size, img_size], with its boxes in those pixels."""
+        if self.cache is not None and i in self.cache:
+            return self.cache[i]
         target = self.targets[i]
         boxes = tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=self.sizes[i])
-        out = self.transform({"image": image, "boxes": boxes, "labels": target["labels"]})
-        return out["image"], {"boxes": out["boxes"].as_subclass(torch.Tensor), "labels": out["labels"], "index": i}
+        image = open_image(self.ds[i]["image"]).convert("RGB")
+        sample = self.resize({"image": image, "boxes": boxes, "labels": target["labels"]})
+        if self.cache is not None:
+            self.cache[i] = sample
+        return sample
+
+    def mosaic(self, i):
+        """Image i and three random others side by side on a canvas twice the size, then a random
+        img_size window of it: objects keep their scale but are cut at new places, in new company."""
+        size = self.img_size
+        canvas, boxes, labels = torch.zeros(3, 2 * size, 2 * size, dtype=torch.uint8), [], []
+        for k, j in enumerate([i] + torch.randint(len(self), (3,)).tolist()):
+            tile = self.resized(j)
+            x, y = k % 2 * size, k // 2 * size
+            canvas[:, y:y + size, x:x + size] = tile["image"]
+            boxes.append(tile["boxes"].as_subclass(torch.Tensor) + torch.tensor([x, y, x, y]))
+            labels.append(tile["labels"])
+        boxes = tv_tensors.BoundingBoxes(torch.cat(boxes), format="XYXY", canvas_size=(2 * size, 2 * size))
+        return v2.RandomCrop(size)({"image": tv_tensors.Image(canvas), "boxes": boxes, "labels": torch.cat(labels)})
+
+    def __getitem__(self, i):
+        sample = self.resized(i)
+        if self.train:
+            sample = AUGMENT(self.mosaic(i) if torch.rand(()) < MOSAIC else sample)
+        return self.to_float(sample["image"]), {"boxes": sample["boxes"].as_subclass(torch.Tensor),
+                                                "labels": sample["labels"], "index": i}
 
 
 def collate(batch):
@@ -359,7 +397,7 @@ class LTDDataset(torch.utils.data.Dataset):
     def __init__(self, ds, img_size, mask_crop):
         self.ds = ds.select_columns(["image"]).cast_column("image", datasets.Image(decode=False))
         self.img_size, self.mask_crop = img_size, mask_crop
-        self.transform = make_transform(img_size, train=False)  # R is only resized: the crop is the augmentation
+        self.transform = inference_transform(img_size)  # R is only resized: the crop is the augmentation
 
     def __len__(self):
         return len(self.ds)
@@ -392,18 +430,19 @@ def resnet18_backbone(stride):
     return nn.Sequential(*layers[:{8: 6, 16: 7, 32: 8}[stride]])
 
 
-def cells_to_boxes(raw, h, w):
-    """Raw head outputs [B, h*w, 4] -> boxes (cx, cy, w, h) relative to the image.
-    The centre cannot leave its cell: (cell index + sigmoid offset) / grid size."""
+def cells_to_boxes(raw, h, w, radius):
+    """Raw head outputs [B, h*w, 4] -> boxes (cx, cy, w, h) relative to the image. A cell's centre
+    prediction reaches `radius` cells from the cell's centre: as far as the cells it learns from (see Loss)."""
     rows, cols = torch.meshgrid(torch.arange(h, device=raw.device), torch.arange(w, device=raw.device), indexing="ij")
-    cx = (cols.flatten() + raw[..., 0].sigmoid()) / w
-    cy = (rows.flatten() + raw[..., 1].sigmoid()) / h
+    cx = (cols.flatten() + 0.5 + radius * (2 * raw[..., 0].sigmoid() - 1)) / w
+    cy = (rows.flatten() + 0.5 + radius * (2 * raw[..., 1].sigmoid() - 1)) / h
     return torch.stack([cx, cy, raw[..., 2].sigmoid(), raw[..., 3].sigmoid()], -1)
 
 
 class GridDetector(nn.Module):
-    def __init__(self, num_classes, stride):
+    def __init__(self, num_classes, stride, radius=0.5):
         super().__init__()
+        self.radius = radius
         self.backbone = resnet18_backbone(stride)
         self.head = nn.Linear(BACKBONE_CHANNELS[stride], 4 + num_classes + 1)  # box + K classes + background
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
@@ -415,10 +454,23 @@ class GridDetector(nn.Module):
     def cells(self, features):
         _, _, h, w = features.shape
         out = self.head(features.flatten(2).transpose(1, 2))  # [B, h*w, 4 + K + 1]
-        return cells_to_boxes(out[..., :4].float(), h, w), out[..., 4:].float()
+        return cells_to_boxes(out[..., :4].float(), h, w, self.radius), out[..., 4:].float()
 
     def forward(self, images):
         return self.cells(self.features(images))
+
+
+def fold_batchnorm(model):
+    """An inference copy of `model`: after training, a BatchNorm is a fixed per-channel scale and shift,
+    so it folds into the weights of the convolution before it, and the network has half the layers to run."""
+    model = copy.deepcopy(model).eval()
+    for parent in list(model.modules()):
+        children = list(parent.named_children())
+        for (name, conv), (bn_name, bn) in zip(children, children[1:]):
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                setattr(parent, name, torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn))
+                setattr(parent, bn_name, nn.Identity())
+    return model
 
 
 class LTDNet(nn.Module):
@@ -445,39 +497,54 @@ class LTDNet(nn.Module):
 # Loss: the seed's rule gives each ground-truth box to the one cell its centre falls in. Every cell
 # learns its class (background when it owns no box); cells that own a box also learn the box.
 
+FOCAL_GAMMA = 0.0
 BACKGROUND_WEIGHT = 0.1  # most cells are background: down-weighted, so the few object cells are heard (README)
 
 
-def assign_boxes_to_cells(boxes, labels, h, w, background):
+def assign_boxes_to_cells(boxes, labels, h, w, background, radius):
     """boxes [N, 4] (cx, cy, w, h) relative to the image -> per cell: class [h*w] and box [h*w, 4].
 
-    When several centres fall in one cell, the largest box keeps the cell (it dominates the cell's
-    features); the others are lost for this image and counted as collisions.
+    A box always trains the cell its centre falls in (the seed's rule, radius 0.5). With a larger
+    radius it also trains the cells within `radius` cells of its centre (in x and in y) whose own
+    centres lie inside the box: radius 1 gives a large box the 2 x 2 cells around its centre, while a
+    box smaller than a cell keeps one cell (a neighbour would learn a copy of it shifted by a cell,
+    too far off for NMS to merge; README: measured). A cell claimed by several boxes goes to the box
+    whose centre it holds, then to the largest box (it dominates the cell's features); a box left
+    with no cell is lost for this image: a collision.
     """
     classes = torch.full((h * w,), background, dtype=torch.long)
     targets = torch.zeros(h * w, 4)
-    cols = (boxes[:, 0] * w).long().clamp(0, w - 1)
-    rows = (boxes[:, 1] * h).long().clamp(0, h - 1)
-    cells = rows * w + cols
-    for i in (boxes[:, 2] * boxes[:, 3]).argsort(stable=True).tolist():  # smallest first: the largest writes last
-        classes[cells[i]] = labels[i]
-        targets[cells[i]] = boxes[i]
-    return classes, targets, len(cells) - len(cells.unique())
+    if len(boxes) == 0:
+        return classes, targets, 0
+    cell_x = (torch.arange(w) + 0.5).repeat(h)                          # [h*w] cell centres, in cells
+    cell_y = (torch.arange(h) + 0.5).repeat_interleave(w)
+    dx = cell_x - (boxes[:, 0:1] * w).clamp(max=w - 1e-4)               # [N, h*w]
+    dy = cell_y - (boxes[:, 1:2] * h).clamp(max=h - 1e-4)
+    holds_centre = (dx > -0.5) & (dx <= 0.5) & (dy > -0.5) & (dy <= 0.5)
+    inside = (dx.abs() < boxes[:, 2:3] * w / 2) & (dy.abs() < boxes[:, 3:4] * h / 2)
+    claims = holds_centre | (inside & (dx > -radius) & (dx <= radius) & (dy > -radius) & (dy <= radius))
+    priority = claims * (1 + holds_centre + boxes[:, 2:3] * boxes[:, 3:4])  # 0 = no claim; area < 1
+    best, owner = priority.max(0)                                       # [h*w]
+    owned = best > 0
+    classes[owned], targets[owned] = labels[owner[owned]], boxes[owner[owned]]
+    return classes, targets, len(boxes) - len(owner[owned].unique())
 
 
-def detection_loss(boxes, logits, targets, img_size):
+def detection_loss(boxes, logits, targets, img_size, radius):
     """boxes [B, h*w, 4], logits [B, h*w, K+1], targets with boxes in img_size pixels -> loss parts."""
     grid = math.isqrt(boxes.shape[1])  # images are square, so is the grid
     background = logits.shape[-1] - 1
     assigned = [assign_boxes_to_cells(box_convert(t["boxes"] / img_size, "xyxy", "cxcywh"), t["labels"],
-                                      grid, grid, background) for t in targets]
+                                      grid, grid, background, radius) for t in targets]
     classes = torch.stack([a[0] for a in assigned]).to(logits.device)  # [B, h*w]
     target_boxes = torch.stack([a[1] for a in assigned]).to(boxes.device)  # [B, h*w, 4]
     weight = torch.ones(background + 1, device=logits.device)
     weight[background] = BACKGROUND_WEIGHT
-    cls = F.cross_entropy(logits.flatten(0, 1), classes.flatten(), weight=weight)
     positive = classes != background
     pred, true = boxes[positive], target_boxes[positive]  # [P, 4]
+    target = F.one_hot(classes, background + 1).float()   # [B, h*w, K+1]
+    log_p = logits.log_softmax(-1)
+    cls = -(target * weight * (1 - log_p.exp()) ** FOCAL_GAMMA * log_p).sum() / weight[classes].sum()
     if len(pred):
         box = F.smooth_l1_loss(pred * grid, true * grid)  # in cell units, so errors are O(1)
         giou = generalized_box_iou_loss(box_convert(pred, "cxcywh", "xyxy"), box_convert(true, "cxcywh", "xyxy"),
@@ -757,6 +824,8 @@ def check_grid(cfg):
         raise UserError(f"--stride must be one of {sorted(BACKBONE_CHANNELS)}, not {cfg.stride}")
     if cfg.img_size % cfg.stride:
         raise UserError(f"--img-size {cfg.img_size} is not a multiple of --stride {cfg.stride}")
+    if cfg.assign_radius < 0.5:
+        raise UserError(f"--assign-radius must be at least 0.5 (the cell a box's centre falls in), not {cfg.assign_radius}")
 
 
 CHECKPOINT_KINDS = {"detector": "a detector (`odscratch train` writes it)",
@@ -805,7 +874,7 @@ def train_detector(cfg, name, backbone=None):
                   f"classes {classes}, {device}, {'bf16' if use_bf16(device, cfg.fp32) else 'float32'} -> {run_dir}")
     if len(train_data) < cfg.batch:
         raise UserError(f"the train split has {len(train_data)} images, fewer than --batch {cfg.batch}")
-    model = GridDetector(len(classes), cfg.stride)
+    model = GridDetector(len(classes), cfg.stride, cfg.assign_radius)
     if pretrained:
         model.backbone.load_state_dict(pretrained)
         console.print(f"backbone from {backbone}")
@@ -814,7 +883,7 @@ def train_detector(cfg, name, backbone=None):
     loader = torch.utils.data.DataLoader(train_data, batch_size=cfg.batch, shuffle=True, drop_last=True,
                                          collate_fn=collate, generator=generator)
     bf16 = use_bf16(device, cfg.fp32)
-    best = fit(model, loader, lambda outputs, targets: detection_loss(*outputs, targets, cfg.img_size),
+    best = fit(model, loader, lambda outputs, targets: detection_loss(*outputs, targets, cfg.img_size, model.radius),
                lambda m: validate_detector(m, val_data, len(classes), cfg, bf16), cfg, run_dir,
                {"kind": "detector", "classes": classes, "backbone": str(backbone or "")}, best_metric="map")
     return run_dir, best, classes
@@ -890,7 +959,8 @@ def pretrain_backbone(cfg, name, mask_crop):
     generator = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(train_data, batch_size=cfg.batch, shuffle=True, drop_last=True,
                                          collate_fn=collate_pairs, generator=generator)
-    best = fit(model, loader, lambda outputs, targets: detection_loss(*outputs, targets, cfg.img_size),
+    best = fit(model, loader, lambda outputs, targets: detection_loss(*outputs, targets, cfg.img_size,
+                                                                      model.detector.radius),
                lambda m: validate_ltd(m, val_data, cfg.batch, bf16), cfg, run_dir,
                {"kind": "ltd", "mask_crop": mask_crop}, best_metric="iou")
     model.load_state_dict(torch.load(run_dir / "best.pt", map_location=device, weights_only=True)["model"])
@@ -927,7 +997,7 @@ def newest_weights():
 def load_detector(path, device):
     checkpoint = read_checkpoint(path, "detector")
     cfg = Config(**checkpoint["config"])
-    model = GridDetector(len(checkpoint["classes"]), cfg.stride)
+    model = GridDetector(len(checkpoint["classes"]), cfg.stride, cfg.assign_radius)
     model.load_state_dict(checkpoint["model"])
     model = model.to(device, memory_format=memory_format(use_bf16(device, cfg.fp32)))
     return model.eval(), cfg, checkpoint["classes"]
@@ -975,6 +1045,8 @@ def train(
     bbox_format: str = typer.Option(Config.bbox_format, help="xyxy or xywh: how the data stores boxes"),
     img_size: int = typer.Option(Config.img_size, help="train and detect at img_size x img_size"),
     stride: int = typer.Option(Config.stride, help="pixels per grid cell: 8, 16 or 32"),
+    assign_radius: float = typer.Option(Config.assign_radius, help="a box trains the cells within this many "
+                                        "cells of its centre; 0.5: only the cell its centre falls in"),
     epochs: int = typer.Option(Config.epochs),
     time_budget: float = typer.Option(Config.time, "--time", help="minutes; overrides --epochs"),
     batch: int = typer.Option(Config.batch),
@@ -989,8 +1061,9 @@ def train(
     with user_errors():
         if bbox_format not in ("xyxy", "xywh"):
             raise UserError(f"--bbox-format must be xyxy or xywh, not {bbox_format!r}")
-        cfg = Config(data=data, bbox_format=bbox_format, img_size=img_size, stride=stride, epochs=epochs,
-                     time=time_budget, batch=batch, lr=lr, seed=seed, fp32=fp32, device=device)
+        cfg = Config(data=data, bbox_format=bbox_format, img_size=img_size, stride=stride,
+                     assign_radius=assign_radius, epochs=epochs, time=time_budget, batch=batch, lr=lr, seed=seed,
+                     fp32=fp32, device=device)
         run_dir, best, classes = train_detector(cfg, name, backbone)
         console.print(metrics_table(f"best validation epoch ({run_dir / 'best.pt'})", best, classes))
 
@@ -1072,7 +1145,7 @@ def detect(
         model, cfg, classes = load_detector(Path(weights) if weights else newest_weights(), device)
         images = detect_images(source)
         run_dir = new_run_dir("detect", name)
-        transform = make_transform(cfg.img_size, train=False)
+        transform = inference_transform(cfg.img_size)
         bf16 = use_bf16(device, cfg.fp32)
         table = Table("image", "class", "score", "box (x1, y1, x2, y2)")
         results = []

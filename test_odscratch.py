@@ -116,11 +116,35 @@ def test_assign_boxes_to_cells_edges_and_collisions():
                           [1.0, 1.0, 0.1, 0.1],     # centre on the far edge: clamped into the last cell
                           [0.0, 0.0, 0.1, 0.1],     # centre on the near edge: the first cell
                           [0.55, 0.15, 0.05, 0.05]])  # same cell as box 0, smaller: loses it
-    classes, targets, collisions = ods.assign_boxes_to_cells(boxes, torch.tensor([1, 0, 2, 0]), 4, 4, background=3)
+    classes, targets, collisions = ods.assign_boxes_to_cells(boxes, torch.tensor([1, 0, 2, 0]), 4, 4, background=3,
+                                                                  radius=0.5)
     assert collisions == 1
     assert classes[2] == 1 and torch.equal(targets[2], boxes[0])
     assert classes[15] == 0 and classes[0] == 2
     assert (classes == 3).sum() == 13
+
+
+def test_assign_radius_one_adds_the_nearest_cells_inside_the_box():
+    boxes = torch.tensor([[0.40, 0.30, 0.50, 0.50],   # centre (1.6, 1.2) cells: claims rows 0-1, cols 1-2
+                          [0.60, 0.30, 0.10, 0.10],   # smaller than a cell: only its centre cell (1, 2)
+                          [0.75, 0.85, 0.30, 0.30]])  # rows 2-3 near its centre, but row 2 is outside it
+    classes, targets, collisions = ods.assign_boxes_to_cells(boxes, torch.tensor([0, 1, 2]), 4, 4, background=3,
+                                                             radius=1.0)
+    assert collisions == 0
+    grid = classes.view(4, 4)
+    assert grid[0, 1:3].tolist() == [0, 0] and grid[1, 1].item() == 0
+    assert grid[1, 2].item() == 1                    # the centre's cell beats the larger box's claim
+    assert grid[3, 2:].tolist() == [2, 2] and grid[2, 2:].tolist() == [3, 3]
+    assert (classes != 3).sum() == 6
+    assert torch.equal(targets[6], boxes[1]) and torch.equal(targets[5], boxes[0])
+
+
+@pytest.mark.parametrize("radius", [0.5, 1.0, 1.5])
+def test_a_cell_reaches_the_centres_of_the_boxes_it_learns(radius):
+    raw = torch.tensor([[[-30.0, -30.0, 0, 0], [30.0, 30.0, 0, 0]]]).repeat(1, 8, 1)  # 4 x 4 grid, extremes
+    boxes = ods.cells_to_boxes(raw, 4, 4, radius)
+    assert boxes[0, 0, 0] * 4 == pytest.approx(0.5 - radius)  # cell (0, 0), lowest offset
+    assert boxes[0, 1, 0] * 4 == pytest.approx(1.5 + radius)  # cell (0, 1), highest offset
 
 
 def test_encoded_targets_decode_back_to_the_ground_truth():
@@ -130,7 +154,7 @@ def test_encoded_targets_decode_back_to_the_ground_truth():
     for i in range(len(data)):
         target = data[i][1]
         cls, box, collisions = ods.assign_boxes_to_cells(
-            ods.box_convert(target["boxes"] / 320, "xyxy", "cxcywh"), target["labels"], grid, grid, K)
+            ods.box_convert(target["boxes"] / 320, "xyxy", "cxcywh"), target["labels"], grid, grid, K, radius=0.5)
         logits.append(torch.nn.functional.one_hot(cls, K + 1).float() * 20)  # certain of the assigned class
         boxes.append(box)
         lost.append(collisions)

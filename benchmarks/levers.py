@@ -1,0 +1,100 @@
+"""Which changes to the seed recipe pay on BCCD? The lever ablation of issue 5, rerunnable and resumable.
+
+Each lever is the recipe of its commit with one thing changed (a Config field or a module constant),
+trained for --epochs on BCCD's train split and scored on its test split. Budgets are in epochs, so a
+busy CPU changes the wall clock but not the result. Each finished run appends a row to the CSV (run
+again to resume); --table prints mean +- std over seeds from the CSV.
+
+    python benchmarks/levers.py --data ../shared/data/bccd --levers baseline "radius 1" --seeds 0
+    python benchmarks/levers.py --table
+"""
+import argparse
+import csv
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+import odscratch as ods
+
+BASE = {"img_size": 320}
+LEVERS = {  # name -> (Config fields, module constants), each against the recipe of the commit it ran on
+    "baseline": ({}, {}),
+    "radius 1 (cells inside the box)": ({"assign_radius": 1.0}, {}),
+    "radius 1.5 (cells inside the box)": ({"assign_radius": 1.5}, {}),
+    "stride 8": ({"stride": 8}, {}),
+    "384 px": ({"img_size": 384}, {}),
+    "mosaic 0.5": ({}, {"MOSAIC": 0.5}),
+    "mosaic 1.0": ({}, {"MOSAIC": 1.0}),
+    "focal loss, gamma 2": ({}, {"FOCAL_GAMMA": 2.0}),
+}
+METRICS = ["map50", "map", "map75", "map90"]
+
+
+def test_metrics(run_dir, data):
+    model, cfg, classes = ods.load_detector(run_dir / "best.pt", torch.device("cpu"))
+    test = ods.DetectionDataset(ods.load_split(data, "test"), cfg.img_size, train=False)
+    bf16 = ods.use_bf16(torch.device("cpu"), False)
+    return ods.evaluate(ods.predict(model, test, cfg.batch, ods.EVAL_CONF, ods.NMS_IOU, bf16), test.targets, len(classes))
+
+
+def run(lever, seed, args):
+    fields, constants = LEVERS[lever]
+    saved = {name: getattr(ods, name) for name in constants}
+    for name, value in constants.items():
+        setattr(ods, name, value)
+    try:
+        cfg = ods.Config(data=args.data, epochs=args.epochs, seed=seed, **{**BASE, **fields})
+        start = time.time()
+        run_dir, _, _ = ods.train_detector(cfg, f"lever-{lever.replace(' ', '-')}-s{seed}")
+        train_s = round(time.time() - start)
+        metrics = test_metrics(run_dir, args.data)
+    finally:
+        for name, value in saved.items():
+            setattr(ods, name, value)
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
+    return {"lever": lever, "seed": seed, "epochs": args.epochs, "train_s": train_s, "commit": commit,
+            **{k: round(metrics[k], 4) for k in METRICS}}
+
+
+def read_rows(path):
+    return list(csv.DictReader(open(path))) if path.exists() else []
+
+
+def mean_std(values):
+    values = [float(v) for v in values]
+    return f"{statistics.mean(values):.3f}" + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
+
+
+def print_table(rows):
+    print("| lever | epochs | train min | test mAP50 | mAP50-95 | AP75 | AP90 | seeds |")
+    print("|---|---|---|---|---|---|---|---|")
+    for lever in dict.fromkeys(r["lever"] for r in rows):
+        runs = [r for r in rows if r["lever"] == lever]
+        minutes = min(float(r["train_s"]) for r in runs) / 60
+        print(f"| {lever} | {runs[0]['epochs']} | {minutes:.1f} | "
+              + " | ".join(mean_std(r[k] for r in runs) for k in METRICS) + f" | {len(runs)} |")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", default="../shared/data/bccd")
+    parser.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--epochs", type=int, default=24)
+    parser.add_argument("--csv", type=Path, default=Path("benchmarks/levers.csv"))
+    parser.add_argument("--table", action="store_true", help="only print the table from the CSV")
+    args = parser.parse_args()
+    if not args.table:
+        done = {(r["lever"], r["seed"]) for r in read_rows(args.csv)}
+        for lever in args.levers:
+            for seed in args.seeds:
+                if (lever, str(seed)) not in done:
+                    ods.append_row(args.csv, run(lever, seed, args))
+    print_table(read_rows(args.csv))
+
+
+if __name__ == "__main__":
+    main()
