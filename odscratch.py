@@ -89,7 +89,6 @@ SYNTHETIC_MAX_COVER = 0.5            # an object may hide at most this much of a
 SYNTHETIC_JPEG_QUALITY = 95
 VALIDATION_FRACTION = 0.15           # carved from train when a dataset has no validation split
 SPLIT_SEED = 0                       # the carve is fixed, so train and eval agree on it
-MOSAIC = 0.0
 
 
 def synthetic_background(rng):
@@ -304,7 +303,7 @@ class DetectionDataset(torch.utils.data.Dataset):
 
     def __init__(self, ds, img_size, train, name=""):
         self.ds = ds.cast_column("image", datasets.Image(decode=False))
-        self.img_size, self.train = img_size, train
+        self.train = train
         self.resize, self.to_float = resize_transform(img_size), v2.ToDtype(torch.float32, scale=True)
         self.sizes, self.targets, n_clipped, n_dropped = [], [], 0, 0
         for row in self.ds:  # row by row: a large dataset's images never sit in memory together
@@ -334,24 +333,10 @@ class DetectionDataset(torch.utils.data.Dataset):
             self.cache[i] = sample
         return sample
 
-    def mosaic(self, i):
-        """Image i and three random others side by side on a canvas twice the size, then a random
-        img_size window of it: objects keep their scale but are cut at new places, in new company."""
-        size = self.img_size
-        canvas, boxes, labels = torch.zeros(3, 2 * size, 2 * size, dtype=torch.uint8), [], []
-        for k, j in enumerate([i] + torch.randint(len(self), (3,)).tolist()):
-            tile = self.resized(j)
-            x, y = k % 2 * size, k // 2 * size
-            canvas[:, y:y + size, x:x + size] = tile["image"]
-            boxes.append(tile["boxes"].as_subclass(torch.Tensor) + torch.tensor([x, y, x, y]))
-            labels.append(tile["labels"])
-        boxes = tv_tensors.BoundingBoxes(torch.cat(boxes), format="XYXY", canvas_size=(2 * size, 2 * size))
-        return v2.RandomCrop(size)({"image": tv_tensors.Image(canvas), "boxes": boxes, "labels": torch.cat(labels)})
-
     def __getitem__(self, i):
         sample = self.resized(i)
         if self.train:
-            sample = AUGMENT(self.mosaic(i) if torch.rand(()) < MOSAIC else sample)
+            sample = AUGMENT(sample)
         return self.to_float(sample["image"]), {"boxes": sample["boxes"].as_subclass(torch.Tensor),
                                                 "labels": sample["labels"], "index": i}
 
@@ -497,7 +482,6 @@ class LTDNet(nn.Module):
 # Loss: the seed's rule gives each ground-truth box to the one cell its centre falls in. Every cell
 # learns its class (background when it owns no box); cells that own a box also learn the box.
 
-FOCAL_GAMMA = 0.0
 BACKGROUND_WEIGHT = 0.1  # most cells are background: down-weighted, so the few object cells are heard (README)
 
 
@@ -540,11 +524,9 @@ def detection_loss(boxes, logits, targets, img_size, radius):
     target_boxes = torch.stack([a[1] for a in assigned]).to(boxes.device)  # [B, h*w, 4]
     weight = torch.ones(background + 1, device=logits.device)
     weight[background] = BACKGROUND_WEIGHT
+    cls = F.cross_entropy(logits.flatten(0, 1), classes.flatten(), weight=weight)
     positive = classes != background
     pred, true = boxes[positive], target_boxes[positive]  # [P, 4]
-    target = F.one_hot(classes, background + 1).float()   # [B, h*w, K+1]
-    log_p = logits.log_softmax(-1)
-    cls = -(target * weight * (1 - log_p.exp()) ** FOCAL_GAMMA * log_p).sum() / weight[classes].sum()
     if len(pred):
         box = F.smooth_l1_loss(pred * grid, true * grid)  # in cell units, so errors are O(1)
         giou = generalized_box_iou_loss(box_convert(pred, "cxcywh", "xyxy"), box_convert(true, "cxcywh", "xyxy"),
@@ -994,13 +976,14 @@ def newest_weights():
     return found[-1]
 
 
-def load_detector(path, device):
+def load_detector(path, device, fold=True):
+    """A best.pt -> the model for inference (BatchNorm folded unless fold=False), its Config, class names."""
     checkpoint = read_checkpoint(path, "detector")
     cfg = Config(**checkpoint["config"])
     model = GridDetector(len(checkpoint["classes"]), cfg.stride, cfg.assign_radius)
     model.load_state_dict(checkpoint["model"])
-    model = model.to(device, memory_format=memory_format(use_bf16(device, cfg.fp32)))
-    return model.eval(), cfg, checkpoint["classes"]
+    model = fold_batchnorm(model) if fold else model.eval()
+    return model.to(device, memory_format=memory_format(use_bf16(device, cfg.fp32))), cfg, checkpoint["classes"]
 
 
 def metrics_table(title, metrics, classes):

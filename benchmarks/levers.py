@@ -26,9 +26,8 @@ LEVERS = {  # name -> (Config fields, module constants), each against the recipe
     "radius 1.5 (cells inside the box)": ({"assign_radius": 1.5}, {}),
     "stride 8": ({"stride": 8}, {}),
     "384 px": ({"img_size": 384}, {}),
-    "mosaic 0.5": ({}, {"MOSAIC": 0.5}),
-    "mosaic 1.0": ({}, {"MOSAIC": 1.0}),
-    "focal loss, gamma 2": ({}, {"FOCAL_GAMMA": 2.0}),
+    "batch 8": ({"batch": 8}, {}),
+    "weight decay 0.05": ({"weight_decay": 0.05}, {}),
 }
 METRICS = ["map50", "map", "map75", "map90"]
 
