@@ -64,7 +64,7 @@ class Config:
     bbox_format: str = "xyxy"       # how the data stores boxes: xyxy (fashionpedia, BCCD) or xywh (COCO)
     img_size: int = 192             # images are resized to img_size x img_size
     stride: int = 16                # pixels per grid cell: 8, 16 or 32 (where ResNet-18 is cut)
-    assign_radius: float = 0.5      # a box trains the cells within this many cells of its centre (Loss)
+    assign_radius: float = 0.5      # 0.5: a box trains the cell its centre falls in; 1: also nearby cells inside it
     epochs: int = 7
     time: float = 0.0               # minutes; when set, the schedule ends at this budget
     batch: int = 16
@@ -479,8 +479,9 @@ class LTDNet(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Loss: the seed's rule gives each ground-truth box to the one cell its centre falls in. Every cell
-# learns its class (background when it owns no box); cells that own a box also learn the box.
+# Loss: the seed's rule gives each ground-truth box to the one cell its centre falls in (--assign-radius
+# can add the nearest cells inside the box). Every cell learns its class (background when it owns no
+# box); cells that own a box also learn the box.
 
 BACKGROUND_WEIGHT = 0.1  # most cells are background: down-weighted, so the few object cells are heard (README)
 

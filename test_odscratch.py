@@ -147,18 +147,20 @@ def test_a_cell_reaches_the_centres_of_the_boxes_it_learns(radius):
     assert boxes[0, 1, 0] * 4 == pytest.approx(1.5 + radius)  # cell (0, 1), highest offset
 
 
-def test_encoded_targets_decode_back_to_the_ground_truth():
+@pytest.mark.parametrize("radius", [0.5, 1.0])
+def test_encoded_targets_decode_back_to_the_ground_truth(radius):
     data = ods.DetectionDataset(ods.load_split("synthetic", "validation").select(range(40)), 320, train=False)
     grid, K = 320 // 16, 3
     boxes, logits, lost = [], [], []
     for i in range(len(data)):
         target = data[i][1]
         cls, box, collisions = ods.assign_boxes_to_cells(
-            ods.box_convert(target["boxes"] / 320, "xyxy", "cxcywh"), target["labels"], grid, grid, K, radius=0.5)
+            ods.box_convert(target["boxes"] / 320, "xyxy", "cxcywh"), target["labels"], grid, grid, K, radius)
         logits.append(torch.nn.functional.one_hot(cls, K + 1).float() * 20)  # certain of the assigned class
         boxes.append(box)
         lost.append(collisions)
-    detections = ods.decode_detections(torch.stack(boxes), torch.stack(logits), data.sizes, conf=0.5, iou=1.0)
+    # NMS at 0.999 merges only exact copies: the cells of one box (radius 1) all hold the same target
+    detections = ods.decode_detections(torch.stack(boxes), torch.stack(logits), data.sizes, conf=0.5, iou=0.999)
     assert sum(len(d["boxes"]) for d in detections) == sum(len(t["boxes"]) for t in data.targets) - sum(lost)
     clean = [i for i in range(len(data)) if lost[i] == 0]
     assert len(clean) > 20
@@ -166,7 +168,37 @@ def test_encoded_targets_decode_back_to_the_ground_truth():
     assert metrics["map"] == pytest.approx(1.0, abs=1e-6)
 
 
+def test_fold_batchnorm_keeps_the_outputs():
+    torch.manual_seed(0)
+    model = ods.GridDetector(3, 16).train()
+    with torch.no_grad():
+        for _ in range(3):  # running statistics away from their initial 0 / 1
+            model(torch.rand(4, 3, 64, 64) * 2)
+    model.eval()
+    folded = ods.fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original is untouched
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(model(images), folded(images)):
+            assert torch.allclose(a, b, atol=1e-4)
+
+
 # --- data -----------------------------------------------------------------------------------
+
+def test_decoded_once_and_augmentation_leaves_the_cache_alone():
+    ds = ods.load_split("synthetic", "validation").select(range(8))
+    train = ods.DetectionDataset(ds, 64, train=True)
+    first = train[0]
+    kept = train.cache[0]["image"].clone()
+    draws = [train[0][0] for _ in range(4)]
+    assert torch.equal(train.cache[0]["image"], kept)
+    assert any(not torch.equal(first[0], d) for d in draws)  # augmented afresh on every draw
+    val = ods.DetectionDataset(ds, 64, train=False)
+    fresh = ods.inference_transform(64)(ds[3]["image"].convert("RGB"))
+    assert torch.equal(val[3][0], fresh) and torch.equal(val[3][0], val[3][0])
+
+
 
 def test_synthetic_is_seeded_and_in_schema():
     ds = ods.load_split("synthetic", "validation")
@@ -287,6 +319,14 @@ def test_hub_name_offline_is_one_line_error(tmp_path):
     assert result.returncode == 1
     assert "Traceback" not in output and len(output.splitlines()) == 1, output
     assert "nobody/no-such-dataset" in output and "local folder" in output
+
+
+def test_assign_radius_below_one_cell_is_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(ods.app, ["train", "--assign-radius", "0.3"])
+    assert result.exit_code == 1
+    assert result.output.strip() == ("error: --assign-radius must be at least 0.5 (the cell a box's centre "
+                                     "falls in), not 0.3")
 
 
 def test_same_seed_same_weights(tmp_path, monkeypatch):
