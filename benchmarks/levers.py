@@ -28,6 +28,7 @@ LEVERS = {  # name -> (Config fields, module constants), each against the recipe
     "384 px": ({"img_size": 384}, {}),
     "batch 8": ({"batch": 8}, {}),
     "weight decay 0.05": ({"weight_decay": 0.05}, {}),
+    "radius 1 (inside the box) + batch 8": ({"assign_radius": 1.0, "batch": 8}, {}),
 }
 METRICS = ["map50", "map", "map75", "map90"]
 
