@@ -10,16 +10,30 @@ again to resume); --table prints mean +- std over seeds from the CSV.
 """
 import argparse
 import csv
+import math
 import statistics
 import subprocess
 import time
 from pathlib import Path
 
 import torch
+from torchvision.transforms import v2
 
 import odscratch as ods
 
 BASE = {"img_size": 320}
+R1B8 = {"assign_radius": 1.0, "batch": 8}
+
+
+def cells_to_boxes_exp_wh(raw, h, w, radius):
+    """The module's cells_to_boxes with YOLOv2's size parameterisation: width exp(t) cells (from one cell
+    at t = 0), instead of sigmoid(t) of the image (from half the image at t = 0)."""
+    boxes = CELLS_TO_BOXES(raw, h, w, radius)
+    cells = raw[..., 2:4].clamp(-8, math.log(max(h, w))).exp()
+    return torch.stack([boxes[..., 0], boxes[..., 1], cells[..., 0] / w, cells[..., 1] / h], -1)
+
+
+CELLS_TO_BOXES = ods.cells_to_boxes
 LEVERS = {  # name -> (Config fields, module constants), each against the recipe of the commit it ran on
     "baseline": ({}, {}),
     "radius 1 (cells inside the box)": ({"assign_radius": 1.0}, {}),
@@ -28,7 +42,15 @@ LEVERS = {  # name -> (Config fields, module constants), each against the recipe
     "384 px": ({"img_size": 384}, {}),
     "batch 8": ({"batch": 8}, {}),
     "weight decay 0.05": ({"weight_decay": 0.05}, {}),
-    "radius 1 (inside the box) + batch 8": ({"assign_radius": 1.0, "batch": 8}, {}),
+    "radius 1 (inside the box) + batch 8": (R1B8, {}),
+    "radius 1 + batch 8 + GIoU only (no SmoothL1)": (R1B8, {"LOSS_WEIGHTS": {"cls": 1.0, "box": 0.0, "giou": 1.0}}),
+    "radius 1 + batch 8 + SmoothL1 only (no GIoU)": (R1B8, {"LOSS_WEIGHTS": {"cls": 1.0, "box": 1.0, "giou": 0.0}}),
+    "radius 1 + batch 8 + box losses x 3": (R1B8, {"LOSS_WEIGHTS": {"cls": 1.0, "box": 3.0, "giou": 3.0}}),
+    "radius 1 + batch 8 + w, h = exp(t) cells": (R1B8, {"cells_to_boxes": cells_to_boxes_exp_wh}),
+    "radius 1 + batch 8 + scale jitter 0.5-1.5": (R1B8, {"AUGMENT": v2.Compose([
+        v2.RandomHorizontalFlip(), v2.RandomAffine(degrees=0, translate=(0.1, 0.1), scale=(0.5, 1.5)),
+        v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3), v2.ClampBoundingBoxes(),
+        v2.SanitizeBoundingBoxes(min_size=2)])}),
 }
 METRICS = ["map50", "map", "map75", "map90"]
 
