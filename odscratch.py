@@ -484,7 +484,6 @@ class LTDNet(nn.Module):
 # box); cells that own a box also learn the box.
 
 BACKGROUND_WEIGHT = 0.1  # most cells are background: down-weighted, so the few object cells are heard (README)
-LOSS_WEIGHTS = {"cls": 1.0, "box": 1.0, "giou": 1.0}  # GIoU carries the boxes; other balances: README levers
 
 
 def assign_boxes_to_cells(boxes, labels, h, w, background, radius):
@@ -535,8 +534,7 @@ def detection_loss(boxes, logits, targets, img_size, radius):
                                         reduction="mean")
     else:
         box = giou = boxes.sum() * 0
-    parts = {"cls": cls, "box": box, "giou": giou}
-    return {"loss": sum(LOSS_WEIGHTS[k] * v for k, v in parts.items()), **parts}, sum(a[2] for a in assigned)
+    return {"loss": cls + box + giou, "cls": cls, "box": box, "giou": giou}, sum(a[2] for a in assigned)
 
 
 # -----------------------------------------------------------------------------

@@ -34,6 +34,17 @@ def cells_to_boxes_exp_wh(raw, h, w, radius):
 
 
 CELLS_TO_BOXES = ods.cells_to_boxes
+
+
+def weighted_loss(weights):
+    """The module's detection_loss with its parts (cls, SmoothL1 box, GIoU) summed with other weights."""
+    def detection_loss(*args):
+        parts, collisions = DETECTION_LOSS(*args)
+        return {**parts, "loss": sum(w * parts[k] for k, w in weights.items())}, collisions
+    return detection_loss
+
+
+DETECTION_LOSS = ods.detection_loss
 LEVERS = {  # name -> (Config fields, module constants), each against the recipe of the commit it ran on
     "baseline": ({}, {}),
     "radius 1 (cells inside the box)": ({"assign_radius": 1.0}, {}),
@@ -43,9 +54,9 @@ LEVERS = {  # name -> (Config fields, module constants), each against the recipe
     "batch 8": ({"batch": 8}, {}),
     "weight decay 0.05": ({"weight_decay": 0.05}, {}),
     "radius 1 (inside the box) + batch 8": (R1B8, {}),
-    "radius 1 + batch 8 + GIoU only (no SmoothL1)": (R1B8, {"LOSS_WEIGHTS": {"cls": 1.0, "box": 0.0, "giou": 1.0}}),
-    "radius 1 + batch 8 + SmoothL1 only (no GIoU)": (R1B8, {"LOSS_WEIGHTS": {"cls": 1.0, "box": 1.0, "giou": 0.0}}),
-    "radius 1 + batch 8 + box losses x 3": (R1B8, {"LOSS_WEIGHTS": {"cls": 1.0, "box": 3.0, "giou": 3.0}}),
+    "radius 1 + batch 8 + GIoU only (no SmoothL1)": (R1B8, {"detection_loss": weighted_loss({"cls": 1, "box": 0, "giou": 1})}),
+    "radius 1 + batch 8 + SmoothL1 only (no GIoU)": (R1B8, {"detection_loss": weighted_loss({"cls": 1, "box": 1, "giou": 0})}),
+    "radius 1 + batch 8 + box losses x 3": (R1B8, {"detection_loss": weighted_loss({"cls": 1, "box": 3, "giou": 3})}),
     "radius 1 + batch 8 + w, h = exp(t) cells": (R1B8, {"cells_to_boxes": cells_to_boxes_exp_wh}),
     "radius 1 + batch 8 + scale jitter 0.5-1.5": (R1B8, {"AUGMENT": v2.Compose([
         v2.RandomHorizontalFlip(), v2.RandomAffine(degrees=0, translate=(0.1, 0.1), scale=(0.5, 1.5)),
