@@ -19,15 +19,22 @@ Run it (offline, on built-in synthetic shapes unless --data says otherwise):
     odscratch train --data ../shared/data/bccd --img-size 320 --time 15   # a real dataset
     odscratch pretrain                                # LTD -> runs/pretrain/exp/backbone.pt
     odscratch train --backbone runs/pretrain/exp/backbone.pt
+    odscratch export                                  # -> runs/export/exp/model.onnx, for onnxruntime
+    odscratch bench                                   # ms per image: PyTorch float32, bf16, onnxruntime
+    torchrun --nproc-per-node 2 -m odscratch train    # DistributedDataParallel, one process per GPU
+From Python: `Detector.load("runs/train/exp/best.pt")("photo.jpg")` -> boxes, scores, labels, names.
 """
 
 import contextlib
 import copy
 import csv
+import glob
+import importlib.util
 import io
 import json
 import math
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -38,6 +45,7 @@ import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
@@ -45,6 +53,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from torch.utils.data.distributed import DistributedSampler
 from torchvision import tv_tensors
 from torchvision.ops import batched_nms, box_convert, box_iou, clip_boxes_to_image, generalized_box_iou_loss
 from torchvision.transforms import v2
@@ -539,23 +548,36 @@ def detection_loss(boxes, logits, targets, img_size, radius):
 
 # -----------------------------------------------------------------------------
 # Decoding: from per-cell outputs to a short list of boxes per image, in the original image's pixels.
+# Two steps: score_cells keeps every cell (fixed shapes, so it goes inside the exported ONNX graph);
+# select_detections keeps a different number of boxes per image (threshold + NMS), after the graph.
 
 MAX_DETECTIONS = 100
 
 
-def decode_detections(boxes, logits, sizes, conf, iou):
-    """boxes [B, h*w, 4], logits [B, h*w, K+1], sizes [(height, width)] -> per image {boxes xyxy, scores, labels}."""
-    scores, labels = logits.softmax(-1)[..., :-1].max(-1)  # [B, h*w]: the best non-background class per cell
+def score_cells(boxes, logits):
+    """boxes [B, h*w, 4] (cx, cy, w, h), logits [B, h*w, K+1] -> boxes [B, h*w, 4] (x1, y1, x2, y2), both
+    relative to the image, and class probabilities [B, h*w, K] (background's share left out)."""
+    return box_convert(boxes, "cxcywh", "xyxy"), logits.softmax(-1)[..., :-1]
+
+
+def select_detections(boxes, scores, sizes, conf, iou, max_det=MAX_DETECTIONS):
+    """score_cells' output, sizes [(height, width)] -> per image {boxes [N, 4] xyxy pixels, scores [N], labels [N]}:
+    each cell's best class, scores above conf, per-class NMS, the max_det best."""
+    scores, labels = scores.max(-1)  # [B, h*w]
     results = []
     for b, (height, width) in enumerate(sizes):
         keep = scores[b] > conf
-        xyxy = box_convert(boxes[b, keep], "cxcywh", "xyxy") * torch.tensor([width, height, width, height],
-                                                                           device=boxes.device)
+        xyxy = boxes[b, keep] * torch.tensor([width, height, width, height], device=boxes.device)
         xyxy = clip_boxes_to_image(xyxy, (height, width))
-        kept = batched_nms(xyxy, scores[b, keep], labels[b, keep], iou)[:MAX_DETECTIONS]
+        kept = batched_nms(xyxy, scores[b, keep], labels[b, keep], iou)[:max_det]
         results.append({"boxes": xyxy[kept].cpu(), "scores": scores[b, keep][kept].cpu(),
                         "labels": labels[b, keep][kept].cpu()})
     return results
+
+
+def decode_detections(boxes, logits, sizes, conf, iou, max_det=MAX_DETECTIONS):
+    """The network's output [B, h*w, 4], [B, h*w, K+1] -> per image {boxes, scores, labels}."""
+    return select_detections(*score_cells(boxes, logits), sizes, conf, iou, max_det)
 
 
 # -----------------------------------------------------------------------------
@@ -636,10 +658,15 @@ GRAD_CLIP = 10.0
 
 
 def pick_device(name):
+    """--device: auto (the GPU when torch sees one), cpu, cuda or cuda:N (or a torch.device)."""
+    name = str(name)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda, but torch sees no GPU here; use --device cpu")
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, not {name!r}")
+    if kind == "cuda" and int(index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}, but torch sees {torch.cuda.device_count()} GPUs here; use --device cpu")
     return torch.device(name)
 
 
@@ -664,11 +691,15 @@ def learning_rate(cfg, progress):
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * (progress - WARMUP_FRACTION) / (1 - WARMUP_FRACTION)))
 
 
-def save_checkpoint(path, checkpoint):
-    # temp file + rename: a crash mid-write never leaves a half-written best.pt or last.pt
+def write_atomically(path, write):
+    # temp file + rename: a crash mid-write never leaves a half-written best.pt, last.pt or model.onnx
     tmp = path.with_suffix(".tmp")
-    torch.save(checkpoint, tmp)
+    write(tmp)
     os.replace(tmp, path)
+
+
+def save_checkpoint(path, checkpoint):
+    write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 class Budget:
@@ -679,9 +710,12 @@ class Budget:
         self.start, self.steps = time.time(), 0
 
     def progress(self):
-        if self.minutes:
-            return min((time.time() - self.start) / (self.minutes * 60), 1.0)
-        return self.steps / self.total_steps
+        if not self.minutes:
+            return self.steps / self.total_steps
+        done = torch.tensor(min((time.time() - self.start) / (self.minutes * 60), 1.0))
+        if dist.is_initialized():  # under torchrun every process must stop at the same step: the slowest decides
+            dist.all_reduce(done, dist.ReduceOp.MAX)
+        return done.item()
 
 
 def to_device(images, device, bf16):
@@ -732,20 +766,27 @@ def append_row(path, row):
 
 def fit(model, loader, compute_loss, validate, cfg, run_dir, meta, best_metric):
     """Train `model`; after each epoch `validate(model)` -> metrics. Writes last.pt, best.pt (highest
-    `best_metric`) and results.csv (one row per epoch) to run_dir. Returns the best metrics."""
+    `best_metric`) and results.csv (one row per epoch) to run_dir. Returns the best metrics.
+    Under torchrun, `model` is wrapped in DistributedDataParallel and only rank 0 validates and writes."""
     model.to(memory_format=memory_format(use_bf16(next(model.parameters()).device, cfg.fp32)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     budget, best, epoch, shown = Budget(cfg, len(loader)), None, 0, ""
+    inner = getattr(model, "module", model)  # the model inside DistributedDataParallel
+    main = not dist.is_initialized() or dist.get_rank() == 0
 
     def checkpoint(metrics):
-        return {**meta, "model": model.state_dict(), "config": asdict(cfg), "epoch": epoch, "metrics": metrics}
+        return {**meta, "model": inner.state_dict(), "config": asdict(cfg), "epoch": epoch, "metrics": metrics}
 
     try:
         while budget.progress() < 1:
             epoch += 1
             title = f"epoch {epoch}{shown}"
+            if isinstance(loader.sampler, DistributedSampler):
+                loader.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same in every process
             losses, collisions = train_epoch(model, loader, compute_loss, optimizer, cfg, budget, title)
-            metrics = validate(model)
+            if not main:
+                continue
+            metrics = validate(inner)
             scalars = {n: round(v, 5) for n, v in metrics.items() if isinstance(v, float)}
             shown = " | val " + " ".join(f"{n} {v:.2f}" for n, v in scalars.items())  # in the next epoch's bar
             append_row(run_dir / "results.csv", {"epoch": epoch, "elapsed_s": round(time.time() - budget.start, 1),
@@ -758,7 +799,8 @@ def fit(model, loader, compute_loss, validate, cfg, run_dir, meta, best_metric):
                 best = metrics
                 save_checkpoint(run_dir / "best.pt", checkpoint(metrics))
     except KeyboardInterrupt:
-        save_checkpoint(run_dir / "last.pt", checkpoint(best or {}))
+        if main:
+            save_checkpoint(run_dir / "last.pt", checkpoint(best or {}))
         raise UserError(f"interrupted in epoch {epoch}: weights saved to {run_dir / 'last.pt'}") from None
     return best
 
@@ -846,27 +888,37 @@ def train_detector(cfg, name, backbone=None):
     check_grid(cfg)
     pretrained = load_backbone(backbone, cfg.stride) if backbone else None  # a wrong file fails before any work
     seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
+    device, rank, processes = pick_device(cfg.device), 0, 1
+    if dist.is_initialized():  # torchrun: one process per GPU (or per share of the CPU); --batch is shared out
+        rank, processes = dist.get_rank(), dist.get_world_size()
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if device.type == "cuda" else device
+        if cfg.batch % processes:
+            raise UserError(f"--batch {cfg.batch} does not split evenly over {processes} processes")
     train_ds = load_split(cfg.data, "train", cfg.bbox_format)
     classes = class_names(train_ds, cfg.data)
     train_data = DetectionDataset(train_ds, cfg.img_size, train=True, name=f"{cfg.data} train")
     val_data = DetectionDataset(load_split(cfg.data, "validation", cfg.bbox_format), cfg.img_size, train=False,
                                 name=f"{cfg.data} validation")
-    run_dir = new_run_dir("train", name)
+    run_dir = new_run_dir("train", name) if rank == 0 else None  # only rank 0 writes
     console.print(f"training on {cfg.data}: {len(train_data)} train / {len(val_data)} validation images, "
-                  f"classes {classes}, {device}, {'bf16' if use_bf16(device, cfg.fp32) else 'float32'} -> {run_dir}")
+                  f"classes {classes}, {device}{f' x {processes} processes' if processes > 1 else ''}, "
+                  f"{'bf16' if use_bf16(device, cfg.fp32) else 'float32'} -> {run_dir}")
     if len(train_data) < cfg.batch:
         raise UserError(f"the train split has {len(train_data)} images, fewer than --batch {cfg.batch}")
     model = GridDetector(len(classes), cfg.stride, cfg.assign_radius)
     if pretrained:
         model.backbone.load_state_dict(pretrained)
         console.print(f"backbone from {backbone}")
-    model = model.to(device)
-    generator = torch.Generator().manual_seed(cfg.seed)  # fixes the data order
-    loader = torch.utils.data.DataLoader(train_data, batch_size=cfg.batch, shuffle=True, drop_last=True,
-                                         collate_fn=collate, generator=generator)
     bf16 = use_bf16(device, cfg.fp32)
-    best = fit(model, loader, lambda outputs, targets: detection_loss(*outputs, targets, cfg.img_size, model.radius),
+    model = model.to(device, memory_format=memory_format(bf16))
+    generator = torch.Generator().manual_seed(cfg.seed)  # fixes the data order
+    sampler = DistributedSampler(train_data, seed=cfg.seed, drop_last=True) if processes > 1 else None
+    loader = torch.utils.data.DataLoader(train_data, batch_size=cfg.batch // processes, shuffle=sampler is None,
+                                         sampler=sampler, drop_last=True, collate_fn=collate, generator=generator)
+    if processes > 1:  # gradients are averaged across processes after each backward pass
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    best = fit(model, loader, lambda outputs, targets: detection_loss(*outputs, targets, cfg.img_size,
+                                                                      cfg.assign_radius),
                lambda m: validate_detector(m, val_data, len(classes), cfg, bf16), cfg, run_dir,
                {"kind": "detector", "classes": classes, "backbone": str(backbone or "")}, best_metric="map")
     return run_dir, best, classes
@@ -955,7 +1007,160 @@ def pretrain_backbone(cfg, name, mask_crop):
 
 
 # -----------------------------------------------------------------------------
-# Command line: pretrain, train, eval, detect. Every command runs offline with no arguments.
+# Shipping: a trained model as a Python object (`Detector`, which `detect` uses too), as an ONNX file
+# (`export`) that onnxruntime or another runtime can run, and how fast each one is (`bench`).
+
+DETECT_CONF = 0.25  # a user's default: fewer, surer boxes than evaluation's EVAL_CONF
+
+
+def load_detector(path, device, fold=True):
+    """A best.pt -> the model for inference (BatchNorm folded unless fold=False), its Config, class names."""
+    checkpoint = read_checkpoint(path, "detector")
+    cfg = Config(**checkpoint["config"])
+    model = GridDetector(len(checkpoint["classes"]), cfg.stride, cfg.assign_radius)
+    model.load_state_dict(checkpoint["model"])
+    model = fold_batchnorm(model) if fold else model.eval()
+    return model.to(device, memory_format=memory_format(use_bf16(device, cfg.fp32))), cfg, checkpoint["classes"]
+
+
+def read_image(path):
+    try:
+        return PIL.Image.open(path).convert("RGB")
+    except FileNotFoundError:
+        raise UserError(f"image not found: {path}") from None
+    except (OSError, PIL.Image.DecompressionBombError) as e:
+        raise UserError(f"cannot read image {path}: {e}") from None
+
+
+class Detector:
+    """A trained model, ready to use (a best.pt, or a model.onnx that `export` wrote):
+
+        detector = Detector.load("runs/train/exp/best.pt")
+        for found in detector(["a.jpg", "b.jpg"]):  # paths or PIL images, or just one
+            print(found["names"], found["boxes"], found["scores"])  # boxes [N, 4]: x1, y1, x2, y2 in pixels
+
+    `network` maps a batch [B, 3, img_size, img_size] in [0, 1] to score_cells' output, in PyTorch or
+    in onnxruntime; select_detections does the rest, the same for both.
+    """
+
+    def __init__(self, network, classes, img_size):
+        self.network, self.classes, self.img_size = network, classes, img_size
+        self.transform = inference_transform(img_size)
+
+    @classmethod
+    def load(cls, path, device="auto", fp32=False):
+        if Path(path).suffix == ".onnx":
+            return cls(*onnx_network(path))
+        device = pick_device(device)
+        model, cfg, classes = load_detector(path, device)
+        bf16 = use_bf16(device, cfg.fp32 or fp32)
+        model.to(memory_format=memory_format(bf16))
+
+        def network(images):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                boxes, logits = model(images.to(device, memory_format=memory_format(bf16)))
+            return score_cells(boxes, logits)
+
+        return cls(network, classes, cfg.img_size)
+
+    @torch.no_grad()
+    def __call__(self, images, conf=DETECT_CONF, iou=NMS_IOU, max_det=MAX_DETECTIONS):
+        """Images -> per image {boxes [N, 4] xyxy pixels, scores [N], labels [N], names [N]}."""
+        images = [read_image(i) if isinstance(i, (str, Path)) else i.convert("RGB")
+                  for i in (images if isinstance(images, (list, tuple)) else [images])]
+        batch = torch.stack([self.transform(image) for image in images])  # [B, 3, img_size, img_size]
+        found = select_detections(*self.network(batch), [(i.height, i.width) for i in images], conf, iou, max_det)
+        return [{**f, "names": [self.classes[label] for label in f["labels"].tolist()]} for f in found]
+
+
+class ScoredCells(nn.Module):
+    """What `export` writes: GridDetector + score_cells, so an ONNX user gets boxes and class scores per
+    cell, [B, h*w, 4] (x1, y1, x2, y2 relative to the image) and [B, h*w, K]; threshold + NMS are theirs."""
+
+    def __init__(self, detector):
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, images):  # [B, 3, img_size, img_size] in [0, 1]
+        return score_cells(*self.detector(images))
+
+
+ONNX_MISSING = "this needs the onnx extra: pip install 'odscratch[onnx]'"
+
+
+def export_onnx(weights, path, img_size=None):
+    """best.pt -> one self-contained model.onnx for any batch size, class names and img_size in its metadata."""
+    if importlib.util.find_spec("onnxscript") is None:  # torch.onnx's exporter is built on it
+        raise UserError(ONNX_MISSING)
+    model, cfg, classes = load_detector(weights, torch.device("cpu"))
+    img_size = img_size or cfg.img_size
+    check_grid(Config(img_size=img_size, stride=cfg.stride))
+    example = torch.rand(2, 3, img_size, img_size)  # a batch of 2: a batch of 1 would be fixed into the graph
+    model = ScoredCells(model.float().to(memory_format=torch.contiguous_format)).eval()
+    program = torch.onnx.export(model, (example,),
+                                input_names=["images"], output_names=["boxes", "scores"],
+                                dynamic_shapes={"images": {0: "batch"}}, dynamo=True, verbose=False)
+    program.model.metadata_props.update({"classes": json.dumps(classes), "img_size": str(img_size),
+                                         "stride": str(cfg.stride)})
+    write_atomically(path, lambda tmp: program.save(tmp, external_data=False))
+    return path
+
+
+def onnx_network(path, threads=0):
+    """model.onnx -> (a network for Detector, run by onnxruntime on the CPU; class names; img_size)."""
+    try:
+        import onnxruntime  # only here: everything else runs without the onnx extra
+    except ImportError:
+        raise UserError(ONNX_MISSING) from None
+    if not Path(path).is_file():
+        raise UserError(f"model file not found: {path}")
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads  # 0: onnxruntime's choice, one per core
+    try:
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise UserError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from None
+    metadata = session.get_modelmeta().custom_metadata_map
+    if "classes" not in metadata:
+        raise UserError(f"{path} has no class names in its metadata: export it with `odscratch export`")
+
+    def network(images):
+        boxes, scores = session.run(["boxes", "scores"], {"images": images.numpy()})
+        return torch.from_numpy(boxes), torch.from_numpy(scores)
+
+    return network, json.loads(metadata["classes"]), int(metadata["img_size"])
+
+
+def seconds_per_call(run, calls):
+    start = time.perf_counter()
+    for _ in range(calls):
+        run()
+    return (time.perf_counter() - start) / calls
+
+
+def bench_detectors(detectors, image, batch, rounds, calls):
+    """{name: Detector} -> {name: (ms per image alone [rounds], images/s in batches [rounds])}: network + NMS
+    from the resized image. Rounds take turns across detectors, so a busy machine slows all of them alike."""
+    one = next(iter(detectors.values())).transform(image)[None]  # [1, 3, img_size, img_size]
+    many = one.repeat(batch, 1, 1, 1)                             # [batch, 3, img_size, img_size]
+    size = (image.height, image.width)
+
+    def run(detector, images):
+        return select_detections(*detector.network(images), [size] * len(images), DETECT_CONF, NMS_IOU)
+
+    with torch.no_grad():
+        for detector in detectors.values():  # warm-up: first calls allocate memory and pick kernels
+            run(detector, one), run(detector, many)
+        timings = {name: ([], []) for name in detectors}
+        for _ in range(rounds):
+            for name, detector in detectors.items():
+                timings[name][0].append(1000 * seconds_per_call(lambda: run(detector, one), calls))
+                timings[name][1].append(batch / seconds_per_call(lambda: run(detector, many), max(2, calls // 4)))
+    return timings
+
+
+# -----------------------------------------------------------------------------
+# Command line: pretrain, train, eval, detect, export, bench. Every command runs offline with no arguments.
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                   help="odscratch: a small object detector you can read, train on a CPU, and ship.")
@@ -970,21 +1175,26 @@ def user_errors():
         raise typer.Exit(1)
 
 
+@contextlib.contextmanager
+def torchrun_processes():
+    """Under torchrun (it sets WORLD_SIZE and the rest) the processes join one group, gloo for CPU tensors
+    and nccl for GPU ones, and only rank 0 prints."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        yield
+        return
+    dist.init_process_group()
+    console.quiet = dist.get_rank() != 0
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def newest_weights():
     found = sorted(Path("runs/train").glob("*/best.pt"), key=lambda p: p.stat().st_mtime)
     if not found:
         raise UserError("no trained model in runs/train/: run `odscratch train` first, or pass --weights")
     return found[-1]
-
-
-def load_detector(path, device, fold=True):
-    """A best.pt -> the model for inference (BatchNorm folded unless fold=False), its Config, class names."""
-    checkpoint = read_checkpoint(path, "detector")
-    cfg = Config(**checkpoint["config"])
-    model = GridDetector(len(checkpoint["classes"]), cfg.stride, cfg.assign_radius)
-    model.load_state_dict(checkpoint["model"])
-    model = fold_batchnorm(model) if fold else model.eval()
-    return model.to(device, memory_format=memory_format(use_bf16(device, cfg.fp32))), cfg, checkpoint["classes"]
 
 
 def metrics_table(title, metrics, classes):
@@ -1016,6 +1226,8 @@ def pretrain(
 ):
     """LTD self-supervised pretraining; writes runs/pretrain/<name>/{backbone.pt,ltd_samples.jpg,results.csv}."""
     with user_errors():
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            raise UserError("pretrain runs in one process: start it without torchrun")
         cfg = Config(data=data, img_size=img_size, stride=stride, epochs=epochs, time=time_budget, batch=batch,
                      lr=lr, seed=seed, fp32=fp32, device=device)
         run_dir, best = pretrain_backbone(cfg, name, mask_crop)
@@ -1041,15 +1253,16 @@ def train(
     device: str = typer.Option(Config.device, help="auto, cpu or cuda"),
     name: str = typer.Option("exp", help="run folder under runs/train/"),
 ):
-    """Train a detector; writes runs/train/<name>/{best.pt,last.pt,results.csv}."""
-    with user_errors():
+    """Train a detector; writes runs/train/<name>/{best.pt,last.pt,results.csv}. Also under torchrun."""
+    with user_errors(), torchrun_processes():
         if bbox_format not in ("xyxy", "xywh"):
             raise UserError(f"--bbox-format must be xyxy or xywh, not {bbox_format!r}")
         cfg = Config(data=data, bbox_format=bbox_format, img_size=img_size, stride=stride,
                      assign_radius=assign_radius, epochs=epochs, time=time_budget, batch=batch, lr=lr, seed=seed,
                      fp32=fp32, device=device)
         run_dir, best, classes = train_detector(cfg, name, backbone)
-        console.print(metrics_table(f"best validation epoch ({run_dir / 'best.pt'})", best, classes))
+        if best:  # under torchrun, rank 0's
+            console.print(metrics_table(f"best validation epoch ({run_dir / 'best.pt'})", best, classes))
 
 
 @app.command("eval")
@@ -1076,7 +1289,6 @@ def evaluate_command(
 
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-DETECT_CONF = 0.25
 BOX_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
 
 
@@ -1093,60 +1305,156 @@ def draw_detections(image, det, classes):
     return image
 
 
-def detect_images(source):
-    """A file or a folder -> [(name, PIL image)]; no source: a few built-in synthetic test images."""
-    if source is None:
+def detect_inputs(sources):
+    """Images, folders or globs -> [(name, path)] and how many files were skipped as not images;
+    no source: a few built-in synthetic test images, as [(name, PIL image)]."""
+    if not sources:
         ds = synthetic_split("test")
-        return [(f"synthetic_test_{i}.jpg", ds[i]["image"]) for i in range(4)]
-    path = Path(source)
-    if not path.exists():
-        raise UserError(f"image or folder not found: {path}")
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if path.is_dir() else [path]
+        return [(f"synthetic_test_{i}.jpg", ds[i]["image"]) for i in range(4)], 0
+    files, skipped = [], 0
+    for source in sources:
+        path = Path(source)
+        if path.is_file():
+            files.append(path)  # named by the user: an image whatever its suffix, or a one-line error
+            continue
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file())
+        elif any(c in source for c in "*?["):
+            found = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file())
+        else:
+            raise UserError(f"image or folder not found: {source}")
+        images = [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES]
+        files, skipped = files + images, skipped + len(found) - len(images)
     if not files:
-        raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {path}")
-    images = []
-    for file in files:
-        try:
-            images.append((file.name, PIL.Image.open(file).convert("RGB")))
-        except (OSError, PIL.Image.DecompressionBombError) as e:
-            raise UserError(f"cannot read image {file}: {e}") from None
-    return images
+        raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {' '.join(sources)}")
+    return [(p.name, p) for p in files], skipped
+
+
+def coco_image_ids(names):
+    """COCO's own file names are their ids (000000000139.jpg -> 139); other images are numbered 1, 2, ..."""
+    stems = [Path(n).stem for n in names]
+    if all(s.isdigit() for s in stems) and len({int(s) for s in stems}) == len(stems):
+        return [int(s) for s in stems]
+    return list(range(1, len(names) + 1))
+
+
+def coco_results(found, image_id):
+    """One image's detections in COCO's results format, which pycocotools' loadRes reads."""
+    return [{"image_id": image_id, "category_id": label, "score": round(score, 5),
+             "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)]}  # x, y, width, height
+            for (x1, y1, x2, y2), score, label in zip(found["boxes"].tolist(), found["scores"].tolist(),
+                                                       found["labels"].tolist())]
+
+
+def yolo_labels(found, width, height):
+    """One image's detections as a YOLO label file: `class cx cy w h` per line, relative to the image."""
+    boxes = box_convert(found["boxes"], "xyxy", "cxcywh") / torch.tensor([width, height, width, height])
+    return "".join(f"{label} " + " ".join(f"{v:.6f}" for v in box) + "\n"
+                   for box, label in zip(boxes.tolist(), found["labels"].tolist()))
+
+
+DETECT_BATCH = 16  # images per forward pass in `detect`
 
 
 @app.command()
 def detect(
-    source: str = typer.Argument(None, help="an image or a folder of images"),
-    weights: str = typer.Option(None, help="a best.pt; default: the newest under runs/train/"),
+    sources: list[str] = typer.Argument(None, help="images, folders or globs ('photos/*.jpg'); none: built-in "
+                                                   "test images"),
+    weights: str = typer.Option(None, help="a best.pt or an exported model.onnx; default: the newest best.pt "
+                                           "under runs/train/"),
     conf: float = typer.Option(DETECT_CONF, help="minimum score"),
     iou: float = typer.Option(NMS_IOU, help="NMS IoU threshold"),
-    json_output: bool = typer.Option(False, "--json", help="also write detections.json"),
-    device: str = typer.Option(Config.device),
+    max_det: int = typer.Option(MAX_DETECTIONS, help="at most this many boxes per image"),
+    json_output: bool = typer.Option(False, "--json", help="write detections.json in COCO's results format"),
+    save_txt: bool = typer.Option(False, "--save-txt", help="write labels/<image>.txt in YOLO's format"),
+    device: str = typer.Option(Config.device, help="auto, cpu or cuda"),
     name: str = typer.Option("exp", help="run folder under runs/detect/"),
 ):
     """Detect objects; prints a table and writes annotated images to runs/detect/<name>/."""
     with user_errors():
-        device = pick_device(device)
-        model, cfg, classes = load_detector(Path(weights) if weights else newest_weights(), device)
-        images = detect_images(source)
+        detector = Detector.load(weights or newest_weights(), device)
+        inputs, skipped = detect_inputs(sources)
         run_dir = new_run_dir("detect", name)
-        transform = inference_transform(cfg.img_size)
-        bf16 = use_bf16(device, cfg.fp32)
+        if save_txt:
+            (run_dir / "labels").mkdir()
+        ids = coco_image_ids([file_name for file_name, _ in inputs])
         table = Table("image", "class", "score", "box (x1, y1, x2, y2)")
-        results = []
-        for file_name, image in images:
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                boxes, logits = model(transform(image)[None].to(device, memory_format=memory_format(bf16)))
-            det = decode_detections(boxes, logits, [(image.height, image.width)], conf, iou)[0]
-            draw_detections(image, det, classes).save(run_dir / (Path(file_name).stem + ".jpg"))
-            found = [{"class": classes[l], "label": l, "score": round(s, 4), "box_xyxy": [round(v, 1) for v in b]}
-                     for b, s, l in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist())]
-            for d in found:
-                table.add_row(file_name, d["class"], f"{d['score']:.2f}", ", ".join(f"{v:.0f}" for v in d["box_xyxy"]))
-            results.append({"image": file_name, "detections": found})
+        results, images_json = [], []
+        for start in range(0, len(inputs), DETECT_BATCH):
+            names = [file_name for file_name, _ in inputs[start:start + DETECT_BATCH]]
+            images = [read_image(i) if isinstance(i, Path) else i for _, i in inputs[start:start + DETECT_BATCH]]
+            for file_name, image, image_id, found in zip(names, images, ids[start:],
+                                                         detector(images, conf, iou, max_det)):
+                stem = Path(file_name).stem
+                draw_detections(image, found, detector.classes).save(run_dir / f"{stem}.jpg")
+                for box, score, label in zip(found["boxes"].tolist(), found["scores"].tolist(), found["names"]):
+                    table.add_row(file_name, label, f"{score:.2f}", ", ".join(f"{v:.0f}" for v in box))
+                results += coco_results(found, image_id)
+                images_json.append({"id": image_id, "file_name": file_name, "width": image.width,
+                                    "height": image.height})
+                if save_txt:
+                    (run_dir / "labels" / f"{stem}.txt").write_text(yolo_labels(found, image.width, image.height))
         console.print(table)
-        if json_output:
-            (run_dir / "detections.json").write_text(json.dumps(results, indent=1))
-        console.print(f"{sum(len(r['detections']) for r in results)} objects in {len(images)} images -> {run_dir}")
+        if json_output:  # detections.json + the image ids it uses; category_id is the class index
+            (run_dir / "detections.json").write_text(json.dumps(results))
+            (run_dir / "images.json").write_text(json.dumps(images_json))
+        console.print(f"{len(results)} objects in {len(inputs)} images -> {run_dir}"
+                      + (f" ({skipped} non-image files skipped)" if skipped else ""))
+
+
+@app.command()
+def export(
+    weights: str = typer.Option(None, help="a best.pt; default: the newest under runs/train/"),
+    format: str = typer.Option("onnx", help="onnx (the only one for now)"),
+    img_size: int = typer.Option(None, help="default: the size the model was trained at"),
+    name: str = typer.Option("exp", help="run folder under runs/export/"),
+):
+    """Write the model as ONNX (boxes and class scores per cell; threshold + NMS after it) to runs/export/<name>/."""
+    with user_errors():
+        if format != "onnx":
+            raise UserError(f"--format must be onnx, not {format!r}")
+        weights = Path(weights) if weights else newest_weights()
+        path = export_onnx(weights, new_run_dir("export", name) / "model.onnx", img_size)
+        console.print(f"{weights} -> {path} ({path.stat().st_size / 2**20:.1f} MiB); "
+                      f"try it: odscratch detect --weights {path}")
+
+
+@app.command()
+def bench(
+    weights: str = typer.Option(None, help="a best.pt; default: the newest under runs/train/"),
+    image: str = typer.Option(None, help="the image to time; default: a built-in test image"),
+    batch: int = typer.Option(Config.batch, help="images per call for the throughput column"),
+    rounds: int = typer.Option(5, help="timings repeated this many times: median and range"),
+    calls: int = typer.Option(20, help="single-image calls per round"),
+    threads: int = typer.Option(None, help="CPU threads for PyTorch and onnxruntime; default: PyTorch's"),
+    device: str = typer.Option(Config.device, help="auto, cpu or cuda"),
+):
+    """Latency (one image) and throughput (batches) of the model in PyTorch float32, bf16 and onnxruntime."""
+    with user_errors():
+        weights = Path(weights) if weights else newest_weights()
+        if threads:
+            torch.set_num_threads(threads)
+        threads = torch.get_num_threads()
+        device = pick_device(device)
+        detectors = {"PyTorch float32": Detector.load(weights, device, fp32=True)}
+        if use_bf16(device, fp32=False):
+            detectors["PyTorch bf16"] = Detector.load(weights, device)
+        with tempfile.TemporaryDirectory() as tmp:
+            if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnxscript"):
+                path = export_onnx(weights, Path(tmp) / "model.onnx")
+                detectors["onnxruntime float32 (CPU)"] = Detector(*onnx_network(path, threads))
+            else:
+                console.print(f"onnxruntime left out: {ONNX_MISSING}")
+            sample = read_image(image) if image else synthetic_split("test")[0]["image"]
+            timings = bench_detectors(detectors, sample, batch, rounds, calls)
+        table = Table(title=f"{weights}: {detectors['PyTorch float32'].img_size} px, {device}, {threads} threads, "
+                            f"median (min-max) of {rounds} rounds", caption="network + NMS from the resized image")
+        for column in ["runtime", "1 image, ms", f"batch of {batch}, images/s"]:
+            table.add_column(column, justify="left" if column == "runtime" else "right")
+        spread = lambda v: f"{np.median(v):.1f} ({min(v):.1f}-{max(v):.1f})"
+        for name, (latency, throughput) in timings.items():
+            table.add_row(name, spread(latency), spread(throughput))
+        console.print(table)
 
 
 if __name__ == "__main__":

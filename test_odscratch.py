@@ -291,16 +291,147 @@ def test_eval_and_detect_commands(trained, tmp_path, monkeypatch):
     assert "ellipse" in result.output and "AP50" in result.output
     image = tmp_path / "shapes.png"
     ods.load_split("synthetic", "test")[0]["image"].save(image)
-    result = runner.invoke(ods.app, ["detect", str(image), "--conf", "0.05", "--json"])
+    result = runner.invoke(ods.app, ["detect", str(image), "--conf", "0.05"])
     assert result.exit_code == 0, result.output
-    out = folder / "runs" / "detect" / "exp"
-    assert PIL.Image.open(out / "shapes.jpg").size == (320, 320)
-    detections = json.loads((out / "detections.json").read_text())
-    assert detections[0]["image"] == "shapes.png" and detections[0]["detections"]
-    assert set(detections[0]["detections"][0]) == {"class", "label", "score", "box_xyxy"}
+    assert PIL.Image.open(folder / "runs" / "detect" / "exp" / "shapes.jpg").size == (320, 320)
     result = runner.invoke(ods.app, ["detect"])  # no arguments: built-in images, newest weights, a new folder
     assert result.exit_code == 0, result.output
     assert len(list((folder / "runs" / "detect" / "exp2").glob("*.jpg"))) == 4
+
+
+# --- shipping: the Python API, detect's outputs, ONNX, bench, torchrun -----------------------------------
+
+def readme_python_example():
+    readme = (Path(__file__).resolve().parent / "README.md").read_text()
+    return readme.split("```python\n")[1].split("```")[0]
+
+
+def test_readme_python_example_runs(trained, monkeypatch, capsys):
+    folder, _ = trained
+    monkeypatch.chdir(folder)
+    ods.load_split("synthetic", "test")[0]["image"].save("photo.jpg")
+    exec(readme_python_example(), {})
+    printed = capsys.readouterr().out
+    assert any(name in printed for name in ods.SYNTHETIC_CLASSES), printed
+
+
+def test_detector_takes_a_path_a_pil_image_or_a_batch(trained, tmp_path):
+    folder, _ = trained
+    detector = ods.Detector.load(folder / "runs" / "train" / "exp" / "best.pt", "cpu")
+    images = [row["image"] for row in ods.load_split("synthetic", "test").select(range(3))]
+    images[1] = images[1].resize((400, 200))  # boxes come back in each image's own pixels
+    images[2].save(tmp_path / "c.png")
+    batch = detector([images[0], images[1], tmp_path / "c.png"])
+    for image, found in zip(images, batch):
+        alone = detector(image)[0]
+        assert torch.allclose(alone["boxes"], found["boxes"], atol=0.05) and torch.equal(alone["labels"], found["labels"])
+        assert found["names"] == [ods.SYNTHETIC_CLASSES[k] for k in found["labels"]] and len(found["boxes"])
+        assert (found["boxes"][:, 2] <= image.width).all() and (found["boxes"][:, 3] <= image.height).all()
+    assert batch[1]["boxes"][:, 2].max() > 200  # x reaches past the height: scaled to 400 x 200, not square
+
+
+def test_detect_writes_coco_json_that_pycocotools_loads_and_yolo_labels(trained, tmp_path, monkeypatch):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    folder, _ = trained
+    monkeypatch.chdir(folder)
+    test = ods.load_split("synthetic", "test").select(range(12))
+    images = tmp_path / "images"
+    images.mkdir()
+    gt = {"images": [], "annotations": [], "categories": [{"id": k} for k in range(3)]}
+    for i, row in enumerate(test):
+        row["image"].save(images / f"{i + 1:06d}.png")  # COCO-style names: the number is the image id
+        gt["images"].append({"id": i + 1})
+        for box, label in zip(row["objects"]["bbox"], row["objects"]["category"]):
+            xywh = [box[0], box[1], box[2] - box[0], box[3] - box[1]]
+            gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": i + 1, "category_id": label,
+                                      "bbox": xywh, "area": xywh[2] * xywh[3], "iscrowd": 0})
+    (images / "notes.txt").write_text("not an image")
+    result = runner.invoke(ods.app, ["detect", str(images), "--conf", "0.01", "--json", "--save-txt", "--name", "coco"])
+    assert result.exit_code == 0, result.output
+    assert "12 images" in result.output and "1 non-image files skipped" in result.output
+    out = folder / "runs" / "detect" / "coco"
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = gt
+        coco.createIndex()
+        evaluation = COCOeval(coco, coco.loadRes(str(out / "detections.json")), "bbox")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    assert evaluation.stats[1] > 0.2  # AP50: the detections land on the right images, classes and pixels
+
+    detections = json.loads((out / "detections.json").read_text())
+    labels = sorted((out / "labels").glob("*.txt"))
+    assert [p.stem for p in labels] == [f"{i:06d}" for i in range(1, 13)]
+    first = [d for d in detections if d["image_id"] == 1]
+    lines = [line.split() for line in (labels[0]).read_text().splitlines()]
+    assert len(lines) == len(first)
+    for d, (label, cx, cy, w, h) in zip(first, lines):
+        x, y, bw, bh = d["bbox"]
+        assert int(label) == d["category_id"]
+        assert [float(cx), float(cy), float(w), float(h)] == pytest.approx(
+            [(x + bw / 2) / 320, (y + bh / 2) / 320, bw / 320, bh / 320], abs=1e-4)
+
+    result = runner.invoke(ods.app, ["detect", str(images / "*.png"), "--conf", "0.01", "--max-det", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    newest = max((folder / "runs" / "detect").iterdir(), key=lambda p: p.stat().st_mtime)
+    ids = [d["image_id"] for d in json.loads((newest / "detections.json").read_text())]
+    assert sorted(ids) == list(range(1, 13))  # a glob, and one box per image
+
+
+def test_onnx_export_matches_pytorch_in_onnxruntime(trained, monkeypatch):
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    folder, _ = trained
+    monkeypatch.chdir(folder)
+    result = runner.invoke(ods.app, ["export", "--weights", "runs/train/exp/best.pt", "--name", "parity"])
+    assert result.exit_code == 0, result.output
+    onnx_model = ods.Detector.load(folder / "runs" / "export" / "parity" / "model.onnx")
+    pytorch = ods.Detector.load(folder / "runs" / "train" / "exp" / "best.pt", "cpu", fp32=True)
+    assert onnx_model.classes == ods.SYNTHETIC_CLASSES and onnx_model.img_size == 128  # from the metadata
+    images = [row["image"] for row in ods.load_split("synthetic", "test").select(range(8))]
+    found = 0
+    for a, b in zip(onnx_model(images), pytorch(images)):  # a batch of 8: the exported batch size is free
+        assert torch.equal(a["labels"], b["labels"])
+        assert torch.allclose(a["boxes"], b["boxes"], atol=1e-3 * 320)
+        found += len(a["boxes"])
+    assert found > 0
+    result = runner.invoke(ods.app, ["detect", "--weights", "runs/export/parity/model.onnx"])
+    assert result.exit_code == 0, result.output
+
+
+def test_bench_times_every_runtime(trained, monkeypatch):
+    folder, _ = trained
+    monkeypatch.chdir(folder)
+    result = runner.invoke(ods.app, ["bench", "--rounds", "1", "--calls", "2", "--batch", "2", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "PyTorch float32" in result.output and "onnxruntime" in result.output and "1 threads" in result.output
+
+
+def test_torchrun_two_processes_write_one_checkpoint(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    make_imagefolder(data)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "odscratch", "train", "--data", str(data), "--bbox-format", "xywh",
+                             "--img-size", "64", "--epochs", "2", "--batch", "4", "--device", "cpu"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "cpu x 2 processes" in result.stdout and result.stdout.count("epoch 2:") == 1  # rank 0 alone prints
+    assert [p.name for p in (tmp_path / "runs" / "train").iterdir()] == ["exp"]  # one run folder, not one per rank
+    assert len((tmp_path / "runs" / "train" / "exp" / "results.csv").read_text().splitlines()) == 3
+    detector = ods.Detector.load(tmp_path / "runs" / "train" / "exp" / "best.pt", "cpu")
+    assert detector.classes == ["cat", "dog"]
+
+
+def test_unknown_device_is_one_line_error(trained, monkeypatch):
+    folder, _ = trained
+    monkeypatch.chdir(folder)
+    result = runner.invoke(ods.app, ["detect", "--device", "gpu"])
+    assert result.exit_code == 1
+    assert result.output.strip() == "error: --device must be auto, cpu, cuda or cuda:N, not 'gpu'"
 
 
 def test_missing_image_is_one_line_error(trained, monkeypatch):
