@@ -1271,7 +1271,7 @@ def evaluate_command(
     data: str = typer.Option(None, help="default: the data the model was trained on"),
     split: str = typer.Option("test"),
     batch: int = typer.Option(Config.batch),
-    device: str = typer.Option(Config.device),
+    device: str = typer.Option(Config.device, help="auto, cpu or cuda"),
 ):
     """COCO mAP of a trained model on a split, overall and per class."""
     with user_errors():
