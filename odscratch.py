@@ -34,6 +34,7 @@ import io
 import json
 import math
 import os
+import signal
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -41,6 +42,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import datasets
+import huggingface_hub
 import numpy as np
 import PIL.Image
 import PIL.ImageDraw
@@ -88,7 +90,8 @@ class Config:
 # Data: every source becomes one format, the schema of detection-datasets/fashionpedia:
 # a datasets.Dataset with `image` and `objects` = {bbox: [[x_min, y_min, x_max, y_max]] in pixels,
 # category: ClassLabel}. The built-in synthetic set is generated in-process, so that everything
-# runs offline; anything else goes through datasets.load_dataset.
+# runs offline; anything else goes through datasets.load_dataset. Messy data is checked once, here:
+# unreadable images are skipped, stray boxes clipped or dropped, a wrong box format caught.
 
 SYNTHETIC_CLASSES = ["ellipse", "rectangle", "triangle"]
 SYNTHETIC_SPLITS = {"train": 2000, "validation": 200, "test": 200}  # images per split
@@ -191,12 +194,37 @@ def category_feature(ds):
     return getattr(objects["category"], "feature", objects["category"])
 
 
+def cannot_load(data, what, error):
+    if "corresponds to no data" in str(error):  # datasets' words for a split with no rows
+        return UserError(f"{what} of {data!r} is empty")
+    hint = "" if Path(data).exists() else " (offline? point --data at a local folder, or use --data synthetic)"
+    return UserError(f"cannot load {what} of {data!r}: {str(error).splitlines()[0]}{hint}")
+
+
 def load_hub_or_folder(data, split):
     try:
         return datasets.load_dataset(data, split=split)
     except Exception as e:
-        raise UserError(f"cannot load split {split!r} of {data!r}: {str(e).splitlines()[0]} "
-                        "(offline? point --data at a local folder, or use --data synthetic)") from None
+        raise cannot_load(data, f"split {split!r}", e) from None
+
+
+HUB_TIMEOUT = 10  # seconds; through datasets alone, an unreachable hub costs ~25 s of retries, or minutes
+
+
+def check_hub(name):
+    """`name` is not a local folder, so it is a hub dataset: fail at once, in one line, if it cannot be had.
+    With HF_HUB_OFFLINE=1, datasets looks in its local cache instead, and answers at once by itself."""
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UserError(f"dataset folder not found: {name}")
+    try:
+        huggingface_hub.HfApi().dataset_info(name, timeout=HUB_TIMEOUT)
+    except huggingface_hub.errors.RepositoryNotFoundError:
+        raise UserError(f"{name!r} is neither a local folder nor a dataset on the Hugging Face hub") from None
+    except Exception as e:
+        raise UserError(f"cannot reach the Hugging Face hub for {name!r} ({type(e).__name__}): point --data at a "
+                        "local folder, or use --data synthetic") from None
 
 
 def load_raw_split(data, split):
@@ -205,11 +233,12 @@ def load_raw_split(data, split):
         if split not in SYNTHETIC_SPLITS:
             raise UserError(f"synthetic has no split {split!r}; it has: {', '.join(SYNTHETIC_SPLITS)}")
         return synthetic_split(split)
+    if not Path(data).exists():
+        check_hub(data)
     try:
         available = datasets.get_dataset_split_names(data)
     except Exception as e:
-        raise UserError(f"cannot load dataset {data!r}: {str(e).splitlines()[0]} "
-                        "(offline? point --data at a local folder, or use --data synthetic)") from None
+        raise cannot_load(data, "the splits", e) from None
     if split == "validation" and split not in available and "train" in available:
         carve = load_hub_or_folder(data, "train").train_test_split(VALIDATION_FRACTION, seed=SPLIT_SEED)
         console.print(f"{data} has no validation split: using a seeded {VALIDATION_FRACTION:.0%} of train "
@@ -250,6 +279,10 @@ def to_detection_schema(ds, data, bbox_format):
             boxes, cats = objects_columns(objects)
             if bbox_format == "xywh":
                 boxes = [[x, y, x + w, y + h] for x, y, w, h in boxes]
+            unknown = set(cats) - set(names) if strings else set()
+            if unknown:
+                raise UserError(f"{data}: categories {sorted(unknown)} are not in the class list {names} "
+                                "(the train split's categories)")
             out.append({"bbox": boxes, "category": [names.index(c) for c in cats] if strings else cats})
         return {"objects": out}
 
@@ -271,6 +304,34 @@ def open_image(record):
     return PIL.Image.open(io.BytesIO(record["bytes"]) if record["bytes"] else record["path"])
 
 
+def image_problem(record):
+    """Why PIL cannot decode this image (missing, corrupt, truncated, or over PIL's decompression-bomb limit,
+    Image.MAX_IMAGE_PIXELS: twice it is refused before any pixel is read), or None when it can."""
+    try:
+        with open_image(record) as image:
+            image.load()
+        return None
+    except FileNotFoundError:
+        return "file not found"
+    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as e:
+        return str(e).split(". ")[0]
+
+
+def without_unreadable_images(ds, name):
+    """Images PIL cannot decode leave the split, counted and named once; training goes on without them."""
+    ds = ds.cast_column("image", datasets.Image(decode=False))
+    problems = {i: image_problem(row["image"]) for i, row in enumerate(ds.select_columns(["image"]))}
+    bad = {i: problem for i, problem in problems.items() if problem}
+    if not bad:
+        return ds
+    named = [f"{ds[i]['image']['path'] or f'image {i}'} ({problem})" for i, problem in list(bad.items())[:3]]
+    console.print(f"{name}: skipped {len(bad)} unreadable image(s): {'; '.join(named)}{' ...' if len(bad) > 3 else ''}",
+                  soft_wrap=True)
+    if len(bad) == len(ds):
+        raise UserError(f"{name}: none of its {len(ds)} images can be read")
+    return ds.select([i for i in problems if i not in bad])
+
+
 def clip_and_drop(boxes, width, height):
     """Boxes partly outside the image are clipped to it; boxes with no area left are dropped."""
     clipped = boxes.clone()
@@ -279,6 +340,20 @@ def clip_and_drop(boxes, width, height):
     keep = (clipped[:, 2] - clipped[:, 0] >= 1) & (clipped[:, 3] - clipped[:, 1] >= 1)
     n_clipped = int(((clipped != boxes).any(1) & keep).sum())
     return clipped[keep], keep, n_clipped
+
+
+IMPOSSIBLE_SHARE = 0.1  # more impossible boxes than this in a split: the data is not in --bbox-format
+FAR_OUTSIDE = 0.25      # a box reaching this share of the image size past its edge is impossible
+
+
+def impossible_boxes(boxes, width, height):
+    """How many xyxy boxes no annotation tool draws: max < min, or far past the image's edge. A few are
+    noise (clipped or dropped); many mean the boxes are in the other format (xywh read as xyxy: max < min;
+    xyxy read as xywh: far past the right and bottom edges)."""
+    size = torch.tensor([width, height, width, height])
+    inverted = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
+    outside = ((boxes < -FAR_OUTSIDE * size) | (boxes > (1 + FAR_OUTSIDE) * size)).any(1)
+    return int((inverted | outside).sum())
 
 
 def resize_transform(img_size):
@@ -310,19 +385,29 @@ class DetectionDataset(torch.utils.data.Dataset):
     original image's pixels: that is what the evaluator compares against.
     """
 
-    def __init__(self, ds, img_size, train, name=""):
-        self.ds = ds.cast_column("image", datasets.Image(decode=False))
+    def __init__(self, ds, img_size, train, name="data"):
+        self.ds = without_unreadable_images(ds, name)
         self.train = train
         self.resize, self.to_float = resize_transform(img_size), v2.ToDtype(torch.float32, scale=True)
-        self.sizes, self.targets, n_clipped, n_dropped = [], [], 0, 0
+        classes = category_feature(ds).names
+        self.sizes, self.targets, n_boxes, n_impossible, n_clipped, n_dropped = [], [], 0, 0, 0, 0
         for row in self.ds:  # row by row: a large dataset's images never sit in memory together
             width, height = open_image(row["image"]).size  # reads the header only
             boxes, cats = objects_columns(row["objects"])
             boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+            labels = torch.tensor(cats, dtype=torch.long)
+            if len(labels) and not 0 <= labels.min() <= labels.max() < len(classes):
+                raise UserError(f"{name}: category {labels.max() if labels.max() >= len(classes) else labels.min()}"
+                                f" is not in its class list {classes}")
+            n_boxes, n_impossible = n_boxes + len(boxes), n_impossible + impossible_boxes(boxes, width, height)
             boxes, keep, clipped = clip_and_drop(boxes, width, height)
             n_clipped, n_dropped = n_clipped + clipped, n_dropped + int((~keep).sum())
             self.sizes.append((height, width))
-            self.targets.append({"boxes": boxes, "labels": torch.tensor(cats, dtype=torch.long)[keep]})
+            self.targets.append({"boxes": boxes, "labels": labels[keep]})
+        if n_impossible > IMPOSSIBLE_SHARE * n_boxes:
+            raise UserError(f"{name}: {n_impossible} of {n_boxes} boxes are impossible as [x_min, y_min, x_max, y_max]"
+                            " (max < min, or far outside the image): is --bbox-format right? xyxy is [x_min, y_min,"
+                            " x_max, y_max], xywh is [x, y, width, height]")
         if n_clipped or n_dropped:
             console.print(f"{name}: {n_clipped} boxes clipped to their image, {n_dropped} with no area dropped")
         self.cache = {} if len(self.ds) * 3 * img_size**2 <= CACHE_BYTES else None
@@ -388,8 +473,8 @@ class LTDDataset(torch.utils.data.Dataset):
     """Any split's images (labels ignored) -> ((R [3, img_size, img_size], S [3, LTD_CROP_SIZE, LTD_CROP_SIZE]),
     {boxes [1, 4], labels [1]}): one object per image, S, in detection's target format. A new S every epoch."""
 
-    def __init__(self, ds, img_size, mask_crop):
-        self.ds = ds.select_columns(["image"]).cast_column("image", datasets.Image(decode=False))
+    def __init__(self, ds, img_size, mask_crop, name="data"):
+        self.ds = without_unreadable_images(ds.select_columns(["image"]), name)
         self.img_size, self.mask_crop = img_size, mask_crop
         self.transform = inference_transform(img_size)  # R is only resized: the crop is the augmentation
 
@@ -652,6 +737,8 @@ def evaluate(predictions, targets, num_classes):
 # Training: one loop for every model in this file. AdamW; the learning rate warms up, then follows
 # a cosine to zero over the planned run, measured in steps (--epochs) or in wall time (--time), so a
 # time budget gets a full schedule. bf16 autocast + channels_last where the hardware has bf16.
+# Nothing is lost: a step with a NaN loss is skipped, Ctrl-C stops at a step's end, and last.pt holds
+# the optimizer, the place in the epoch and the random state, so --resume goes on exactly.
 
 WARMUP_FRACTION = 0.05
 GRAD_CLIP = 10.0
@@ -692,10 +779,16 @@ def learning_rate(cfg, progress):
 
 
 def write_atomically(path, write):
-    # temp file + rename: a crash mid-write never leaves a half-written best.pt, last.pt or model.onnx
+    """temp file + rename: a crash or a full disk mid-write never leaves a half-written best.pt, last.pt
+    or model.onnx; the previous one stays as it was."""
     tmp = path.with_suffix(".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path} ({e.strerror or e}); "
+                        f"{'the previous one is intact' if path.exists() else 'nothing was written'}") from None
 
 
 def save_checkpoint(path, checkpoint):
@@ -725,34 +818,79 @@ def to_device(images, device, bf16):
     return images.to(device, memory_format=memory_format(bf16))
 
 
-def train_epoch(model, loader, compute_loss, optimizer, cfg, budget, title):
-    """One pass over `loader`, or less when the budget runs out -> mean loss parts, collisions."""
+NONFINITE_LIMIT = 5  # steps in a row with a NaN or inf loss before training gives up
+
+
+def any_process(flag):
+    """Under torchrun: True when `flag` is True in any process, so that all take the same branch."""
+    if not dist.is_initialized():
+        return flag
+    flag = torch.tensor(float(flag))
+    dist.all_reduce(flag, dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+class StopRequest:
+    """Ctrl-C during training asks for a stop at the end of the current step: last.pt then holds a
+    consistent state (weights, optimizer, place in the epoch, random state) that --resume continues
+    exactly. A second Ctrl-C stops at once, and the last finished epoch's last.pt is what remains."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self.request)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+    def request(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        console.print("Ctrl-C: stopping at the end of this step (press again to stop at once)")
+
+
+def train_epoch(model, loader, batches, compute_loss, optimizer, cfg, budget, run, stop, title):
+    """Train on `batches` (lists of dataset indices) from run["step"] on, until they end, the budget runs
+    out, or a stop is asked for. `run` holds the place in the epoch and the running sums, so that an
+    epoch stopped half-way is resumed exactly. Returns True when stopped by Ctrl-C."""
     device = next(model.parameters()).device
     bf16 = use_bf16(device, cfg.fp32)
     model.train()
-    sums, seen, collisions, start = {}, 0, 0, time.time()
+    start, seen_before = time.time(), run["seen"]
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console) as bar:
-        task = bar.add_task(title, total=len(loader), info="")
-        for images, targets in loader:
+        task = bar.add_task(title, total=len(batches), completed=run["step"], info="")
+        for indices in batches[run["step"]:]:
+            images, targets = loader.collate_fn([loader.dataset[i] for i in indices])
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, budget.progress())
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 outputs = model(to_device(images, device, bf16))
             parts, lost = compute_loss(outputs, targets)
-            optimizer.zero_grad(set_to_none=True)
-            parts["loss"].backward()
-            nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-            optimizer.step()
-            budget.steps, seen, collisions = budget.steps + 1, seen + len(targets), collisions + lost
-            for name, value in parts.items():
-                sums[name] = sums.get(name, 0.0) + value.item() * len(targets)
-            info = " ".join(f"{n} {v / seen:.3f}" for n, v in sums.items())
-            bar.update(task, advance=1, info=f"{info} | {seen / (time.time() - start):.1f} img/s")
+            if any_process(not torch.isfinite(parts["loss"]).item()):  # a bad step is skipped, not learnt
+                run["skipped"], run["bad_in_a_row"] = run["skipped"] + 1, run["bad_in_a_row"] + 1
+                if run["bad_in_a_row"] >= NONFINITE_LIMIT:
+                    raise FloatingPointError(f"the loss was NaN or inf for {NONFINITE_LIMIT} steps in a row")
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                parts["loss"].backward()
+                nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+                optimizer.step()
+                run["bad_in_a_row"] = 0
+                run["seen"], run["collisions"] = run["seen"] + len(targets), run["collisions"] + lost
+                for name, value in parts.items():
+                    run["sums"][name] = run["sums"].get(name, 0.0) + value.item() * len(targets)
+            budget.steps, run["step"] = budget.steps + 1, run["step"] + 1
+            info = " ".join(f"{n} {v / max(run['seen'], 1):.3f}" for n, v in run["sums"].items())
+            speed = (run["seen"] - seen_before) / (time.time() - start)
+            bar.update(task, advance=1, info=f"{info} | {speed:.1f} img/s")
             if budget.progress() >= 1:
-                break
-    return {n: v / seen for n, v in sums.items()}, collisions
+                return False
+            if any_process(stop.requested):
+                return True
+    return False
 
 
 def append_row(path, row):
@@ -764,44 +902,83 @@ def append_row(path, row):
         writer.writerow(row)
 
 
-def fit(model, loader, compute_loss, validate, cfg, run_dir, meta, best_metric):
-    """Train `model`; after each epoch `validate(model)` -> metrics. Writes last.pt, best.pt (highest
-    `best_metric`) and results.csv (one row per epoch) to run_dir. Returns the best metrics.
+def new_epoch(epoch, order):
+    """The place in the training run that last.pt records: epoch, step in it, running sums, random state."""
+    return {"epoch": epoch, "step": 0, "order": order, "sums": {}, "seen": 0, "collisions": 0, "skipped": 0,
+            "bad_in_a_row": 0}
+
+
+def fit(model, loader, compute_loss, validate, cfg, run_dir, meta, best_metric, resume=None):
+    """Train `model`; after each epoch `validate(model)` -> metrics. Writes last.pt (with what --resume
+    needs), best.pt (highest `best_metric`) and results.csv (one row per epoch) to run_dir. Returns the
+    best metrics. `resume`: a last.pt's "resume" entry, to continue that run exactly where it stopped.
     Under torchrun, `model` is wrapped in DistributedDataParallel and only rank 0 validates and writes."""
     model.to(memory_format=memory_format(use_bf16(next(model.parameters()).device, cfg.fp32)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    budget, best, epoch, shown = Budget(cfg, len(loader)), None, 0, ""
+    budget, best, shown = Budget(cfg, len(loader)), None, ""
     inner = getattr(model, "module", model)  # the model inside DistributedDataParallel
     main = not dist.is_initialized() or dist.get_rank() == 0
+    run = new_epoch(1, loader.generator.get_state())
+    if resume:
+        optimizer.load_state_dict(resume["optimizer"])
+        run, best, budget.steps = resume["run"], resume["best"], resume["steps"]
+        budget.start -= resume["elapsed_s"]  # a --time budget goes on where it stopped
+        torch.set_rng_state(resume["rng"])
+        console.print(f"resuming {run_dir} at epoch {run['epoch']}, step {run['step']} of {len(loader)}")
 
-    def checkpoint(metrics):
-        return {**meta, "model": inner.state_dict(), "config": asdict(cfg), "epoch": epoch, "metrics": metrics}
+    def checkpoint(metrics, resumable=True):
+        state = {**meta, "model": inner.state_dict(), "config": asdict(cfg), "epoch": run["epoch"] - 1,  # finished
+                 "metrics": metrics}
+        if resumable:  # best.pt is for using the model; last.pt is for going on with training
+            state["resume"] = {"optimizer": optimizer.state_dict(), "run": run, "best": best, "steps": budget.steps,
+                               "elapsed_s": time.time() - budget.start, "rng": torch.get_rng_state()}
+        return state
+
+    resume_command = f"odscratch {'pretrain' if meta['kind'] == 'ltd' else 'train'} --resume {run_dir}/last.pt"
+
+    def what_is_saved():
+        if not (run_dir / "last.pt").exists():
+            return "no epoch had finished, so nothing was saved"
+        return f"{run_dir}/last.pt holds the last finished epoch; continue from it with: {resume_command}"
 
     try:
-        while budget.progress() < 1:
-            epoch += 1
-            title = f"epoch {epoch}{shown}"
-            if isinstance(loader.sampler, DistributedSampler):
-                loader.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same in every process
-            losses, collisions = train_epoch(model, loader, compute_loss, optimizer, cfg, budget, title)
-            if not main:
-                continue
-            metrics = validate(inner)
-            scalars = {n: round(v, 5) for n, v in metrics.items() if isinstance(v, float)}
-            shown = " | val " + " ".join(f"{n} {v:.2f}" for n, v in scalars.items())  # in the next epoch's bar
-            append_row(run_dir / "results.csv", {"epoch": epoch, "elapsed_s": round(time.time() - budget.start, 1),
-                                                 **{n: round(v, 5) for n, v in losses.items()},
-                                                 "collisions": collisions, **scalars})
-            console.print(f"epoch {epoch}: " + " ".join(f"{n} {v:.3f}" for n, v in scalars.items())
-                          + (f" | {collisions} boxes lost to shared cells" if collisions else ""))
-            save_checkpoint(run_dir / "last.pt", checkpoint(metrics))
-            if best is None or metrics[best_metric] > best[best_metric]:
-                best = metrics
-                save_checkpoint(run_dir / "best.pt", checkpoint(metrics))
+        with StopRequest() as stop:
+            while budget.progress() < 1:
+                if isinstance(loader.sampler, DistributedSampler):
+                    loader.sampler.set_epoch(run["epoch"])  # a new shuffle each epoch, the same in every process
+                loader.generator.set_state(run["order"])  # the order is drawn afresh from the epoch's start state
+                batches = list(loader.batch_sampler)       # this epoch's batches of dataset indices
+                title = f"epoch {run['epoch']}{shown}"
+                if train_epoch(model, loader, batches, compute_loss, optimizer, cfg, budget, run, stop, title):
+                    if main:
+                        save_checkpoint(run_dir / "last.pt", checkpoint(best))
+                    raise UserError(f"stopped in epoch {run['epoch']} at step {run['step']} of {len(batches)}; "
+                                    f"continue exactly from there with: {resume_command}")
+                finished, run = run, new_epoch(run["epoch"] + 1, loader.generator.get_state())
+                run["bad_in_a_row"] = finished["bad_in_a_row"]  # NaN steps in a row may span two epochs
+                if not main:
+                    continue
+                metrics = validate(inner)
+                scalars = {n: round(v, 5) for n, v in metrics.items() if isinstance(v, float)}
+                shown = " | val " + " ".join(f"{n} {v:.2f}" for n, v in scalars.items())  # in the next epoch's bar
+                losses = {n: round(v / max(finished["seen"], 1), 5) for n, v in finished["sums"].items()}
+                append_row(run_dir / "results.csv", {"epoch": finished["epoch"],
+                                                     "elapsed_s": round(time.time() - budget.start, 1), **losses,
+                                                     "collisions": finished["collisions"],
+                                                     "skipped_steps": finished["skipped"], **scalars})
+                lost, skipped = finished["collisions"], finished["skipped"]
+                console.print(f"epoch {finished['epoch']}: " + " ".join(f"{n} {v:.3f}" for n, v in scalars.items())
+                              + (f" | {lost} boxes lost to shared cells" if lost else "")
+                              + (f" | {skipped} steps skipped: loss NaN or inf" if skipped else ""))
+                if best is None or metrics[best_metric] > best[best_metric]:
+                    best = metrics
+                    save_checkpoint(run_dir / "best.pt", checkpoint(metrics, resumable=False))
+                save_checkpoint(run_dir / "last.pt", checkpoint(metrics))
     except KeyboardInterrupt:
-        if main:
-            save_checkpoint(run_dir / "last.pt", checkpoint(best or {}))
-        raise UserError(f"interrupted in epoch {epoch}: weights saved to {run_dir / 'last.pt'}") from None
+        raise UserError(f"interrupted at once in epoch {run['epoch']}; {what_is_saved()}") from None
+    except FloatingPointError as e:
+        raise UserError(f"{e} in epoch {run['epoch']}: stopped (try a lower --lr, or check the data's boxes); "
+                        f"{what_is_saved()}") from None
     return best
 
 
@@ -875,6 +1052,18 @@ def read_checkpoint(path, kind):
     return checkpoint
 
 
+def read_resumable(path, kind):
+    checkpoint = read_checkpoint(path, kind)
+    if "resume" not in checkpoint:
+        raise UserError(f"{path} holds no training state (a best.pt?): resume from the run's last.pt")
+    return checkpoint
+
+
+def check_same_classes(model_classes, data_classes, path, data):
+    if model_classes != data_classes:
+        raise UserError(f"{path} was trained on the classes {model_classes}, but {data} has {data_classes}")
+
+
 def load_backbone(path, stride):
     """backbone.pt -> the ResNet-18 weights for a detector with this stride."""
     checkpoint = read_checkpoint(path, "backbone")
@@ -884,7 +1073,12 @@ def load_backbone(path, stride):
     return checkpoint["backbone"]
 
 
-def train_detector(cfg, name, backbone=None):
+def train_detector(cfg, name, backbone=None, resume=None):
+    """Train a detector in runs/train/<name>; or, with resume = a last.pt, go on with that run exactly
+    where it stopped, in its folder, with its settings and weights (cfg and backbone are then ignored)."""
+    checkpoint = read_resumable(resume, "detector") if resume else None
+    if checkpoint:
+        cfg, backbone = Config(**checkpoint["config"]), None
     check_grid(cfg)
     pretrained = load_backbone(backbone, cfg.stride) if backbone else None  # a wrong file fails before any work
     seed_everything(cfg.seed)
@@ -899,7 +1093,7 @@ def train_detector(cfg, name, backbone=None):
     train_data = DetectionDataset(train_ds, cfg.img_size, train=True, name=f"{cfg.data} train")
     val_data = DetectionDataset(load_split(cfg.data, "validation", cfg.bbox_format), cfg.img_size, train=False,
                                 name=f"{cfg.data} validation")
-    run_dir = new_run_dir("train", name) if rank == 0 else None  # only rank 0 writes
+    run_dir = Path(resume).parent if resume else new_run_dir("train", name) if rank == 0 else None  # rank 0 writes
     console.print(f"training on {cfg.data}: {len(train_data)} train / {len(val_data)} validation images, "
                   f"classes {classes}, {device}{f' x {processes} processes' if processes > 1 else ''}, "
                   f"{'bf16' if use_bf16(device, cfg.fp32) else 'float32'} -> {run_dir}")
@@ -909,6 +1103,9 @@ def train_detector(cfg, name, backbone=None):
     if pretrained:
         model.backbone.load_state_dict(pretrained)
         console.print(f"backbone from {backbone}")
+    if checkpoint:
+        check_same_classes(checkpoint["classes"], classes, resume, cfg.data)
+        model.load_state_dict(checkpoint["model"])
     bf16 = use_bf16(device, cfg.fp32)
     model = model.to(device, memory_format=memory_format(bf16))
     generator = torch.Generator().manual_seed(cfg.seed)  # fixes the data order
@@ -920,7 +1117,8 @@ def train_detector(cfg, name, backbone=None):
     best = fit(model, loader, lambda outputs, targets: detection_loss(*outputs, targets, cfg.img_size,
                                                                       cfg.assign_radius),
                lambda m: validate_detector(m, val_data, len(classes), cfg, bf16), cfg, run_dir,
-               {"kind": "detector", "classes": classes, "backbone": str(backbone or "")}, best_metric="map")
+               {"kind": "detector", "classes": classes, "backbone": checkpoint["backbone"] if checkpoint else
+                str(backbone or "")}, best_metric="map", resume=checkpoint and checkpoint["resume"])
     return run_dir, best, classes
 
 
@@ -977,13 +1175,17 @@ def draw_ltd_samples(model, data, batch, bf16, path):
     grid.save(path)
 
 
-def pretrain_backbone(cfg, name, mask_crop):
+def pretrain_backbone(cfg, name, mask_crop, resume=None):
+    """LTD pretraining in runs/pretrain/<name>; resume = a last.pt goes on with that run (as train_detector)."""
+    checkpoint = read_resumable(resume, "ltd") if resume else None
+    if checkpoint:
+        cfg, mask_crop = Config(**checkpoint["config"]), checkpoint["mask_crop"]
     check_grid(cfg)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
-    train_data = LTDDataset(load_raw_split(cfg.data, "train"), cfg.img_size, mask_crop)
-    val_data = LTDDataset(load_raw_split(cfg.data, "validation"), cfg.img_size, mask_crop)
-    run_dir = new_run_dir("pretrain", name)
+    train_data = LTDDataset(load_raw_split(cfg.data, "train"), cfg.img_size, mask_crop, f"{cfg.data} train")
+    val_data = LTDDataset(load_raw_split(cfg.data, "validation"), cfg.img_size, mask_crop, f"{cfg.data} validation")
+    run_dir = Path(resume).parent if resume else new_run_dir("pretrain", name)
     bf16 = use_bf16(device, cfg.fp32)
     console.print(f"LTD pretraining on {cfg.data}: {len(train_data)} train / {len(val_data)} held-out images"
                   f"{', crop hole greyed out' if mask_crop else ''}, {device}, "
@@ -991,13 +1193,15 @@ def pretrain_backbone(cfg, name, mask_crop):
     if len(train_data) < cfg.batch:
         raise UserError(f"the train split has {len(train_data)} images, fewer than --batch {cfg.batch}")
     model = LTDNet(cfg.stride).to(device)
+    if checkpoint:
+        model.load_state_dict(checkpoint["model"])
     generator = torch.Generator().manual_seed(cfg.seed)
     loader = torch.utils.data.DataLoader(train_data, batch_size=cfg.batch, shuffle=True, drop_last=True,
                                          collate_fn=collate_pairs, generator=generator)
     best = fit(model, loader, lambda outputs, targets: detection_loss(*outputs, targets, cfg.img_size,
                                                                       model.detector.radius),
                lambda m: validate_ltd(m, val_data, cfg.batch, bf16), cfg, run_dir,
-               {"kind": "ltd", "mask_crop": mask_crop}, best_metric="iou")
+               {"kind": "ltd", "mask_crop": mask_crop}, best_metric="iou", resume=checkpoint and checkpoint["resume"])
     model.load_state_dict(torch.load(run_dir / "best.pt", map_location=device, weights_only=True)["model"])
     save_checkpoint(run_dir / "backbone.pt", {"kind": "backbone", "stride": cfg.stride, "mask_crop": mask_crop,
                                               "config": asdict(cfg), "metrics": best,
@@ -1166,13 +1370,25 @@ app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions
                   help="odscratch: a small object detector you can read, train on a CPU, and ship.")
 
 
+show_tracebacks = False  # odscratch --debug COMMAND
+
+
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="show the traceback behind an error message")):
+    global show_tracebacks
+    show_tracebacks = debug
+
+
 @contextlib.contextmanager
 def user_errors():
+    """Bad input, a failing disk, Ctrl-C: one line that says what happened and what to do, no traceback."""
     try:
         yield
-    except UserError as e:
-        console.print(f"[red]error:[/red] {e}", soft_wrap=True)
-        raise typer.Exit(1)
+    except (UserError, OSError, KeyboardInterrupt) as e:
+        if show_tracebacks:
+            raise
+        console.print(f"[red]error:[/red] {e if str(e) else 'interrupted'}", soft_wrap=True)
+        raise typer.Exit(130 if isinstance(e, KeyboardInterrupt) else 1) from None
 
 
 @contextlib.contextmanager
@@ -1220,6 +1436,7 @@ def pretrain(
     lr: float = typer.Option(Config.lr),
     seed: int = typer.Option(Config.seed, help="fixes init, data order and crops"),
     mask_crop: bool = typer.Option(False, "--mask-crop", help="grey out S's region in R (the seed's ablation)"),
+    resume: str = typer.Option(None, help="a last.pt: go on with that run where it stopped (its own settings)"),
     fp32: bool = typer.Option(Config.fp32, "--fp32", help="no bf16 autocast / channels_last"),
     device: str = typer.Option(Config.device, help="auto, cpu or cuda"),
     name: str = typer.Option("exp", help="run folder under runs/pretrain/"),
@@ -1230,7 +1447,7 @@ def pretrain(
             raise UserError("pretrain runs in one process: start it without torchrun")
         cfg = Config(data=data, img_size=img_size, stride=stride, epochs=epochs, time=time_budget, batch=batch,
                      lr=lr, seed=seed, fp32=fp32, device=device)
-        run_dir, best = pretrain_backbone(cfg, name, mask_crop)
+        run_dir, best = pretrain_backbone(cfg, name, mask_crop, resume)
         console.print(f"held-out crops: mean IoU {best['iou']:.3f}, {best['hit50']:.1%} with IoU >= 0.5 -> "
                       f"{run_dir / 'backbone.pt'}; see {run_dir / 'ltd_samples.jpg'}")
 
@@ -1249,6 +1466,8 @@ def train(
     lr: float = typer.Option(Config.lr),
     seed: int = typer.Option(Config.seed, help="fixes init, data order and augmentation"),
     backbone: str = typer.Option(None, help="start from a backbone.pt that `odscratch pretrain` wrote"),
+    resume: str = typer.Option(None, help="a last.pt: go on with that run exactly where it stopped (its own "
+                                          "settings)"),
     fp32: bool = typer.Option(Config.fp32, "--fp32", help="no bf16 autocast / channels_last"),
     device: str = typer.Option(Config.device, help="auto, cpu or cuda"),
     name: str = typer.Option("exp", help="run folder under runs/train/"),
@@ -1260,7 +1479,7 @@ def train(
         cfg = Config(data=data, bbox_format=bbox_format, img_size=img_size, stride=stride,
                      assign_radius=assign_radius, epochs=epochs, time=time_budget, batch=batch, lr=lr, seed=seed,
                      fp32=fp32, device=device)
-        run_dir, best, classes = train_detector(cfg, name, backbone)
+        run_dir, best, classes = train_detector(cfg, name, backbone, resume)
         if best:  # under torchrun, rank 0's
             console.print(metrics_table(f"best validation epoch ({run_dir / 'best.pt'})", best, classes))
 
@@ -1280,8 +1499,7 @@ def evaluate_command(
         model, cfg, classes = load_detector(weights, device)
         data = data or cfg.data
         ds = load_split(data, split, cfg.bbox_format)
-        if class_names(ds, data) != classes:
-            raise UserError(f"the model's classes {classes} differ from the data's {class_names(ds, data)}")
+        check_same_classes(classes, class_names(ds, data), weights, data)
         dataset = DetectionDataset(ds, cfg.img_size, train=False, name=f"{data} {split}")
         metrics = evaluate(predict(model, dataset, batch, EVAL_CONF, NMS_IOU, use_bf16(device, cfg.fp32)),
                            dataset.targets, len(classes))
@@ -1379,12 +1597,19 @@ def detect(
             (run_dir / "labels").mkdir()
         ids = coco_image_ids([file_name for file_name, _ in inputs])
         table = Table("image", "class", "score", "box (x1, y1, x2, y2)")
-        results, images_json = [], []
+        results, images_json, unreadable = [], [], []
         for start in range(0, len(inputs), DETECT_BATCH):
-            names = [file_name for file_name, _ in inputs[start:start + DETECT_BATCH]]
-            images = [read_image(i) if isinstance(i, Path) else i for _, i in inputs[start:start + DETECT_BATCH]]
-            for file_name, image, image_id, found in zip(names, images, ids[start:],
-                                                         detector(images, conf, iou, max_det)):
+            batch = []  # (file name, PIL image, image id); an image PIL cannot read is skipped and named
+            for (file_name, source), image_id in zip(inputs[start:start + DETECT_BATCH], ids[start:]):
+                try:
+                    batch.append((file_name, read_image(source) if isinstance(source, Path) else source, image_id))
+                except UserError as e:
+                    unreadable.append(str(e))
+            if not batch:
+                continue
+            names, images, image_ids = zip(*batch)
+            for file_name, image, image_id, found in zip(names, images, image_ids,
+                                                         detector(list(images), conf, iou, max_det)):
                 stem = Path(file_name).stem
                 draw_detections(image, found, detector.classes).save(run_dir / f"{stem}.jpg")
                 for box, score, label in zip(found["boxes"].tolist(), found["scores"].tolist(), found["names"]):
@@ -1398,8 +1623,11 @@ def detect(
         if json_output:  # detections.json + the image ids it uses; category_id is the class index
             (run_dir / "detections.json").write_text(json.dumps(results))
             (run_dir / "images.json").write_text(json.dumps(images_json))
-        console.print(f"{len(results)} objects in {len(inputs)} images -> {run_dir}"
-                      + (f" ({skipped} non-image files skipped)" if skipped else ""))
+        if len(unreadable) == len(inputs):
+            raise UserError(unreadable[0] + (f" (and {len(inputs) - 1} more unreadable)" if len(inputs) > 1 else ""))
+        console.print(f"{len(results)} objects in {len(images_json)} images -> {run_dir}"
+                      + (f" ({skipped} non-image files skipped)" if skipped else "")
+                      + (f" (skipped {len(unreadable)} unreadable: {'; '.join(unreadable[:3])})" if unreadable else ""))
 
 
 @app.command()

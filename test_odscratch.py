@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -593,3 +594,297 @@ def test_mismatched_backbone_is_one_line_error(case, pretrained, trained, tmp_pa
     assert result.exit_code == 1
     assert result.output.startswith("error: ") and len(result.output.strip().splitlines()) == 1, result.output
     assert expected in result.output and str(path) in result.output
+
+
+# --- what can go wrong: a test per row of the README's table ----------------------------------------
+
+def one_line_error(result, *expected):
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "Traceback" not in result.output, result.output
+    for text in expected:
+        assert text in lines[-1], lines[-1]
+    return lines[-1]
+
+
+def tiny_folder(tmp_path, n=20):
+    data = tmp_path / "data"
+    data.mkdir()
+    make_imagefolder(data, n)
+    return data
+
+
+TINY_TRAIN = ["train", "--data", "data", "--bbox-format", "xywh", "--img-size", "64", "--batch", "4"]
+
+
+def test_missing_data_folder_is_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    one_line_error(runner.invoke(ods.app, ["train", "--data", "./no/such/folder"]),
+                   "dataset folder not found: ./no/such/folder")
+
+
+def test_unreadable_images_in_a_dataset_are_skipped_named_and_counted(tmp_path, monkeypatch):
+    data = tiny_folder(tmp_path)
+    good = (data / "img0.png").read_bytes()
+    (data / "img1.png").write_bytes(good[: len(good) // 2])  # truncated
+    (data / "img2.png").write_bytes(b"not an image at all")  # corrupt
+    PIL.Image.new("RGB", (400, 300)).save(data / "img3.png")  # over the decompression-bomb limit set below
+    (data / "img4.png").unlink()                               # listed in metadata.jsonl, not on disk
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 10_000)  # 64 x 48 images pass; 400 x 300 is > 2x: refused
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(ods.app, TINY_TRAIN + ["--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "skipped 4 unreadable image(s)" in output or "skipped 3 unreadable image(s)" in output, output
+    assert "img1.png" in output and "img2.png" in output and "img3.png" in output
+    assert "decompression bomb" in output.lower() and "file not found" in output.lower()
+    assert "16 train" in output or "13 train" in output or "14 train" in output  # training went on without them
+
+
+def test_decompression_bomb_in_detect_is_refused_and_named(trained, tmp_path, monkeypatch):
+    folder, _ = trained
+    monkeypatch.chdir(folder)
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 10_000)
+    PIL.Image.new("RGB", (400, 300)).save(tmp_path / "bomb.png")
+    one_line_error(runner.invoke(ods.app, ["detect", str(tmp_path / "bomb.png")]), "bomb.png", "decompression bomb")
+
+
+def test_boxes_outside_the_image_are_clipped_or_dropped_and_counted(tmp_path):
+    features = ods.detection_features(["a"])
+    image = {"bytes": ods.jpeg_bytes(PIL.Image.new("RGB", (100, 80))), "path": None}
+    boxes = [[-10.0, 10, 50, 50], [10, 10, 20, 20], [105, 10, 120, 50], [30, 30, 30, 60]]  # partly out, fine,
+    ds = datasets.Dataset.from_dict({"image": [image] * 10,                                # wholly out, no area
+                                     "objects": [{"bbox": boxes, "category": [0] * 4}] * 10}, features=features)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        ods.console.file = out
+        try:
+            data = ods.DetectionDataset(ds, 64, train=False, name="boxes")
+        finally:
+            ods.console.file = None
+    assert torch.equal(data.targets[0]["boxes"], torch.tensor([[0.0, 10, 50, 50], [10, 10, 20, 20]]))
+    assert "10 boxes clipped to their image, 20 with no area dropped" in " ".join(out.getvalue().split())
+
+
+def test_wrong_bbox_format_is_detected_with_a_hint(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    with open(data / "metadata.jsonl", "w") as f:
+        for i in range(10):
+            PIL.Image.new("RGB", (64, 48)).save(data / f"img{i}.png")
+            objects = {"bbox": [[30.0, 20.0, 10.0, 8.0], [40.0, 30.0, 12.0, 10.0]], "category": ["cat", "dog"]}
+            f.write(json.dumps({"file_name": f"img{i}.png", "objects": objects}) + "\n")  # xywh boxes
+    monkeypatch.chdir(tmp_path)
+    one_line_error(runner.invoke(ods.app, ["train", "--data", "data", "--img-size", "64", "--batch", "4"]),
+                   "boxes are impossible", "--bbox-format")
+    result = runner.invoke(ods.app, ["train", "--data", "data", "--img-size", "64", "--batch", "4", "--epochs", "1",
+                                     "--bbox-format", "xywh"])
+    assert result.exit_code == 0, result.output
+
+
+def test_empty_dataset_or_split_is_one_line_error(tmp_path, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path)
+    one_line_error(runner.invoke(ods.app, ["train", "--data", "empty"]), "empty")
+    parquet = tmp_path / "parquet"
+    (parquet / "data").mkdir(parents=True)
+    small = ods.load_split("synthetic", "validation").select(range(8))
+    small.to_parquet(parquet / "data" / "train-00000-of-00001.parquet")
+    small.select([]).to_parquet(parquet / "data" / "validation-00000-of-00001.parquet")
+    one_line_error(runner.invoke(ods.app, ["train", "--data", "parquet"]), "split 'validation'", "is empty")
+
+
+def test_categories_not_in_the_class_list_are_one_line_errors(trained, tmp_path, monkeypatch):
+    features = ods.detection_features(list("abcde"))
+    image = {"bytes": ods.jpeg_bytes(PIL.Image.new("RGB", (32, 32))), "path": None}
+    ds = datasets.Dataset.from_dict({"image": [image], "objects": [{"bbox": [[1.0, 1, 9, 9]], "category": [4]}]},
+                                    features=features).cast(ods.detection_features(["a", "b"]))
+    with pytest.raises(ods.UserError, match=r"category 4 is not in its class list \['a', 'b'\]"):
+        ods.DetectionDataset(ds, 32, train=False)
+    data = tmp_path / "data"  # string categories: a validation category that the train split never has
+    for split in ["train", "validation"]:
+        (data / split).mkdir(parents=True)
+        make_imagefolder(data / split, n=4)
+    with open(data / "validation" / "metadata.jsonl", "a") as f:
+        f.write(json.dumps({"file_name": "img0.png", "objects": {"bbox": [[1.0, 1, 5, 5]], "category": ["cow"]}})
+                + "\n")
+    assert ods.class_names(ods.load_split(str(data), "train", "xywh"), str(data)) == ["cat", "dog"]
+    with pytest.raises(ods.UserError, match=r"\['cow'\] are not in the class list \['cat', 'dog'\]"):
+        ods.load_split(str(data), "validation", "xywh")
+    other = tmp_path / "other"
+    other.mkdir()
+    make_imagefolder(other)
+    monkeypatch.chdir(trained[0])  # a model trained on shapes, evaluated on cats and dogs
+    one_line_error(runner.invoke(ods.app, ["eval", "--data", str(other), "--split", "validation"]),
+                   "['ellipse', 'rectangle', 'triangle']", "['cat', 'dog']")
+
+
+def test_hub_unreachable_is_one_line_error_within_30_seconds(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent)
+    result = subprocess.run([sys.executable, "-m", "odscratch", "train", "--data", "nobody/no-such-dataset"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode == 1 and len(output.splitlines()) == 1 and "Traceback" not in output, output
+    assert "nobody/no-such-dataset" in output and "local folder" in output
+
+
+class RunsCode:
+    """Unpickling this runs a shell command: what a malicious checkpoint does to torch.load(weights_only=False)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_checkpoints_that_are_not_ours_truncated_or_pickles_are_refused(trained, tmp_path, monkeypatch):
+    folder, _ = trained
+    monkeypatch.chdir(folder)
+    marker = tmp_path / "pwned"
+    torch.save({"kind": "detector", "model": RunsCode(marker)}, tmp_path / "evil.pt")
+    best = (folder / "runs" / "train" / "exp" / "best.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(best[: len(best) // 2])
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    for name in ["evil.pt", "truncated.pt", "other.pt"]:
+        one_line_error(runner.invoke(ods.app, ["detect", "--weights", str(tmp_path / name)]),
+                       f"{tmp_path / name} is not an odscratch checkpoint")
+    assert not marker.exists()  # weights_only=True: nothing in the file was run
+
+
+def test_weights_of_the_wrong_kind_are_one_line_errors(pretrained, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    one_line_error(runner.invoke(ods.app, ["detect", "--weights", str(pretrained / "backbone.pt")]),
+                   "holds a pretrained backbone", "needs a detector")
+    one_line_error(runner.invoke(ods.app, ["train", "--resume", str(pretrained / "backbone.pt")]),
+                   "holds a pretrained backbone")
+
+
+def nan_from(steps):
+    """detection_loss, but NaN on the given (1-based) training steps."""
+    loss, calls = ods.detection_loss, {"n": 0}
+
+    def nan_loss(*args, **kwargs):
+        parts, lost = loss(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] in steps:
+            parts = {**parts, "loss": parts["loss"] * float("nan")}
+        return parts, lost
+
+    return nan_loss
+
+
+def test_nan_steps_are_skipped_and_many_in_a_row_stop_training(tmp_path, monkeypatch):
+    tiny_folder(tmp_path)  # 17 train images, batch 4: 4 steps per epoch
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ods, "detection_loss", nan_from({2, 3}))
+    result = runner.invoke(ods.app, TINY_TRAIN + ["--epochs", "2", "--name", "some"])
+    assert result.exit_code == 0, result.output
+    rows = (tmp_path / "runs" / "train" / "some" / "results.csv").read_text().splitlines()
+    assert [row.split(",")[7] for row in rows] == ["skipped_steps", "2", "0"]
+    monkeypatch.setattr(ods, "detection_loss", nan_from(set(range(6, 100))))
+    message = one_line_error(runner.invoke(ods.app, TINY_TRAIN + ["--epochs", "3", "--name", "many"]),
+                             f"NaN or inf for {ods.NONFINITE_LIMIT} steps in a row", "last.pt")
+    last = torch.load(tmp_path / "runs" / "train" / "many" / "last.pt", weights_only=True)
+    # steps 6-8 (epoch 2) and 9-10 (epoch 3) were NaN: skipped steps change nothing, so the last finished
+    # epoch's weights are those of step 5, from before the NaNs, and finite
+    assert last["epoch"] == 2 and all(v.isfinite().all() for v in last["model"].values() if v.is_floating_point())
+    assert "epoch 3" in message
+
+
+def test_a_failing_write_keeps_the_previous_checkpoints(tmp_path, monkeypatch):
+    tiny_folder(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    save, calls = torch.save, {"n": 0}
+
+    def disk_full_after_two(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2:  # epoch 1 wrote best.pt and last.pt; the disk is full in epoch 2
+            with open(f, "wb") as half:
+                half.write(b"half a checkpoint")
+            raise OSError(28, "No space left on device")
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full_after_two)
+    one_line_error(runner.invoke(ods.app, TINY_TRAIN + ["--epochs", "2"]), "No space left on device",
+                   "the previous one is intact")
+    monkeypatch.setattr(torch, "save", save)
+    run = tmp_path / "runs" / "train" / "exp"
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
+    assert torch.load(run / "best.pt", weights_only=True)["epoch"] == 1
+    assert not list(run.glob("*.tmp"))
+
+
+def test_run_names_never_collide(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = ods.new_run_dir("train", "exp")
+    (first / "best.pt").write_text("first")
+    assert [ods.new_run_dir("train", "exp").name for _ in range(2)] == ["exp2", "exp3"]
+    assert (first / "best.pt").read_text() == "first"
+
+
+def test_ctrl_c_then_resume_ends_exactly_like_an_uninterrupted_run(tmp_path, monkeypatch):
+    tiny_folder(tmp_path)  # 4 steps per epoch, 3 epochs
+    monkeypatch.chdir(tmp_path)
+    args = TINY_TRAIN + ["--epochs", "3", "--seed", "1"]
+    assert runner.invoke(ods.app, args + ["--name", "whole"]).exit_code == 0
+    loss, calls = ods.detection_loss, {"n": 0}
+
+    def loss_then_ctrl_c(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 6:  # epoch 2, step 2: a real SIGINT to this process
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss(*a, **k)
+
+    monkeypatch.setattr(ods, "detection_loss", loss_then_ctrl_c)
+    one_line_error(runner.invoke(ods.app, args + ["--name", "cut"]), "stopped in epoch 2 at step 2 of 4",
+                   "odscratch train --resume runs/train/cut/last.pt")
+    monkeypatch.setattr(ods, "detection_loss", loss)
+    result = runner.invoke(ods.app, ["train", "--resume", "runs/train/cut/last.pt"])
+    assert result.exit_code == 0, result.output
+    whole, cut = (tmp_path / "runs" / "train" / "whole", tmp_path / "runs" / "train" / "cut")
+    for name in ["last.pt", "best.pt"]:
+        a, b = (torch.load(run / name, weights_only=True) for run in (whole, cut))
+        assert a["epoch"] == b["epoch"] == 3 if name == "last.pt" else a["epoch"] == b["epoch"]
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), name
+        assert a["metrics"] == b["metrics"]
+
+    def without_time(run):
+        return [row.split(",", 2)[::2] for row in (run / "results.csv").read_text().splitlines()]
+
+    assert without_time(whole) == without_time(cut)  # losses, collisions and metrics of every epoch
+
+
+def test_ctrl_c_in_a_real_process_saves_last_pt_and_prints_the_resume_command(tmp_path):
+    data = tiny_folder(tmp_path, n=60)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent), "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "odscratch", "train", "--data", str(data), "--bbox-format",
+                                "xywh", "--img-size", "64", "--batch", "4", "--epochs", "200"],
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:  # wait for the first finished epoch, then press Ctrl-C
+        if line.startswith("epoch 1:"):
+            process.send_signal(signal.SIGINT)
+            break
+    output = process.communicate(timeout=120)[0]
+    lines = output.strip().splitlines()
+    assert process.returncode == 1 and "Traceback" not in output, output
+    assert lines[-1].startswith("error: stopped in epoch") and lines[-1].endswith(
+        "continue exactly from there with: odscratch train --resume runs/train/exp/last.pt"), output
+    last = torch.load(tmp_path / "runs" / "train" / "exp" / "last.pt", weights_only=True)
+    assert last["epoch"] >= 1 and last["resume"]["run"]["step"] > 0
+
+
+def test_no_validation_split_is_carved_and_announced(tmp_path, monkeypatch):
+    tiny_folder(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(ods.app, TINY_TRAIN + ["--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    assert "data has no validation split: using a seeded 15% of train (3 images)" in " ".join(result.output.split())
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(ods.app, ["--debug", "detect", "no/such/image.jpg"])
+    assert isinstance(result.exception, ods.UserError)  # raised, not turned into one line
+    assert runner.invoke(ods.app, ["detect", "no/such/image.jpg"]).exit_code == 1
