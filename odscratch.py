@@ -13,10 +13,12 @@ Optionally first, without labels: Learn To Detect (LTD). Cut a sub-image S out o
 the same network to find S's box in R; its backbone then starts the detector.
 
 Run it (offline, on built-in synthetic shapes unless --data says otherwise):
-    odscratch train                                   # -> runs/train/exp/best.pt
+    odscratch data                                    # the dataset before training: boxes, sizes, --stride
+    odscratch train                                   # -> runs/train/exp/best.pt + pictures of the run
     odscratch eval                                    # newest best.pt, test split, AP table
-    odscratch detect photo.jpg                        # boxes table + runs/detect/exp/photo.jpg
+    odscratch detect photo.jpg --show-grid            # boxes table + runs/detect/exp/photo.jpg, photo_grid.jpg
     odscratch train --data ../shared/data/bccd --img-size 320 --time 15   # a real dataset
+    odscratch train --resume runs/train/exp/last.pt   # after Ctrl-C: goes on exactly where it stopped
     odscratch pretrain                                # LTD -> runs/pretrain/exp/backbone.pt
     odscratch train --backbone runs/pretrain/exp/backbone.pt
     odscratch export                                  # -> runs/export/exp/model.onnx, for onnxruntime
@@ -36,6 +38,7 @@ import math
 import os
 import signal
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -257,13 +260,13 @@ def load_raw_split(data, split):
     return ds
 
 
-def load_split(data, split, bbox_format="xyxy"):
-    """Any source -> a datasets.Dataset with the fashionpedia schema (xyxy pixels, ClassLabel)."""
-    ds = load_raw_split(data, split)
-    if "objects" not in ds.features:
-        raise UserError(f"{data!r} has no `objects` column (bbox + category per image); it has: "
-                        f"{', '.join(ds.features)}")
-    return to_detection_schema(ds, data, bbox_format)
+def class_names(ds, data):
+    """From the ClassLabel, or the sorted unique strings of the train split's categories."""
+    feature = category_feature(ds)
+    if isinstance(feature, datasets.ClassLabel):
+        return feature.names
+    train = load_hub_or_folder(data, "train") if data != "synthetic" else ds
+    return sorted({c for objects in train["objects"] for c in objects_columns(objects)[1]})
 
 
 def to_detection_schema(ds, data, bbox_format):
@@ -290,13 +293,13 @@ def to_detection_schema(ds, data, bbox_format):
     return ds.map(convert, input_columns="objects", batched=True, features=features)
 
 
-def class_names(ds, data):
-    """From the ClassLabel, or the sorted unique strings of the train split's categories."""
-    feature = category_feature(ds)
-    if isinstance(feature, datasets.ClassLabel):
-        return feature.names
-    train = load_hub_or_folder(data, "train") if data != "synthetic" else ds
-    return sorted({c for objects in train["objects"] for c in objects_columns(objects)[1]})
+def load_split(data, split, bbox_format="xyxy"):
+    """Any source -> a datasets.Dataset with the fashionpedia schema (xyxy pixels, ClassLabel)."""
+    ds = load_raw_split(data, split)
+    if "objects" not in ds.features:
+        raise UserError(f"{data!r} has no `objects` column (bbox + category per image); it has: "
+                        f"{', '.join(ds.features)}")
+    return to_detection_schema(ds, data, bbox_format)
 
 
 def open_image(record):
@@ -609,6 +612,19 @@ def assign_boxes_to_cells(boxes, labels, h, w, background, radius):
     return classes, targets, len(boxes) - len(owner[owned].unique())
 
 
+def collisions_per_stride(data, img_size):
+    """A DetectionDataset -> {stride: share of its boxes that the centre-cell rule loses to collisions}: the
+    design's limit, measured on the user's own data (`odscratch data` prints it)."""
+    lost = {stride: 0 for stride in BACKBONE_CHANNELS}
+    for target, (height, width) in zip(data.targets, data.sizes):
+        boxes = box_convert(target["boxes"] / torch.tensor([width, height, width, height]), "xyxy", "cxcywh")
+        for stride in lost:
+            grid = img_size // stride
+            lost[stride] += assign_boxes_to_cells(boxes, target["labels"], grid, grid, -1, 0.5)[2]
+    total = sum(len(t["boxes"]) for t in data.targets)
+    return {stride: n / max(total, 1) for stride, n in lost.items()}
+
+
 def detection_loss(boxes, logits, targets, img_size, radius):
     """boxes [B, h*w, 4], logits [B, h*w, K+1], targets with boxes in img_size pixels -> loss parts."""
     grid = math.isqrt(boxes.shape[1])  # images are square, so is the grid
@@ -637,6 +653,9 @@ def detection_loss(boxes, logits, targets, img_size, radius):
 # select_detections keeps a different number of boxes per image (threshold + NMS), after the graph.
 
 MAX_DETECTIONS = 100
+NMS_IOU = 0.5
+DETECT_CONF = 0.25  # a user's default: few, sure boxes
+EVAL_CONF = 0.001  # evaluation keeps low-confidence boxes: they extend the PR curve
 
 
 def score_cells(boxes, logits):
@@ -690,15 +709,20 @@ def match_detections(pred_boxes, true_boxes):
     return hit
 
 
-def average_precision(hits, num_true):
-    """hits [D] in descending score order -> area under COCO's 101-point interpolated PR curve."""
+def precision_curve(hits, num_true):
+    """hits [D] in descending score order -> COCO's interpolated precision at the 101 RECALL_POINTS."""
     tp = np.cumsum(hits).astype(float)
     fp = np.cumsum(~hits).astype(float)
     recall = tp / num_true
     precision = tp / (tp + fp + np.spacing(1))
     precision = np.maximum.accumulate(precision[::-1])[::-1]  # best precision at this recall or beyond
     at = np.searchsorted(recall, RECALL_POINTS, side="left")  # first detection reaching each recall point
-    return np.append(precision, 0)[at].mean()  # recall points never reached count as precision 0
+    return np.append(precision, 0)[at]  # recall points never reached count as precision 0
+
+
+def average_precision(hits, num_true):
+    """hits [D] in descending score order -> area under COCO's 101-point interpolated PR curve."""
+    return precision_curve(hits, num_true).mean()
 
 
 def evaluate(predictions, targets, num_classes):
@@ -718,10 +742,12 @@ def evaluate(predictions, targets, num_classes):
             scores[k].append(score[order])
             hits[k].append(match_detections(pred["boxes"][mine].double()[order], true_boxes))
     ap = -np.ones((len(IOU_THRESHOLDS), num_classes))
+    pr50 = [[] for _ in range(num_classes)]  # the PR curve at IoU 0.5, for pr_curve.png
     for k in np.flatnonzero(num_true):
         order = np.argsort(-np.concatenate(scores[k]), kind="mergesort")
         class_hits = np.concatenate(hits[k], axis=1)[:, order]
         ap[:, k] = [average_precision(h, num_true[k]) for h in class_hits]
+        pr50[k] = precision_curve(class_hits[0], num_true[k]).tolist()
 
     def mean(rows):
         valid = ap[rows][:, num_true > 0]
@@ -729,8 +755,127 @@ def evaluate(predictions, targets, num_classes):
 
     at = {round(t * 100): i for i, t in enumerate(IOU_THRESHOLDS)}
     return {"map": mean(slice(None)), "map50": mean([at[50]]), "map75": mean([at[75]]), "map90": mean([at[90]]),
-            "ap50_per_class": ap[at[50]].tolist(),
+            "ap50_per_class": ap[at[50]].tolist(), "pr50_per_class": pr50,
             "ap_per_class": [float(ap[:, k].mean()) if num_true[k] else -1.0 for k in range(num_classes)]}
+
+
+# -----------------------------------------------------------------------------
+# Pictures: what a learner and a user look at before any number. Detections with the true boxes,
+# the objectness grid (the seed's second figure: how sure each cell is that it holds an object),
+# loss and mAP curves, precision-recall curves. Pillow alone draws them.
+
+BOX_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
+TILE = 256          # pixels per image side in a grid of pictures
+PICTURE_IMAGES = 8  # validation images in val_pred.jpg and objectness.jpg
+
+
+def draw_detections(image, found, classes, true_boxes=()):
+    """Predicted boxes, coloured by class with a score tag; true boxes (if given) in thin white."""
+    image = image.convert("RGB")
+    draw = PIL.ImageDraw.Draw(image)
+    for box in true_boxes:
+        draw.rectangle(list(box), outline="white", width=1)
+    for box, score, label in zip(found["boxes"].tolist(), found["scores"].tolist(), found["labels"].tolist()):
+        colour = BOX_COLOURS[label % len(BOX_COLOURS)]
+        draw.rectangle(box, outline=colour, width=2)
+        tag = f"{classes[label]} {score:.2f}"
+        tag_box = draw.textbbox((box[0] + 2, box[1] + 1), tag)
+        draw.rectangle(tag_box, fill=colour)  # a solid tag stays readable on any background
+        draw.text(tag_box[:2], tag, fill="white")
+    return image
+
+
+def objectness_grid(scores):
+    """score_cells' class probabilities [B, h*w, K] -> objectness [B, h, w]: 1 - p(background) per cell."""
+    side = math.isqrt(scores.shape[1])  # images are square, so is the grid
+    return scores.sum(-1).reshape(-1, side, side)
+
+
+def draw_objectness(image, objectness):
+    """The image under a heat map with one square per cell: dark = background, yellow = an object."""
+    heat = objectness.float().clamp(0, 1).numpy()                       # [h, w]
+    colours = np.stack([np.clip(2 * heat, 0, 1), np.clip(2 * heat - 1, 0, 1), np.zeros_like(heat)], -1)
+    overlay = PIL.Image.fromarray((colours * 255).astype(np.uint8)).resize(image.size, PIL.Image.NEAREST)
+    return PIL.Image.blend(image.convert("RGB"), overlay, 0.55)
+
+
+def tile_images(images, columns=4):
+    """Pictures -> one grid of TILE x TILE tiles."""
+    rows = (len(images) + columns - 1) // columns
+    grid = PIL.Image.new("RGB", (columns * TILE, rows * TILE), "white")
+    for i, image in enumerate(images):
+        grid.paste(image.resize((TILE, TILE)), (i % columns * TILE, i // columns * TILE))
+    return grid
+
+
+def plot_lines(title, lines, x, y_range=None, size=(320, 220)):
+    """One chart: {label: [y per x]} as coloured lines, the axis range written at the corners."""
+    image = PIL.Image.new("RGB", size, "white")
+    draw = PIL.ImageDraw.Draw(image)
+    left, top, right, bottom = 40, 22, size[0] - 10, size[1] - 22
+    values = [v for ys in lines.values() for v in ys]
+    low, high = y_range or (min(values), max(values))
+    high = high if high > low else low + 1
+    draw.rectangle((left, top, right, bottom), outline="grey")
+    draw.text((left, 4), title, fill="black")
+    draw.text((2, top), f"{high:.2f}", fill="grey")
+    draw.text((2, bottom - 10), f"{low:.2f}", fill="grey")
+    draw.text((left, bottom + 4), f"{x[0]:g}", fill="grey")
+    draw.text((right - 24, bottom + 4), f"{x[-1]:g}", fill="grey")
+    for i, (label, ys) in enumerate(lines.items()):
+        colour = BOX_COLOURS[i % len(BOX_COLOURS)]
+        span = (x[-1] - x[0]) or 1
+        points = [(left + (right - left) * (xi - x[0]) / span, bottom - (bottom - top) * (y - low) / (high - low))
+                  for xi, y in zip(x, ys)]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        else:  # one epoch: a dot
+            draw.ellipse((points[0][0] - 2, points[0][1] - 2, points[0][0] + 2, points[0][1] + 2), fill=colour)
+        if len(lines) > 1:
+            draw.text((right - 110, top + 4 + 12 * i), label, fill=colour)
+    return image
+
+
+def plot_results(results_csv, path):
+    """results.csv -> results.png: each loss part and the validation mAPs, per epoch."""
+    with open(results_csv) as f:
+        rows = list(csv.DictReader(f))
+    epochs = [int(row["epoch"]) for row in rows]
+    charts = [plot_lines(name, {name: [float(row[name]) for row in rows]}, epochs)
+              for name in ["loss", "cls", "box", "giou"]]
+    charts += [plot_lines(f"validation {name}", {name: [float(row[key]) for row in rows]}, epochs, (0, 1))
+               for name, key in [("mAP50", "map50"), ("mAP50-95", "map")]]
+    grid = PIL.Image.new("RGB", (3 * charts[0].width, 2 * charts[0].height), "white")
+    for i, chart in enumerate(charts):
+        grid.paste(chart, (i % 3 * chart.width, i // 3 * chart.height))
+    grid.save(path)
+
+
+def plot_pr_curves(metrics, classes, path):
+    """pr_curve.png: precision against recall at IoU 0.5, one line per class, AP50 in the legend."""
+    lines = {f"{name} {ap:.3f}": curve for name, ap, curve in
+             zip(classes, metrics["ap50_per_class"], metrics["pr50_per_class"]) if curve}
+    plot_lines("precision vs recall, IoU 0.5", lines, RECALL_POINTS.tolist(), (0, 1), size=(480, 360)).save(path)
+
+
+@torch.no_grad()
+def draw_validation_pictures(model, data, classes, metrics, run_dir, bf16):
+    """After training: val_pred.jpg, objectness.jpg, pr_curve.png and results.png in run_dir."""
+    model.eval()
+    device = next(model.parameters()).device
+    n = min(PICTURE_IMAGES, len(data))
+    images, targets = collate([data[i] for i in range(n)])
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        boxes, logits = model(images.to(device))
+    boxes, scores = score_cells(boxes, logits)
+    originals = [open_image(data.ds[i]["image"]).convert("RGB") for i in range(n)]
+    found = select_detections(boxes, scores, [data.sizes[i] for i in range(n)], DETECT_CONF, NMS_IOU)
+    tile_images([draw_detections(image, f, classes, data.targets[i]["boxes"].tolist())
+                 for i, (image, f) in enumerate(zip(originals, found))]).save(run_dir / "val_pred.jpg")
+    tile_images([draw_objectness(image, grid) for image, grid in zip(originals, objectness_grid(scores.cpu()))]
+                ).save(run_dir / "objectness.jpg")
+    plot_pr_curves(metrics, classes, run_dir / "pr_curve.png")
+    plot_results(run_dir / "results.csv", run_dir / "results.png")
 
 
 # -----------------------------------------------------------------------------
@@ -836,12 +981,14 @@ class StopRequest:
     exactly. A second Ctrl-C stops at once, and the last finished epoch's last.pt is what remains."""
 
     def __enter__(self):
-        self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self.request)
+        self.requested, self.previous = False, None
+        if threading.current_thread() is threading.main_thread():  # Python lets only this thread handle signals
+            self.previous = signal.signal(signal.SIGINT, self.request)
         return self
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
     def request(self, signum, frame):
         if self.requested:
@@ -971,7 +1118,7 @@ def fit(model, loader, compute_loss, validate, cfg, run_dir, meta, best_metric, 
                               + (f" | {lost} boxes lost to shared cells" if lost else "")
                               + (f" | {skipped} steps skipped: loss NaN or inf" if skipped else ""))
                 if best is None or metrics[best_metric] > best[best_metric]:
-                    best = metrics
+                    best = {**metrics, "epoch": finished["epoch"]}
                     save_checkpoint(run_dir / "best.pt", checkpoint(metrics, resumable=False))
                 save_checkpoint(run_dir / "last.pt", checkpoint(metrics))
     except KeyboardInterrupt:
@@ -994,10 +1141,6 @@ def predict(model, data, batch, conf, iou, bf16):
             boxes, logits = model(images.to(device, memory_format=memory_format(bf16)))
         results += decode_detections(boxes, logits, [data.sizes[t["index"]] for t in targets], conf, iou)
     return results
-
-
-EVAL_CONF = 0.001  # evaluation keeps low-confidence boxes: they extend the PR curve
-NMS_IOU = 0.5
 
 
 def validate_detector(model, data, num_classes, cfg, bf16):
@@ -1119,6 +1262,10 @@ def train_detector(cfg, name, backbone=None, resume=None):
                lambda m: validate_detector(m, val_data, len(classes), cfg, bf16), cfg, run_dir,
                {"kind": "detector", "classes": classes, "backbone": checkpoint["backbone"] if checkpoint else
                 str(backbone or "")}, best_metric="map", resume=checkpoint and checkpoint["resume"])
+    if rank == 0:  # the pictures show the best epoch's model
+        inner = getattr(model, "module", model)
+        inner.load_state_dict(torch.load(run_dir / "best.pt", map_location=device, weights_only=True)["model"])
+        draw_validation_pictures(inner, val_data, classes, best, run_dir, bf16)
     return run_dir, best, classes
 
 
@@ -1214,9 +1361,6 @@ def pretrain_backbone(cfg, name, mask_crop, resume=None):
 # Shipping: a trained model as a Python object (`Detector`, which `detect` uses too), as an ONNX file
 # (`export`) that onnxruntime or another runtime can run, and how fast each one is (`bench`).
 
-DETECT_CONF = 0.25  # a user's default: fewer, surer boxes than evaluation's EVAL_CONF
-
-
 def load_detector(path, device, fold=True):
     """A best.pt -> the model for inference (BatchNorm folded unless fold=False), its Config, class names."""
     checkpoint = read_checkpoint(path, "detector")
@@ -1234,47 +1378,6 @@ def read_image(path):
         raise UserError(f"image not found: {path}") from None
     except (OSError, PIL.Image.DecompressionBombError) as e:
         raise UserError(f"cannot read image {path}: {e}") from None
-
-
-class Detector:
-    """A trained model, ready to use (a best.pt, or a model.onnx that `export` wrote):
-
-        detector = Detector.load("runs/train/exp/best.pt")
-        for found in detector(["a.jpg", "b.jpg"]):  # paths or PIL images, or just one
-            print(found["names"], found["boxes"], found["scores"])  # boxes [N, 4]: x1, y1, x2, y2 in pixels
-
-    `network` maps a batch [B, 3, img_size, img_size] in [0, 1] to score_cells' output, in PyTorch or
-    in onnxruntime; select_detections does the rest, the same for both.
-    """
-
-    def __init__(self, network, classes, img_size):
-        self.network, self.classes, self.img_size = network, classes, img_size
-        self.transform = inference_transform(img_size)
-
-    @classmethod
-    def load(cls, path, device="auto", fp32=False):
-        if Path(path).suffix == ".onnx":
-            return cls(*onnx_network(path))
-        device = pick_device(device)
-        model, cfg, classes = load_detector(path, device)
-        bf16 = use_bf16(device, cfg.fp32 or fp32)
-        model.to(memory_format=memory_format(bf16))
-
-        def network(images):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                boxes, logits = model(images.to(device, memory_format=memory_format(bf16)))
-            return score_cells(boxes, logits)
-
-        return cls(network, classes, cfg.img_size)
-
-    @torch.no_grad()
-    def __call__(self, images, conf=DETECT_CONF, iou=NMS_IOU, max_det=MAX_DETECTIONS):
-        """Images -> per image {boxes [N, 4] xyxy pixels, scores [N], labels [N], names [N]}."""
-        images = [read_image(i) if isinstance(i, (str, Path)) else i.convert("RGB")
-                  for i in (images if isinstance(images, (list, tuple)) else [images])]
-        batch = torch.stack([self.transform(image) for image in images])  # [B, 3, img_size, img_size]
-        found = select_detections(*self.network(batch), [(i.height, i.width) for i in images], conf, iou, max_det)
-        return [{**f, "names": [self.classes[label] for label in f["labels"].tolist()]} for f in found]
 
 
 class ScoredCells(nn.Module):
@@ -1333,6 +1436,50 @@ def onnx_network(path, threads=0):
         return torch.from_numpy(boxes), torch.from_numpy(scores)
 
     return network, json.loads(metadata["classes"]), int(metadata["img_size"])
+
+
+class Detector:
+    """A trained model, ready to use (a best.pt, or a model.onnx that `export` wrote):
+
+        detector = Detector.load("runs/train/exp/best.pt")
+        for found in detector(["a.jpg", "b.jpg"]):  # paths or PIL images, or just one
+            print(found["names"], found["boxes"], found["scores"])  # boxes [N, 4]: x1, y1, x2, y2 in pixels
+
+    `network` maps a batch [B, 3, img_size, img_size] in [0, 1] to score_cells' output, in PyTorch or
+    in onnxruntime; select_detections does the rest, the same for both.
+    """
+
+    def __init__(self, network, classes, img_size):
+        self.network, self.classes, self.img_size = network, classes, img_size
+        self.transform = inference_transform(img_size)
+
+    @classmethod
+    def load(cls, path, device="auto", fp32=False):
+        if Path(path).suffix == ".onnx":
+            return cls(*onnx_network(path))
+        device = pick_device(device)
+        model, cfg, classes = load_detector(path, device)
+        bf16 = use_bf16(device, cfg.fp32 or fp32)
+        model.to(memory_format=memory_format(bf16))
+
+        def network(images):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                boxes, logits = model(images.to(device, memory_format=memory_format(bf16)))
+            return score_cells(boxes, logits)
+
+        return cls(network, classes, cfg.img_size)
+
+    @torch.no_grad()
+    def __call__(self, images, conf=DETECT_CONF, iou=NMS_IOU, max_det=MAX_DETECTIONS):
+        """Images -> per image {boxes [N, 4] xyxy pixels, scores [N], labels [N], names [N],
+        objectness [h, w]: each cell's 1 - p(background), the grid behind the boxes}."""
+        images = [read_image(i) if isinstance(i, (str, Path)) else i.convert("RGB")
+                  for i in (images if isinstance(images, (list, tuple)) else [images])]
+        batch = torch.stack([self.transform(image) for image in images])  # [B, 3, img_size, img_size]
+        boxes, scores = self.network(batch)                              # [B, h*w, 4], [B, h*w, K]
+        found = select_detections(boxes, scores, [(i.height, i.width) for i in images], conf, iou, max_det)
+        return [{**f, "names": [self.classes[label] for label in f["labels"].tolist()], "objectness": grid}
+                for f, grid in zip(found, objectness_grid(scores.cpu()))]
 
 
 def seconds_per_call(run, calls):
@@ -1481,7 +1628,10 @@ def train(
                      fp32=fp32, device=device)
         run_dir, best, classes = train_detector(cfg, name, backbone, resume)
         if best:  # under torchrun, rank 0's
-            console.print(metrics_table(f"best validation epoch ({run_dir / 'best.pt'})", best, classes))
+            console.print(metrics_table(f"best validation epoch: {best['epoch']} ({run_dir / 'best.pt'})", best,
+                                        classes))
+            console.print(f"pictures: {run_dir}/results.png (losses, mAP per epoch), val_pred.jpg (predicted and "
+                          "true boxes), pr_curve.png, objectness.jpg (per-cell objectness)", soft_wrap=True)
 
 
 @app.command("eval")
@@ -1506,21 +1656,65 @@ def evaluate_command(
         console.print(metrics_table(f"{weights} on {data} {split} ({len(dataset)} images)", metrics, classes))
 
 
+SIZE_BINS = [0.02, 0.05, 0.1, 0.25, 0.5]  # box side (the square root of its area) over the image's
+COLLISION_TOLERANCE = 0.01  # `data` suggests the coarsest stride that loses fewer boxes than this
+
+
+def box_sides(data):
+    """A DetectionDataset -> each box's side (square root of its area) over its image's, [N]."""
+    return torch.cat([(box_convert(t["boxes"], "xyxy", "cxcywh")[:, 2:].prod(1) / (h * w)).sqrt()
+                      for t, (h, w) in zip(data.targets, data.sizes)])
+
+
+@app.command("data")
+def data_command(
+    data: str = typer.Option(Config.data, help="'synthetic', a hub dataset name, or a local folder"),
+    bbox_format: str = typer.Option(Config.bbox_format, help="xyxy or xywh: how the data stores boxes"),
+    img_size: int = typer.Option(Config.img_size, help="the --img-size you would train at"),
+):
+    """What a dataset looks like before training: splits, classes, box sizes, and which --stride to pick."""
+    with user_errors():
+        splits = {}
+        for split in ["train", "validation", "test"]:
+            try:
+                ds = load_split(data, split, bbox_format)
+            except UserError as e:
+                if "has no split" in str(e):
+                    continue
+                raise
+            splits[split] = DetectionDataset(ds, img_size, train=False, name=f"{data} {split}")
+        classes = category_feature(splits["train"].ds).names
+        table = Table("split", "images", "boxes", "boxes per image, mean / max", "images with no box", *classes,
+                      title=f"{data}: images and boxes per split and class")
+        for split, d in splits.items():
+            counts = [len(t["boxes"]) for t in d.targets]
+            labels = torch.cat([t["labels"] for t in d.targets])
+            table.add_row(split, str(len(d)), str(sum(counts)), f"{np.mean(counts):.1f} / {max(counts)}",
+                          str(counts.count(0)), *[str(int((labels == k).sum())) for k in range(len(classes))])
+        console.print(table)
+        bins = list(zip([0, *SIZE_BINS], [*SIZE_BINS, math.inf]))
+        table = Table("split", *[f"{a:.0%}-{b:.0%}" if b < math.inf else f">= {a:.0%}" for a, b in bins],
+                      title="box side / image side (side = square root of the area)")
+        for split, d in splits.items():
+            sides = box_sides(d)
+            table.add_row(split, *[f"{((sides >= a) & (sides < b)).float().mean():.1%}" for a, b in bins])
+        console.print(table)
+        sides = box_sides(splits["train"]) * img_size  # in pixels at --img-size
+        lost = collisions_per_stride(splits["train"], img_size)
+        table = Table("--stride", "grid", "boxes smaller than a cell", "boxes lost to collisions",
+                      title=f"the centre-cell rule at --img-size {img_size}, train split")
+        for stride, share in lost.items():
+            table.add_row(str(stride), f"{img_size // stride} x {img_size // stride}",
+                          f"{(sides < stride).float().mean():.1%}", f"{share:.2%}")
+        console.print(table)
+        good = [stride for stride, share in lost.items() if share < COLLISION_TOLERANCE]
+        console.print(f"pick --stride {max(good)}: the coarsest grid (fastest, widest view per cell) that loses under "
+                      f"{COLLISION_TOLERANCE:.0%} of the boxes" if good else
+                      f"every stride loses {COLLISION_TOLERANCE:.0%} or more of the boxes: train with --stride 8 and a "
+                      "larger --img-size, or --assign-radius 1", soft_wrap=True)
+
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-BOX_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
-
-
-def draw_detections(image, det, classes):
-    image = image.convert("RGB")
-    draw = PIL.ImageDraw.Draw(image)
-    for box, score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist()):
-        colour = BOX_COLOURS[label % len(BOX_COLOURS)]
-        draw.rectangle(box, outline=colour, width=2)
-        tag = f"{classes[label]} {score:.2f}"
-        tag_box = draw.textbbox((box[0] + 2, box[1] + 1), tag)
-        draw.rectangle(tag_box, fill=colour)  # a solid tag stays readable on any background
-        draw.text(tag_box[:2], tag, fill="white")
-    return image
 
 
 def detect_inputs(sources):
@@ -1585,6 +1779,7 @@ def detect(
     max_det: int = typer.Option(MAX_DETECTIONS, help="at most this many boxes per image"),
     json_output: bool = typer.Option(False, "--json", help="write detections.json in COCO's results format"),
     save_txt: bool = typer.Option(False, "--save-txt", help="write labels/<image>.txt in YOLO's format"),
+    show_grid: bool = typer.Option(False, "--show-grid", help="also write <image>_grid.jpg: each cell's objectness"),
     device: str = typer.Option(Config.device, help="auto, cpu or cuda"),
     name: str = typer.Option("exp", help="run folder under runs/detect/"),
 ):
@@ -1612,6 +1807,8 @@ def detect(
                                                          detector(list(images), conf, iou, max_det)):
                 stem = Path(file_name).stem
                 draw_detections(image, found, detector.classes).save(run_dir / f"{stem}.jpg")
+                if show_grid:
+                    draw_objectness(image, found["objectness"]).save(run_dir / f"{stem}_grid.jpg")
                 for box, score, label in zip(found["boxes"].tolist(), found["scores"].tolist(), found["names"]):
                     table.add_row(file_name, label, f"{score:.2f}", ", ".join(f"{v:.0f}" for v in box))
                 results += coco_results(found, image_id)

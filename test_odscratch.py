@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -888,3 +889,68 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
     result = runner.invoke(ods.app, ["--debug", "detect", "no/such/image.jpg"])
     assert isinstance(result.exception, ods.UserError)  # raised, not turned into one line
     assert runner.invoke(ods.app, ["detect", "no/such/image.jpg"]).exit_code == 1
+
+
+# --- the pictures and the data report --------------------------------------------------------------
+
+def test_training_draws_its_pictures(trained):
+    folder, result = trained
+    run = folder / "runs" / "train" / "exp"
+    sizes = {"results.png": (3 * 320, 2 * 220), "val_pred.jpg": (4 * ods.TILE, 2 * ods.TILE),
+             "objectness.jpg": (4 * ods.TILE, 2 * ods.TILE), "pr_curve.png": (480, 360)}
+    for name, size in sizes.items():
+        with PIL.Image.open(run / name) as image:
+            image.verify()
+        assert PIL.Image.open(run / name).size == size, name
+    output = " ".join(result.output.split())
+    assert "best validation epoch: " in output and "val_pred.jpg" in output and "objectness.jpg" in output
+
+
+def test_objectness_has_one_value_per_cell(trained, tmp_path, monkeypatch):
+    folder, _ = trained
+    weights = folder / "runs" / "train" / "exp" / "best.pt"
+    detector = ods.Detector.load(weights, "cpu", fp32=True)
+    image = ods.load_split("synthetic", "test")[0]["image"]
+    grid = detector(image)[0]["objectness"]
+    assert grid.shape == (128 // 16, 128 // 16) and 0 <= grid.min() and grid.max() <= 1
+    model, cfg, classes = ods.load_detector(weights, torch.device("cpu"))
+    with torch.no_grad():
+        _, logits = model(ods.inference_transform(cfg.img_size)(image)[None].float())
+    background = logits.softmax(-1)[0, :, -1].reshape(8, 8)
+    assert torch.allclose(grid, 1 - background, atol=1e-5)  # 1 - p(background), cell by cell
+    monkeypatch.chdir(folder)
+    image.save(tmp_path / "shapes.png")
+    result = runner.invoke(ods.app, ["detect", str(tmp_path / "shapes.png"), "--show-grid", "--name", "grid"])
+    assert result.exit_code == 0, result.output
+    assert PIL.Image.open(folder / "runs" / "detect" / "grid" / "shapes_grid.jpg").size == image.size
+
+
+def test_data_collision_shares_agree_with_the_assignment(tmp_path):
+    # per image: two boxes whose centres share a stride-32 cell but not a stride-16 one, and one alone
+    boxes = [[4.0, 4, 20, 20], [16, 16, 24, 24], [40, 40, 60, 60]]  # centres (12, 12), (20, 20), (50, 50)
+    image = {"bytes": ods.jpeg_bytes(PIL.Image.new("RGB", (64, 64))), "path": None}
+    ds = datasets.Dataset.from_dict({"image": [image] * 4, "objects": [{"bbox": boxes, "category": [0, 1, 0]}] * 4},
+                                    features=ods.detection_features(["a", "b"]))
+    data = ods.DetectionDataset(ds, 64, train=False)
+    shares = ods.collisions_per_stride(data, 64)
+    relative = ods.box_convert(torch.tensor(boxes) / 64, "xyxy", "cxcywh")
+    for stride, share in shares.items():
+        grid = 64 // stride
+        lost = ods.assign_boxes_to_cells(relative, torch.tensor([0, 1, 0]), grid, grid, 2, 0.5)[2]
+        assert share == pytest.approx(lost / 3)
+    assert shares == {8: 0.0, 16: 0.0, 32: pytest.approx(1 / 3)}
+    folder = tmp_path / "data"
+    ds.to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
+    result = runner.invoke(ods.app, ["data", "--data", str(folder), "--img-size", "64"])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "33.33%" in output and "pick --stride 16" in output
+
+
+def test_readme_pictures_exist():
+    root = Path(__file__).resolve().parent
+    pictures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (root / "README.md").read_text())
+    assert len(pictures) >= 2
+    for picture in pictures:
+        with PIL.Image.open(root / picture) as image:
+            image.verify()
