@@ -52,7 +52,7 @@ def main():
         train = ods.GridDetector(num_classes, model_stride(model))
         train = train.to(memory_format=memory)
         optimizer = torch.optim.AdamW(train.parameters())
-        images = torch.rand(ods.Config.batch, 3, size, size).to(memory_format=memory)
+        images = torch.rand(16, 3, size, size).to(memory_format=memory)
         rates = []
         for i in range(8):
             start = time.perf_counter()

@@ -21,7 +21,7 @@ from torchvision.transforms import v2
 
 import odscratch as ods
 
-BASE = {"img_size": 320}
+BASE = {"img_size": 320, "assign_radius": 0.5, "batch": 16}  # the recipe the levers were measured on
 R1B8 = {"assign_radius": 1.0, "batch": 8}
 
 

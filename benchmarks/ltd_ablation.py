@@ -39,14 +39,14 @@ def run(config, seed, args):
     backbone = None
     pretrain_epochs = {"scratch": 0, "ltd-equal": args.equal_pretrain_epochs}.get(config, args.pretrain_epochs)
     if pretrain_epochs:
-        cfg = ods.Config(data=args.data, img_size=args.img_size, epochs=pretrain_epochs, seed=seed)
+        cfg = ods.Config(data=args.data, img_size=args.img_size, epochs=pretrain_epochs, seed=seed, batch=ods.LTD_BATCH)
         start = time.time()
         run_dir, best = ods.pretrain_backbone(cfg, f"ablation-{config}-s{seed}", mask_crop=config == "ltd-masked")
         row.update(pretrain_epochs=pretrain_epochs, pretrain_s=round(time.time() - start),
                    ltd_iou=round(best["iou"], 4))
         backbone = run_dir / "backbone.pt"
     epochs = args.train_epochs - (pretrain_epochs if config == "ltd-equal" else 0)
-    cfg = ods.Config(data=args.data, img_size=args.img_size, epochs=epochs, seed=seed)
+    cfg = ods.Config(data=args.data, img_size=args.img_size, epochs=epochs, seed=seed, assign_radius=0.5, batch=16)  # as measured
     start = time.time()
     run_dir, _, _ = ods.train_detector(cfg, f"ablation-{config}-s{seed}", backbone)
     row.update(train_epochs=epochs, train_s=round(time.time() - start))
