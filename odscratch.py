@@ -941,6 +941,15 @@ def save_checkpoint(path, checkpoint):
     write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
+def max_over_processes(value):
+    """Under torchrun: the largest `value` among the processes, so that all of them take the same branch."""
+    if not dist.is_initialized():
+        return value
+    value = torch.tensor(float(value))
+    dist.all_reduce(value, dist.ReduceOp.MAX)
+    return value.item()
+
+
 class Budget:
     """How much of the planned run is done, from 0 to 1: by wall time with --time, else by steps."""
 
@@ -951,10 +960,8 @@ class Budget:
     def progress(self):
         if not self.minutes:
             return self.steps / self.total_steps
-        done = torch.tensor(min((time.time() - self.start) / (self.minutes * 60), 1.0))
-        if dist.is_initialized():  # under torchrun every process must stop at the same step: the slowest decides
-            dist.all_reduce(done, dist.ReduceOp.MAX)
-        return done.item()
+        # under torchrun every process must stop at the same step: the slowest clock decides
+        return max_over_processes(min((time.time() - self.start) / (self.minutes * 60), 1.0))
 
 
 def to_device(images, device, bf16):
@@ -965,15 +972,6 @@ def to_device(images, device, bf16):
 
 
 NONFINITE_LIMIT = 5  # steps in a row with a NaN or inf loss before training gives up
-
-
-def any_process(flag):
-    """Under torchrun: True when `flag` is True in any process, so that all take the same branch."""
-    if not dist.is_initialized():
-        return flag
-    flag = torch.tensor(float(flag))
-    dist.all_reduce(flag, dist.ReduceOp.MAX)
-    return bool(flag.item())
 
 
 class StopRequest:
@@ -1017,7 +1015,7 @@ def train_epoch(model, loader, batches, compute_loss, optimizer, cfg, budget, ru
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 outputs = model(to_device(images, device, bf16))
             parts, lost = compute_loss(outputs, targets)
-            if any_process(not torch.isfinite(parts["loss"]).item()):  # a bad step is skipped, not learnt
+            if max_over_processes(not torch.isfinite(parts["loss"]).item()):  # a bad step is skipped, not learnt
                 run["skipped"], run["bad_in_a_row"] = run["skipped"] + 1, run["bad_in_a_row"] + 1
                 if run["bad_in_a_row"] >= NONFINITE_LIMIT:
                     raise FloatingPointError(f"the loss was NaN or inf for {NONFINITE_LIMIT} steps in a row")
@@ -1036,7 +1034,7 @@ def train_epoch(model, loader, batches, compute_loss, optimizer, cfg, budget, ru
             bar.update(task, advance=1, info=f"{info} | {speed:.1f} img/s")
             if budget.progress() >= 1:
                 return False
-            if any_process(stop.requested):
+            if max_over_processes(stop.requested):
                 return True
     return False
 
