@@ -37,6 +37,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import tempfile
 import threading
@@ -44,6 +45,7 @@ import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
+from xml.etree import ElementTree
 
 import datasets
 import huggingface_hub
@@ -56,6 +58,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 import typer
+import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
@@ -75,8 +78,8 @@ class UserError(Exception):
 
 @dataclass
 class Config:
-    data: str = "synthetic"         # "synthetic", a hub name, or a local folder that datasets can load
-    bbox_format: str = "xyxy"       # how the data stores boxes: xyxy (fashionpedia, BCCD) or xywh (COCO)
+    data: str = "synthetic"         # "synthetic", a dataset folder or file (YOLO, COCO, VOC, Hugging Face), a hub name
+    bbox_format: str = "auto"       # Hugging Face data's boxes: xyxy, xywh, or auto (YOLO, COCO, VOC say)
     img_size: int = 192             # images are resized to img_size x img_size
     stride: int = 16                # pixels per grid cell: 8, 16 or 32 (where ResNet-18 is cut)
     assign_radius: float = 1.0      # 0.5: a box trains only the cell its centre is in; 1: also nearby cells inside it
@@ -186,126 +189,30 @@ def synthetic_split(split):
 
 
 def objects_columns(objects):
-    # datasets stores `objects` either as a dict of lists or as a list of dicts
+    # datasets stores `objects` either as a dict of lists or as a list of dicts; the class is
+    # `category` (fashionpedia) or `categories` (Hugging Face AutoTrain's layout)
     if isinstance(objects, dict):
-        return objects["bbox"], objects["category"]
-    return [o["bbox"] for o in objects], [o["category"] for o in objects]
+        return objects["bbox"], objects.get("category", objects.get("categories"))
+    return [o["bbox"] for o in objects], [o.get("category", o.get("categories")) for o in objects]
+
+
+def objects_feature(ds):
+    objects = ds.features["objects"]
+    return getattr(objects, "feature", objects)  # list of dicts -> the dict
 
 
 def category_feature(ds):
-    objects = ds.features["objects"]
-    objects = getattr(objects, "feature", objects)  # list of dicts -> the dict
-    return getattr(objects["category"], "feature", objects["category"])
-
-
-def cannot_load(data, what, error):
-    if "corresponds to no data" in str(error):  # datasets' words for a split with no rows
-        return UserError(f"{what} of {data!r} is empty")
-    hint = "" if Path(data).exists() else " (offline? point --data at a local folder, or use --data synthetic)"
-    return UserError(f"cannot load {what} of {data!r}: {str(error).splitlines()[0]}{hint}")
-
-
-def load_hub_or_folder(data, split):
-    try:
-        return datasets.load_dataset(data, split=split)
-    except Exception as e:
-        raise cannot_load(data, f"split {split!r}", e) from None
-
-
-HUB_TIMEOUT = 10  # seconds; through datasets alone, an unreachable hub costs ~25 s of retries, or minutes
-
-
-def check_hub(name):
-    """`name` is not a local folder, so it is a hub dataset: fail at once, in one line, if it cannot be had.
-    With HF_HUB_OFFLINE=1, datasets looks in its local cache instead, and answers at once by itself."""
-    if huggingface_hub.constants.HF_HUB_OFFLINE:
-        return
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise UserError(f"dataset folder not found: {name}")
-    try:
-        huggingface_hub.HfApi().dataset_info(name, timeout=HUB_TIMEOUT)
-    except huggingface_hub.errors.RepositoryNotFoundError:
-        raise UserError(f"{name!r} is neither a local folder nor a dataset on the Hugging Face hub") from None
-    except Exception as e:
-        raise UserError(f"cannot reach the Hugging Face hub for {name!r} ({type(e).__name__}): point --data at a "
-                        "local folder, or use --data synthetic") from None
-
-
-def load_raw_split(data, split):
-    """A split as datasets gives it (any columns); a missing validation split is carved from train."""
-    if data == "synthetic":
-        if split not in SYNTHETIC_SPLITS:
-            raise UserError(f"synthetic has no split {split!r}; it has: {', '.join(SYNTHETIC_SPLITS)}")
-        return synthetic_split(split)
-    if not Path(data).exists():
-        check_hub(data)
-    try:
-        available = datasets.get_dataset_split_names(data)
-    except Exception as e:
-        raise cannot_load(data, "the splits", e) from None
-    if split == "validation" and split not in available and "train" in available:
-        carve = load_hub_or_folder(data, "train").train_test_split(VALIDATION_FRACTION, seed=SPLIT_SEED)
-        console.print(f"{data} has no validation split: using a seeded {VALIDATION_FRACTION:.0%} of train "
-                      f"({len(carve['test'])} images)")
-        ds = carve["test"]
-    elif split == "train" and "validation" not in available and "train" in available:
-        ds = load_hub_or_folder(data, "train").train_test_split(VALIDATION_FRACTION, seed=SPLIT_SEED)["train"]
-    elif split in available:
-        ds = load_hub_or_folder(data, split)
-    else:
-        raise UserError(f"{data!r} has no split {split!r}; it has: {', '.join(available)}")
-    if len(ds) == 0:
-        raise UserError(f"split {split!r} of {data!r} is empty")
-    if "image" not in ds.features:
-        raise UserError(f"{data!r} has no `image` column; it has: {', '.join(ds.features)}")
-    return ds
-
-
-def class_names(ds, data):
-    """From the ClassLabel, or the sorted unique strings of the train split's categories."""
-    feature = category_feature(ds)
-    if isinstance(feature, datasets.ClassLabel):
-        return feature.names
-    train = load_hub_or_folder(data, "train") if data != "synthetic" else ds
-    return sorted({c for objects in train["objects"] for c in objects_columns(objects)[1]})
-
-
-def to_detection_schema(ds, data, bbox_format):
-    # Data already in the schema (fashionpedia, BCCD) passes through untouched: no copy of the images.
-    names = class_names(ds, data)
-    strings = not isinstance(category_feature(ds), datasets.ClassLabel)
-    if bbox_format == "xyxy" and not strings:
-        return ds
-
-    def convert(objects_batch):
-        out = []
-        for objects in objects_batch:
-            boxes, cats = objects_columns(objects)
-            if bbox_format == "xywh":
-                boxes = [[x, y, x + w, y + h] for x, y, w, h in boxes]
-            unknown = set(cats) - set(names) if strings else set()
-            if unknown:
-                raise UserError(f"{data}: categories {sorted(unknown)} are not in the class list {names} "
-                                "(the train split's categories)")
-            out.append({"bbox": boxes, "category": [names.index(c) for c in cats] if strings else cats})
-        return {"objects": out}
-
-    features = datasets.Features({**ds.features, **detection_features(names)})
-    return ds.map(convert, input_columns="objects", batched=True, features=features)
-
-
-def load_split(data, split, bbox_format="xyxy"):
-    """Any source -> a datasets.Dataset with the fashionpedia schema (xyxy pixels, ClassLabel)."""
-    ds = load_raw_split(data, split)
-    if "objects" not in ds.features:
-        raise UserError(f"{data!r} has no `objects` column (bbox + category per image); it has: "
-                        f"{', '.join(ds.features)}")
-    return to_detection_schema(ds, data, bbox_format)
+    objects = objects_feature(ds)
+    category = objects["category"] if "category" in objects else objects["categories"]
+    return getattr(category, "feature", category)
 
 
 def open_image(record):
     # record is datasets' undecoded image: {"bytes": ..., "path": ...}
     return PIL.Image.open(io.BytesIO(record["bytes"]) if record["bytes"] else record["path"])
+
+
+UNREADABLE = (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError)  # what PIL raises
 
 
 def image_problem(record):
@@ -317,7 +224,7 @@ def image_problem(record):
         return None
     except FileNotFoundError:
         return "file not found"
-    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as e:
+    except UNREADABLE as e:
         return str(e).split(". ")[0]
 
 
@@ -358,6 +265,519 @@ def impossible_boxes(boxes, width, height):
     inverted = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
     outside = ((boxes < -FAR_OUTSIDE * size) | (boxes > (1 + FAR_OUTSIDE) * size)).any(1)
     return int((inverted | outside).sum())
+
+
+# -----------------------------------------------------------------------------
+# Your own data, as labelling tools export it (CVAT, Label Studio, Roboflow, LabelImg, makesense.ai):
+# YOLO txt files with a data.yaml, COCO json, Pascal VOC xml, or anything Hugging Face datasets reads.
+# A reader walks the annotation files once and gives, per split, one row per image: the image's path,
+# its boxes in xyxy pixels, their class indices. datasets writes the rows to its cache (the images
+# stay on disk and are read when used). Broken annotations are skipped, counted and named; a split
+# that is mostly broken is refused.
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+SPLIT_WORDS = {"train": "train", "training": "train", "val": "validation", "valid": "validation",
+               "validation": "validation", "dev": "validation", "test": "test", "testing": "test"}
+MOSTLY_BROKEN = 0.5  # a split with more than this share of its images (or boxes) broken is refused
+LAYOUTS = ("YOLO (a data.yaml, or classes.txt beside txt labels), COCO (.json), Pascal VOC (.xml), "
+           "Hugging Face datasets (parquet or arrow files, or images with a metadata.jsonl)")
+
+
+def split_named(name):
+    """A file or folder name -> the split it names (instances_val2017 -> validation), or None."""
+    return next((SPLIT_WORDS[w] for w in re.findall(r"[a-z]+", name.lower()) if w in SPLIT_WORDS), None)
+
+
+@dataclass
+class Annotations:
+    """What a reader found. rows: {split: [{"image": path, "objects": {"bbox", "category"}}]};
+    skipped: (split, "image" or "box", why, where) for each thing left out; notes: lines to print."""
+    layout: str
+    classes: list
+    rows: dict
+    skipped: list
+    notes: list
+
+
+def image_row(path, boxes, categories):
+    return {"image": str(path), "objects": {"bbox": boxes, "category": categories}}
+
+
+def images_by_name(root):
+    """Every image under root, by file name and by stem: where annotations name an image without
+    saying in which folder it is."""
+    index = {}
+    for path in sorted(root.rglob("*")):
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            index.setdefault(path.name, path)
+            index.setdefault(path.stem, path)
+    return index
+
+
+def find_image(name, candidates, index):
+    """The first candidate path that exists, else the image of that name anywhere under the dataset."""
+    found = next((p for p in candidates if p.is_file()), None)
+    return found or index.get(Path(name).name) or index.get(Path(name).stem)
+
+
+def image_size(path):
+    """(width, height) from the image's header, or None when PIL cannot open it."""
+    try:
+        with PIL.Image.open(path) as image:
+            return image.size
+    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError):
+        return None
+
+
+# YOLO: one txt file per image, one `class cx cy w h` line per box, relative to the image's size.
+
+def yolo_label_path(image):
+    # Ultralytics' rule: the last /images/ of the path becomes /labels/, the suffix becomes .txt
+    head, images, tail = str(image).rpartition(f"{os.sep}images{os.sep}")
+    return Path(f"{head}{os.sep}labels{os.sep}{tail}" if images else str(image)).with_suffix(".txt")
+
+
+def read_yolo_label(path, width, height, num_classes, split, skipped):
+    """A YOLO label file -> boxes in xyxy pixels and class indices. A line of more than 5 numbers is
+    a polygon (class x1 y1 x2 y2 ...), as segmentation exports write it: its box is its bounds."""
+    boxes, categories = [], []
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        try:
+            values = [float(v) for v in line.split()]
+        except ValueError:
+            values = [math.nan]
+        if not values:
+            continue
+        where = f"{path.name}:{n}"
+        polygon = len(values) >= 7 and len(values) % 2 == 1
+        if len(values) != 5 and not polygon or not all(-0.01 <= v <= 1.01 for v in values[1:]):
+            skipped.append((split, "box", "label lines that are not `class cx cy w h` in 0-1", where))
+        elif not values[0].is_integer() or not 0 <= values[0] < num_classes:
+            skipped.append((split, "box", f"class ids past the {num_classes} names", where))
+        else:
+            if polygon:
+                x, y = values[1::2], values[2::2]
+                box = [min(x), min(y), max(x), max(y)]
+            else:
+                cx, cy, w, h = values[1:]
+                box = [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
+            boxes.append([box[0] * width, box[1] * height, box[2] * width, box[3] * height])
+            categories.append(int(values[0]))
+    return boxes, categories
+
+
+def yolo_class_names(spec, root, source):
+    """data.yaml's `names` (a list, or {id: name}), else a classes.txt (as LabelImg writes it)."""
+    names = spec.get("names")
+    if isinstance(names, dict):
+        return [str(names.get(i, i)) for i in range(max(names) + 1)]
+    if names:
+        return [str(name) for name in names]
+    classes_txt = next(iter(sorted(root.rglob("classes.txt"))), None)
+    if classes_txt:
+        return [line.strip() for line in classes_txt.read_text().splitlines() if line.strip()]
+    if spec.get("nc"):
+        return [str(i) for i in range(spec["nc"])]
+    raise UserError(f"{source} has no `names` and no classes.txt is beside it: add the class names "
+                    "to it (names: [cat, dog])")
+
+
+def yolo_split_images(entry, bases, source):
+    """A data.yaml split entry (a folder, a .txt list of images, or a list of either) -> image paths.
+    Paths are relative to data.yaml's `path`, else its own folder; Roboflow's `../train/images` is
+    found in the dataset folder too, as Ultralytics finds it."""
+    images = []
+    for item in entry if isinstance(entry, list) else [entry]:
+        item = str(item)
+        tries = [base / item for base in bases]
+        tries += [base / item[3:] for base in bases if item.startswith("../")]
+        path = next((p for p in tries if p.exists()), None)
+        if path is None:
+            raise UserError(f"{source}: {item} not found (looked for {tries[0].resolve()})")
+        if path.is_dir():
+            images += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        else:  # a list of image paths, relative to the list's folder
+            images += [path.parent / line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return images
+
+
+def read_yolo(source, root):
+    """A data.yaml (or, without one, a folder holding classes.txt) -> Annotations."""
+    if source.suffix in (".yaml", ".yml"):
+        try:
+            spec = yaml.safe_load(source.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise UserError(f"{source} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(spec, dict) or "train" not in spec:
+            raise UserError(f"{source} is not a YOLO data.yaml: it has no `train` key")
+        bases = [root / spec["path"], root] if spec.get("path") else [root]
+        entries = {SPLIT_WORDS[key]: spec[key] for key in ("train", "val", "test") if spec.get(key)}
+        layout = f"YOLO dataset ({source.name})"
+    else:  # LabelImg's YOLO mode: images and txt files side by side, a classes.txt, no data.yaml
+        spec, bases = {}, [root]
+        folders = [p for p in [*root.iterdir(), *root.glob("images/*")] if p.is_dir()]
+        entries = {split_named(p.name): str(p) for p in folders if split_named(p.name)}
+        entries = entries or {"train": str(root)}
+        layout = "YOLO dataset (classes.txt, no data.yaml)"
+    classes = yolo_class_names(spec, root, source)
+    rows, skipped = {}, []
+    for split, entry in entries.items():
+        rows[split] = []
+        for image in yolo_split_images(entry, bases, source.name):
+            size = image_size(image)
+            if size is None:
+                why = "image files not found" if not image.exists() else "unreadable images"
+                skipped.append((split, "image", why, image.name))
+                continue
+            label = yolo_label_path(image)
+            boxes, categories = (read_yolo_label(label, *size, len(classes), split, skipped)
+                                 if label.is_file() else ([], []))
+            rows[split].append(image_row(image, boxes, categories))
+    return Annotations(layout, classes, rows, skipped, [])
+
+
+# COCO: one json per split, with `images`, `annotations` (bbox [x, y, width, height]) and
+# `categories`, whose ids need not start at 0 nor follow each other.
+
+def read_coco_json(path):
+    try:
+        coco = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        empty = not path.read_bytes().strip()
+        raise UserError(f"{path} is {'empty' if empty else f'not valid JSON ({e})'}: export the "
+                        "annotations from your labelling tool again") from None
+    if not isinstance(coco, dict) or not {"images", "annotations", "categories"} <= set(coco):
+        raise UserError(f"{path} is not a COCO annotation file: it needs `images`, `annotations` "
+                        "and `categories`")
+    return coco
+
+
+def read_coco(files, root, bbox_format):
+    """COCO json files -> Annotations. A file's split is named by the file or its folder (Roboflow's
+    train/_annotations.coco.json, COCO's instances_val2017.json); else it is train."""
+    cocos = {path: read_coco_json(path) for path in files}
+    # classes: the categories that hold a box, in id order; Roboflow adds an unused parent category
+    names = {c["id"]: str(c["name"]) for coco in cocos.values() for c in coco["categories"]}
+    used = {a.get("category_id") for coco in cocos.values() for a in coco["annotations"]}
+    classes = [names[i] for i in sorted(names) if i in used]
+    notes = [f"categories with no box left out: {', '.join(names[i] for i in sorted(names) if i not in used)}"
+             ] if len(classes) < len(names) else []
+    index, rows, skipped, crowd = images_by_name(root), {}, [], 0
+    for path, coco in cocos.items():
+        split = split_named(path.stem) or split_named(path.parent.name) or "train"
+        objects = {image["id"]: ([], []) for image in coco["images"]}
+        for a in coco["annotations"]:
+            box = a.get("bbox")
+            if a.get("iscrowd"):
+                crowd += 1
+            elif a.get("image_id") not in objects:
+                skipped.append((split, "box", "boxes of an image id not in `images`", f"id {a.get('id')}"))
+            elif a.get("category_id") not in names:
+                skipped.append((split, "box", "category ids not in `categories`", f"id {a.get('id')}"))
+            elif not (isinstance(box, list) and len(box) == 4
+                      and all(isinstance(v, (int, float)) for v in box)):
+                skipped.append((split, "box", "bboxes that are not 4 numbers", f"id {a.get('id')}"))
+            else:
+                x, y, w, h = box
+                objects[a["image_id"]][0].append([x, y, w, h] if bbox_format == "xyxy" else
+                                                 [x, y, x + w, y + h])
+                objects[a["image_id"]][1].append(classes.index(names[a["category_id"]]))
+        rows.setdefault(split, [])
+        for image in coco["images"]:
+            name = str(image.get("file_name", ""))
+            found = find_image(name, [path.parent / name, path.parent / "images" / name, root / name,
+                                      root / "images" / name], index)
+            if found is None:
+                skipped.append((split, "image", "image files not found (file_name)", name))
+            else:
+                rows[split].append(image_row(found, *objects[image["id"]]))
+    if crowd:
+        notes.append(f"{crowd} crowd boxes (iscrowd) left out")
+    layout = f"COCO dataset ({files[0].name if len(files) == 1 else f'{len(files)} json files'})"
+    return Annotations(layout, classes, rows, skipped, notes)
+
+
+# Pascal VOC: one xml per image, <object><name> and <bndbox> in 1-based pixels, as LabelImg and
+# CVAT write it; VOC's own Annotations/ + JPEGImages/ + ImageSets/Main/{train,val,test}.txt.
+
+def voc_split_lists(annotations_folder):
+    """VOC's ImageSets/Main lists beside Annotations/ -> {image id: split}, or {} when there are none."""
+    lists = annotations_folder.parent / "ImageSets" / "Main"
+    if annotations_folder.name != "Annotations":
+        return {}
+    names = {"train": "train", "val": "validation", "test": "test"}
+    if not (lists / "train.txt").is_file() and (lists / "trainval.txt").is_file():
+        names["trainval"] = "train"
+    return {line.split()[0]: split for name, split in names.items() if (lists / f"{name}.txt").is_file()
+            for line in (lists / f"{name}.txt").read_text().splitlines() if line.strip()}
+
+
+def read_voc_xml(path):
+    """One VOC xml -> (image file name, [(class name, [x1, y1, x2, y2] 0-based, difficult)], boxes
+    without a <bndbox>), or None when it cannot be parsed."""
+    try:
+        annotation = ElementTree.parse(path).getroot()
+    except ElementTree.ParseError:
+        return None
+    objects, broken = [], 0
+    for obj in annotation.iter("object"):
+        try:
+            box = [float(obj.find("bndbox").findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+        except (AttributeError, TypeError, ValueError):
+            broken += 1
+            continue
+        box[0], box[1] = box[0] - 1, box[1] - 1  # pixel x_min..x_max counted from 1 -> [x_min - 1, x_max]
+        objects.append((str(obj.findtext("name", "")).strip(), box, obj.findtext("difficult") == "1"))
+    return annotation.findtext("filename", path.stem).strip(), objects, broken
+
+
+def read_voc(files, root):
+    """VOC xml files -> Annotations; splits from ImageSets/Main, else from folder names, else train."""
+    index, found, skipped, difficult = images_by_name(root), [], [], 0
+    lists = {folder: voc_split_lists(folder) for folder in {p.parent for p in files}}
+    for path in files:
+        if lists[path.parent]:
+            split = lists[path.parent].get(path.stem)
+            if split is None:
+                continue  # VOC's lists say which images belong to the dataset
+        else:
+            parts = path.relative_to(root).parts[:-1]
+            split = next((split_named(p) for p in parts if split_named(p)), "train")
+        parsed = read_voc_xml(path)
+        if parsed is None:
+            skipped.append((split, "image", "xml files that cannot be parsed (empty?)", path.name))
+            continue
+        name, objects, broken = parsed
+        skipped += [(split, "box", "objects without a <bndbox>", path.name)] * broken
+        image = find_image(name, [path.parent / name, path.parent.parent / "JPEGImages" / name], index)
+        if image is None:
+            skipped.append((split, "image", "image files not found (<filename>)", name))
+            continue
+        difficult += sum(d for _, _, d in objects)
+        found.append((split, image, objects))
+    classes = sorted({name for _, _, objects in found for name, _, _ in objects})
+    rows = {}
+    for split, image, objects in found:
+        rows.setdefault(split, []).append(image_row(image, [box for _, box, _ in objects],
+                                                    [classes.index(n) for n, _, _ in objects]))
+    notes = [f"{difficult} boxes marked difficult kept"] if difficult else []
+    layout = "Pascal VOC dataset" + (" (ImageSets/Main)" if any(lists.values()) else "")
+    return Annotations(layout, classes, rows, skipped, notes)
+
+
+def yield_rows(rows):
+    yield from rows
+
+
+def annotations_to_splits(annotations, data):
+    """Annotations -> {split: Dataset}. What was skipped is refused in one line where it is most of
+    a split, else counted and named in one line per reason."""
+    for split in dict.fromkeys(split for split, *_ in annotations.skipped):
+        rows = annotations.rows.get(split, [])
+        kept = {"image": len(rows), "box": sum(len(r["objects"]["bbox"]) for r in rows)}
+        for level, n in kept.items():
+            bad = [(why, where) for s, lvl, why, where in annotations.skipped if (s, lvl) == (split, level)]
+            if len(bad) > MOSTLY_BROKEN * (n + len(bad)):
+                raise UserError(f"{data}: {len(bad)} of the {n + len(bad)} {level}s of its {split} "
+                                f"split are broken ({bad[0][0]}: {bad[0][1]}, ...): fix the "
+                                "annotations, or export them again")
+    by_reason = {}
+    for split, _, why, where in annotations.skipped:
+        by_reason.setdefault(why, []).append(where)
+    for why, wheres in by_reason.items():
+        console.print(f"{data}: skipped {len(wheres)} {why}: {', '.join(wheres[:3])}"
+                      f"{' ...' if len(wheres) > 3 else ''}", soft_wrap=True)
+    # datasets caches the rows under a hash of their content: a second run reads them back
+    features = detection_features(annotations.classes)
+    return {split: datasets.Dataset.from_generator(yield_rows, features=features, gen_kwargs={"rows": rows})
+            if rows else datasets.Dataset.from_list([], features=features)
+            for split, rows in annotations.rows.items()}
+
+
+# Hugging Face: a hub name, or a folder that datasets reads (parquet or arrow shards, an imagefolder
+# with a metadata.jsonl, a save_to_disk folder), with `objects.bbox` and `objects.category` (or
+# `categories`) as a ClassLabel, strings or integers.
+
+HUB_TIMEOUT = 10  # seconds; through datasets alone, an unreachable hub costs ~25 s of retries, or minutes
+GUESS_ROWS = 200  # rows whose boxes decide between xyxy and xywh when --bbox-format is auto
+
+
+def check_hub(name):
+    """`name` is not a local folder, so it is a hub dataset: fail at once, in one line, if it cannot be had.
+    With HF_HUB_OFFLINE=1, datasets looks in its local cache instead, and answers at once by itself."""
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UserError(f"dataset folder not found: {name}")
+    try:
+        huggingface_hub.HfApi().dataset_info(name, timeout=HUB_TIMEOUT)
+    except huggingface_hub.errors.RepositoryNotFoundError:
+        raise UserError(f"{name!r} is neither a local folder nor a dataset on the Hugging Face hub") from None
+    except Exception as e:
+        raise UserError(f"cannot reach the Hugging Face hub for {name!r} ({type(e).__name__}): point --data at a "
+                        "local folder, or use --data synthetic") from None
+
+
+def guess_box_format(ds):
+    """xyxy, unless the first rows' boxes are impossible as xyxy and possible as xywh."""
+    rows = ds.select(range(min(len(ds), GUESS_ROWS))).cast_column("image", datasets.Image(decode=False))
+    impossible, total = {"xyxy": 0, "xywh": 0}, 0
+    for row in rows:
+        try:
+            width, height = open_image(row["image"]).size
+        except UNREADABLE:
+            continue
+        boxes = torch.tensor(objects_columns(row["objects"])[0], dtype=torch.float32).reshape(-1, 4)
+        total += len(boxes)
+        impossible["xyxy"] += impossible_boxes(boxes, width, height)
+        impossible["xywh"] += impossible_boxes(box_convert(boxes, "xywh", "xyxy"), width, height)
+    return "xywh" if impossible["xyxy"] > IMPOSSIBLE_SHARE * total >= impossible["xywh"] else "xyxy"
+
+
+def hugging_face_classes(splits):
+    """From the ClassLabel; else the sorted names of the train split's categories; integer categories
+    without names are named by their number."""
+    train = splits.get("train", next(iter(splits.values())))
+    feature = category_feature(train)
+    if isinstance(feature, datasets.ClassLabel):
+        return feature.names
+    if getattr(feature, "dtype", None) == "string":
+        return sorted({c for objects in train["objects"] for c in objects_columns(objects)[1]})
+    largest = max((c for ds in splits.values() for objects in ds["objects"] for c in objects_columns(objects)[1]),
+                  default=0)
+    return [str(i) for i in range(int(largest) + 1)]
+
+
+def to_detection_schema(ds, classes, bbox_format, name):
+    # Data already in the schema (fashionpedia, BCCD) passes through untouched: no copy of the images.
+    feature = category_feature(ds)
+    strings = getattr(feature, "dtype", None) == "string"
+    if bbox_format == "xyxy" and isinstance(feature, datasets.ClassLabel) and "category" in objects_feature(ds):
+        return ds
+
+    def convert(objects_batch):
+        out = []
+        for objects in objects_batch:
+            boxes, cats = objects_columns(objects)
+            if bbox_format == "xywh":
+                boxes = [[x, y, x + w, y + h] for x, y, w, h in boxes]
+            unknown = set(cats) - set(classes) if strings else set()
+            if unknown:
+                raise UserError(f"{name}: categories {sorted(unknown)} are not in the class list {classes} "
+                                "(the train split's categories)")
+            out.append({"bbox": boxes, "category": [classes.index(c) for c in cats] if strings else cats})
+        return {"objects": out}
+
+    features = datasets.Features({**ds.features, **detection_features(classes)})
+    return ds.map(convert, input_columns="objects", batched=True, features=features)
+
+
+def read_hugging_face(data, path, bbox_format):
+    """-> ({split: Dataset} in the schema, or images only when there are no boxes; layout; notes)."""
+    if not path.exists():
+        check_hub(data)
+    try:
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+            splits = datasets.load_from_disk(str(path))
+        else:
+            splits = datasets.load_dataset(str(path) if path.exists() else data)
+    except Exception as e:
+        empty = re.search(r'Instruction "(\w+)" corresponds to no data', str(e))  # datasets' words
+        if empty:
+            raise UserError(f"split {empty[1]!r} of {data!r} is empty") from None
+        if path.exists():
+            raise UserError(f"no dataset found in {data}; looked for {LAYOUTS}") from None
+        raise UserError(f"cannot load {data!r}: {str(e).splitlines()[0]} (offline? point --data at a "
+                        "local folder, or use --data synthetic)") from None
+    splits = {"train": splits} if isinstance(splits, datasets.Dataset) else dict(splits)
+    splits = {SPLIT_WORDS.get(name, name): ds for name, ds in splits.items()}
+    first = next(iter(splits.values()))
+    kind = "hub dataset" if not path.exists() else f"dataset ({first.info.builder_name or 'saved'})"
+    if "image" not in first.features:
+        raise UserError(f"{data}: a Hugging Face {kind} without an `image` column (it has: "
+                        f"{', '.join(first.features)}); looked for {LAYOUTS}")
+    if "objects" not in first.features:
+        return splits, f"Hugging Face {kind} with images only (no `objects` column)", []
+    classes = hugging_face_classes(splits)
+    chosen = guess_box_format(splits.get("train", first)) if bbox_format == "auto" else bbox_format
+    splits = {split: to_detection_schema(ds, classes, chosen, f"{data} {split}") for split, ds in splits.items()}
+    how = "auto" if bbox_format == "auto" else "--bbox-format"
+    return splits, f"Hugging Face {kind}", [f"boxes read as {chosen} ({how})"]
+
+
+# -----------------------------------------------------------------------------
+# Loading: --data -> datasets in the one schema, split by split.
+
+def find_annotations(path, bbox_format):
+    """Which labelling tool's layout `path` (a file or a folder) is in, read; None for data that
+    datasets reads itself."""
+    if path.is_file():
+        if path.suffix in (".yaml", ".yml"):
+            return read_yolo(path, path.parent)
+        if path.suffix == ".json":  # COCO's annotations/ folder sits beside its image folders
+            return read_coco([path], path.parent.parent if path.parent.name == "annotations" else
+                             path.parent, bbox_format)
+        return None
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        return None
+    yamls = sorted([*path.glob("*.yaml"), *path.glob("*.yml")], key=lambda p: p.stem != "data")
+    if yamls:
+        return read_yolo(yamls[0], path)
+    jsons = sorted([*path.glob("*.json"), *path.glob("*/*.json")])
+    if any(p.name.startswith("instances_") for p in jsons):  # COCO's own: leave captions_, keypoints_
+        jsons = [p for p in jsons if p.name.startswith("instances_")]
+    if jsons:
+        return read_coco(jsons, path, bbox_format)
+    xmls = sorted(path.rglob("*.xml"))
+    if xmls:
+        return read_voc(xmls, path)
+    classes_txt = next(iter(sorted(path.rglob("classes.txt"))), None)
+    return read_yolo(classes_txt, path) if classes_txt else None
+
+
+@lru_cache(maxsize=None)
+def read_dataset(data, bbox_format, path):
+    """--data (a folder or file in any layout above, or a hub name) -> {split: Dataset}, said in one
+    line; a missing validation split is a seeded share of train. Read once per process and path."""
+    annotations = find_annotations(path, bbox_format) if path.exists() else None
+    if annotations:
+        splits = annotations_to_splits(annotations, data)
+        layout, notes = f"{annotations.layout}: {len(annotations.classes)} classes", annotations.notes
+    else:
+        splits, layout, notes = read_hugging_face(data, path, bbox_format)
+        if "objects" in next(iter(splits.values())).features:
+            layout += f": {len(category_feature(next(iter(splits.values()))).names)} classes"
+    carved = "validation" not in splits and len(splits.get("train", [])) > 1
+    if carved:
+        carve = splits["train"].train_test_split(VALIDATION_FRACTION, seed=SPLIT_SEED)
+        splits["train"], splits["validation"] = carve["train"], carve["test"]
+    order = ["train", "validation", "test"]
+    splits = dict(sorted(splits.items(), key=lambda s: order.index(s[0]) if s[0] in order else 3))
+    counts = ", ".join(f"{split} {len(ds)}" + (f" (a seeded {VALIDATION_FRACTION:.0%} of train)"
+                                               if carved and split == "validation" else "")
+                       for split, ds in splits.items())
+    console.print(f"{layout}; images: {counts}" + "".join(f"; {note}" for note in notes), soft_wrap=True)
+    return splits
+
+
+def load_split(data, split, bbox_format="auto", labels=True):
+    """Any source -> a datasets.Dataset with the fashionpedia schema (xyxy pixels, ClassLabel);
+    labels=False: any images, with or without boxes (for LTD pretraining)."""
+    split = SPLIT_WORDS.get(split, split)
+    if bbox_format not in ("auto", "xyxy", "xywh"):
+        raise UserError(f"--bbox-format must be auto, xyxy or xywh, not {bbox_format!r}")
+    if data == "synthetic":
+        if split not in SYNTHETIC_SPLITS:
+            raise UserError(f"synthetic has no split {split!r}; it has: {', '.join(SYNTHETIC_SPLITS)}")
+        return synthetic_split(split)
+    splits = read_dataset(data, bbox_format, Path(data).expanduser().resolve())
+    if split not in splits:
+        raise UserError(f"{data!r} has no split {split!r}; it has: {', '.join(splits)}")
+    if len(splits[split]) == 0:
+        raise UserError(f"split {split!r} of {data!r} is empty")
+    if labels and "objects" not in splits[split].features:
+        raise UserError(f"{data}: images but no boxes; looked for {LAYOUTS}")
+    return splits[split]
 
 
 def resize_transform(img_size):
@@ -1231,7 +1651,7 @@ def train_detector(cfg, name, backbone=None, resume=None):
         if cfg.batch % processes:
             raise UserError(f"--batch {cfg.batch} does not split evenly over {processes} processes")
     train_ds = load_split(cfg.data, "train", cfg.bbox_format)
-    classes = class_names(train_ds, cfg.data)
+    classes = category_feature(train_ds).names
     train_data = DetectionDataset(train_ds, cfg.img_size, train=True, name=f"{cfg.data} train")
     val_data = DetectionDataset(load_split(cfg.data, "validation", cfg.bbox_format), cfg.img_size, train=False,
                                 name=f"{cfg.data} validation")
@@ -1330,8 +1750,10 @@ def pretrain_backbone(cfg, name, mask_crop, resume=None):
     check_grid(cfg)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
-    train_data = LTDDataset(load_raw_split(cfg.data, "train"), cfg.img_size, mask_crop, f"{cfg.data} train")
-    val_data = LTDDataset(load_raw_split(cfg.data, "validation"), cfg.img_size, mask_crop, f"{cfg.data} validation")
+    train_data = LTDDataset(load_split(cfg.data, "train", labels=False), cfg.img_size, mask_crop,
+                            f"{cfg.data} train")
+    val_data = LTDDataset(load_split(cfg.data, "validation", labels=False), cfg.img_size, mask_crop,
+                          f"{cfg.data} validation")
     run_dir = Path(resume).parent if resume else new_run_dir("pretrain", name)
     bf16 = use_bf16(device, cfg.fp32)
     console.print(f"LTD pretraining on {cfg.data}: {len(train_data)} train / {len(val_data)} held-out images"
@@ -1516,6 +1938,11 @@ def bench_detectors(detectors, image, batch, rounds, calls):
 # -----------------------------------------------------------------------------
 # Command line: pretrain, train, eval, detect, export, bench. Every command runs offline with no arguments.
 
+DATA_HELP = ("'synthetic' (built in); a dataset folder or file: YOLO (data.yaml), COCO (.json), Pascal VOC "
+             "(.xml) or Hugging Face (parquet, imagefolder); or a Hugging Face hub name")
+BBOX_FORMAT_HELP = ("how Hugging Face data stores boxes: xyxy, xywh, or auto (xyxy unless only xywh fits the "
+                    "images; YOLO, COCO and VOC data say it themselves)")
+
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                   help="odscratch: a small object detector you can read, train on a CPU, and ship.")
 
@@ -1577,7 +2004,7 @@ def metrics_table(title, metrics, classes):
 
 @app.command()
 def pretrain(
-    data: str = typer.Option(Config.data, help="'synthetic', a hub dataset, or a local folder (labels not needed)"),
+    data: str = typer.Option(Config.data, help=DATA_HELP + "; or a plain folder of images (labels are not needed)"),
     img_size: int = typer.Option(Config.img_size, help="R is resized to img_size x img_size"),
     stride: int = typer.Option(Config.stride, help="pixels per grid cell: 8, 16 or 32; train with the same"),
     epochs: int = typer.Option(Config.epochs),
@@ -1604,8 +2031,8 @@ def pretrain(
 
 @app.command()
 def train(
-    data: str = typer.Option(Config.data, help="'synthetic', a hub dataset name, or a local folder"),
-    bbox_format: str = typer.Option(Config.bbox_format, help="xyxy or xywh: how the data stores boxes"),
+    data: str = typer.Option(Config.data, help=DATA_HELP),
+    bbox_format: str = typer.Option(Config.bbox_format, help=BBOX_FORMAT_HELP),
     img_size: int = typer.Option(Config.img_size, help="train and detect at img_size x img_size"),
     stride: int = typer.Option(Config.stride, help="pixels per grid cell: 8, 16 or 32"),
     assign_radius: float = typer.Option(Config.assign_radius, help="a box trains the cells within this many "
@@ -1624,8 +2051,6 @@ def train(
 ):
     """Train a detector; writes runs/train/<name>/{best.pt,last.pt,results.csv}. Also under torchrun."""
     with user_errors(), torchrun_processes():
-        if bbox_format not in ("xyxy", "xywh"):
-            raise UserError(f"--bbox-format must be xyxy or xywh, not {bbox_format!r}")
         cfg = Config(data=data, bbox_format=bbox_format, img_size=img_size, stride=stride,
                      assign_radius=assign_radius, epochs=epochs, time=time_budget, batch=batch, lr=lr, seed=seed,
                      fp32=fp32, device=device)
@@ -1641,7 +2066,7 @@ def train(
 def evaluate_command(
     weights: str = typer.Option(None, help="a best.pt; default: the newest under runs/train/"),
     data: str = typer.Option(None, help="default: the data the model was trained on"),
-    split: str = typer.Option("test"),
+    split: str = typer.Option("test", help="train, validation (or val, valid) or test"),
     batch: int = typer.Option(Config.batch),
     device: str = typer.Option(Config.device, help="auto, cpu or cuda"),
 ):
@@ -1650,9 +2075,10 @@ def evaluate_command(
         device = pick_device(device)
         weights = Path(weights) if weights else newest_weights()
         model, cfg, classes = load_detector(weights, device)
-        data = data or cfg.data
-        ds = load_split(data, split, cfg.bbox_format)
-        check_same_classes(classes, class_names(ds, data), weights, data)
+        # the box format the model was trained with belongs to its own data; other data says its own
+        ds = load_split(data or cfg.data, split, cfg.bbox_format if data in (None, cfg.data) else "auto")
+        data, split = data or cfg.data, SPLIT_WORDS.get(split, split)
+        check_same_classes(classes, category_feature(ds).names, weights, data)
         dataset = DetectionDataset(ds, cfg.img_size, train=False, name=f"{data} {split}")
         metrics = evaluate(predict(model, dataset, batch, EVAL_CONF, NMS_IOU, use_bf16(device, cfg.fp32)),
                            dataset.targets, len(classes))
@@ -1671,8 +2097,8 @@ def box_sides(data):
 
 @app.command("data")
 def data_command(
-    data: str = typer.Option(Config.data, help="'synthetic', a hub dataset name, or a local folder"),
-    bbox_format: str = typer.Option(Config.bbox_format, help="xyxy or xywh: how the data stores boxes"),
+    data: str = typer.Option(Config.data, help=DATA_HELP),
+    bbox_format: str = typer.Option(Config.bbox_format, help=BBOX_FORMAT_HELP),
     img_size: int = typer.Option(Config.img_size, help="the --img-size you would train at"),
 ):
     """What a dataset looks like before training: splits, classes, box sizes, and which --stride to pick."""
@@ -1715,9 +2141,6 @@ def data_command(
                       f"{COLLISION_TOLERANCE:.0%} of the boxes" if good else
                       f"every stride loses {COLLISION_TOLERANCE:.0%} or more of the boxes: train with --stride 8 and a "
                       "larger --img-size, or --assign-radius 1", soft_wrap=True)
-
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 def detect_inputs(sources):

@@ -204,7 +204,7 @@ def test_decoded_once_and_augmentation_leaves_the_cache_alone():
 
 def test_synthetic_is_seeded_and_in_schema():
     ds = ods.load_split("synthetic", "validation")
-    assert ods.class_names(ds, "synthetic") == ods.SYNTHETIC_CLASSES
+    assert ods.category_feature(ds).names == ods.SYNTHETIC_CLASSES
     ods.synthetic_split.cache_clear()
     again = ods.load_split("synthetic", "validation")
     assert ds[3]["objects"] == again[3]["objects"]
@@ -216,7 +216,7 @@ def test_synthetic_is_seeded_and_in_schema():
 @needs_bccd
 def test_load_split_bccd():
     test = ods.load_split(str(BCCD), "test")
-    assert len(test) == 72 and ods.class_names(test, str(BCCD)) == ["Platelets", "RBC", "WBC"]
+    assert len(test) == 72 and ods.category_feature(test).names == ["Platelets", "RBC", "WBC"]
     data = ods.DetectionDataset(test, 320, train=False)
     boxes = torch.cat([t["boxes"] for t in data.targets])
     assert len(boxes) == 945
@@ -238,7 +238,7 @@ def test_load_split_imagefolder_xywh_strings_no_validation(tmp_path):
     make_imagefolder(tmp_path)
     train = ods.load_split(str(tmp_path), "train", bbox_format="xywh")
     validation = ods.load_split(str(tmp_path), "validation", bbox_format="xywh")
-    assert ods.class_names(train, str(tmp_path)) == ["cat", "dog"]
+    assert ods.category_feature(train).names == ["cat", "dog"]
     assert len(train) == 17 and len(validation) == 3  # a seeded 15 % of train
     first = train[0]["objects"]
     assert first["bbox"][0] == [4.0, 6.0, 24.0, 16.0]  # xywh -> xyxy
@@ -248,6 +248,306 @@ def test_load_split_imagefolder_xywh_strings_no_validation(tmp_path):
     assert torch.equal(data.targets[0]["boxes"][1], torch.tensor([30.0, 20.0, 64.0, 48.0]))
     with pytest.raises(ods.UserError, match="no split 'test'"):
         ods.load_split(str(tmp_path), "test")
+
+
+# --- your data as labelling tools export it: the same objects in every layout ----------------------
+
+CLASSES = ["bird", "cat", "dog"]
+COCO_IDS = [3, 7, 12]  # COCO's category ids need not start at 0 nor follow each other
+LAYOUT_SPLITS = {"train": 6, "val": 2, "test": 2}
+
+
+def canonical_images():
+    """10 images with 1-3 objects each, integer pixel boxes: {split: [(name, width, height, boxes, labels)]}."""
+    rng = np.random.default_rng(1)
+    images, i = {}, 0
+    for split, n in LAYOUT_SPLITS.items():
+        images[split] = []
+        for _ in range(n):
+            width, height = [(64, 48), (80, 60)][i % 2]
+            boxes, labels = [], []
+            for _ in range(rng.integers(1, 4)):
+                w, h = rng.integers(8, 24, 2)
+                x, y = rng.integers(0, width - w), rng.integers(0, height - h)
+                boxes.append([int(x), int(y), int(x + w), int(y + h)])
+                labels.append(int(rng.integers(0, 3)))
+            images[split].append((f"img{i}.jpg", width, height, boxes, labels))
+            i += 1
+    return images
+
+
+def save_image(path, width, height):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    PIL.Image.new("RGB", (width, height), (90, 120, 150)).save(path)
+
+
+def yolo_lines(width, height, boxes, labels):
+    return "".join(f"{k} {(x1 + x2) / 2 / width!r} {(y1 + y2) / 2 / height!r} {(x2 - x1) / width!r} "
+                   f"{(y2 - y1) / height!r}\n" for (x1, y1, x2, y2), k in zip(boxes, labels))
+
+
+def write_yolo(root, roboflow):
+    """Ultralytics' images/train + labels/train (names as a dict), or Roboflow's train/images +
+    train/labels + valid/ (names as a list, paths written as ../train/images)."""
+    folders = {}
+    for split, items in canonical_images().items():
+        folder = (root / ("valid" if split == "val" else split) if roboflow else root / "images" / split)
+        folders[split] = folder / "images" if roboflow else folder
+        for name, width, height, boxes, labels in items:
+            save_image(folders[split] / name, width, height)
+            label = ods.yolo_label_path(folders[split] / name)
+            label.parent.mkdir(parents=True, exist_ok=True)
+            label.write_text(yolo_lines(width, height, boxes, labels))
+    if roboflow:
+        spec = "".join(f"{s}: ../{f.relative_to(root)}\n" for s, f in folders.items()) + f"nc: 3\nnames: {CLASSES}\n"
+    else:
+        spec = "path: .\n" + "".join(f"{s}: {f.relative_to(root)}\n" for s, f in folders.items())
+        spec += "names:\n" + "".join(f"  {k}: {name}\n" for k, name in enumerate(CLASSES))
+    (root / "data.yaml").write_text(spec)
+    return root
+
+
+def coco_json(items, file_prefix=""):
+    images, annotations = [], []
+    for i, (name, width, height, boxes, labels) in enumerate(items):
+        images.append({"id": 100 + i, "file_name": file_prefix + name, "width": width, "height": height})
+        for (x1, y1, x2, y2), k in zip(boxes, labels):
+            annotations.append({"id": len(annotations) + 1, "image_id": 100 + i, "category_id": COCO_IDS[k],
+                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0,
+                                "segmentation": [[x1, y1, x2, y1, x2, y2]]})
+    categories = [{"id": 0, "name": "animals", "supercategory": "none"}]  # Roboflow's unused parent
+    categories += [{"id": i, "name": n, "supercategory": "animals"} for i, n in zip(COCO_IDS, CLASSES)]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def write_coco(root, layout):
+    """one file (annotations.json + images/), Roboflow's train/_annotations.coco.json beside its images,
+    or COCO's own annotations/instances_train2017.json + train2017/."""
+    images = canonical_images()
+    if layout == "one file":
+        for name, width, height, *_ in sum(images.values(), []):
+            save_image(root / "images" / name, width, height)
+        (root / "annotations.json").write_text(json.dumps(coco_json(sum(images.values(), []))))
+        return root / "annotations.json"
+    for split, items in images.items():
+        folder = root / ({"val": "valid"}.get(split, split) if layout == "roboflow" else f"{split}2017")
+        for name, width, height, *_ in items:
+            save_image(folder / name, width, height)
+        path = folder / "_annotations.coco.json" if layout == "roboflow" else \
+            root / "annotations" / f"instances_{split}2017.json"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps(coco_json(items)))
+    return root
+
+
+def voc_xml(name, width, height, boxes, labels, size=True, difficult=()):
+    objects = "".join(f"<object><name>{CLASSES[k]}</name><difficult>{int(i in difficult)}</difficult><bndbox>"
+                      f"<xmin>{x1 + 1}</xmin><ymin>{y1 + 1}</ymin><xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>"
+                      for i, ((x1, y1, x2, y2), k) in enumerate(zip(boxes, labels)))  # VOC counts pixels from 1
+    size = f"<size><width>{width}</width><height>{height}</height><depth>3</depth></size>" if size else ""
+    return f"<annotation><folder>x</folder><filename>{name}</filename>{size}{objects}</annotation>"
+
+
+def write_voc(root, standard):
+    """LabelImg's xml beside each image (some without <size>), or VOC's Annotations/ + JPEGImages/ +
+    ImageSets/Main/{train,val,test}.txt."""
+    for split, items in canonical_images().items():
+        for i, (name, width, height, boxes, labels) in enumerate(items):
+            image = root / "JPEGImages" / name if standard else root / name
+            save_image(image, width, height)
+            xml = root / "Annotations" / f"{Path(name).stem}.xml" if standard else image.with_suffix(".xml")
+            xml.parent.mkdir(exist_ok=True)
+            xml.write_text(voc_xml(name, width, height, boxes, labels, size=i % 2 == 0))
+        if standard:
+            (root / "ImageSets" / "Main").mkdir(parents=True, exist_ok=True)
+            (root / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(Path(n).stem + "\n" for n, *_ in items))
+    return root
+
+
+def write_autotrain(root):
+    """Hugging Face AutoTrain's imagefolder: train/ and validation/ folders, each with a metadata.jsonl
+    of {"file_name", "objects": {"bbox": [[x, y, w, h]], "categories": [...]}}."""
+    for split, items in canonical_images().items():
+        folder = root / {"val": "validation"}.get(split, split)
+        folder.mkdir(parents=True)
+        with open(folder / "metadata.jsonl", "w") as f:
+            for name, width, height, boxes, labels in items:
+                save_image(folder / name, width, height)
+                objects = {"bbox": [[x1, y1, x2 - x1, y2 - y1] for x1, y1, x2, y2 in boxes],
+                           "categories": [CLASSES[k] for k in labels]}
+                f.write(json.dumps({"file_name": name, "objects": objects}) + "\n")
+    return root
+
+
+LAYOUT_WRITERS = {
+    "yolo ultralytics": lambda root: write_yolo(root, roboflow=False),
+    "yolo roboflow": lambda root: write_yolo(root, roboflow=True) / "data.yaml",
+    "coco one file": lambda root: write_coco(root, "one file"),
+    "coco roboflow": lambda root: write_coco(root, "roboflow"),
+    "coco own": lambda root: write_coco(root, "own"),
+    "voc flat": lambda root: write_voc(root, standard=False),
+    "voc standard": lambda root: write_voc(root, standard=True),
+    "autotrain": write_autotrain,
+}
+
+
+def loaded_objects(data):
+    """Every split of `data` -> {image file name: (split, boxes, labels)} and the class names."""
+    found = {}
+    for split in ["train", "validation", "test"]:
+        with contextlib.suppress(ods.UserError):
+            ds = ods.load_split(str(data), split)
+            classes = ods.category_feature(ds).names
+            for row in ds.cast_column("image", datasets.Image(decode=False)):
+                found[Path(row["image"]["path"]).name] = (split, row["objects"]["bbox"], row["objects"]["category"])
+    return found, classes
+
+
+@pytest.mark.parametrize("layout", LAYOUT_WRITERS)
+def test_every_layout_loads_the_same_boxes_and_classes(layout, tmp_path):
+    data = LAYOUT_WRITERS[layout](tmp_path)
+    found, classes = loaded_objects(data)
+    assert classes == CLASSES
+    expected = {name: (split, boxes, labels) for split, items in canonical_images().items()
+                for name, _, _, boxes, labels in items}
+    assert sorted(found) == sorted(expected)
+    for name, (split, boxes, labels) in expected.items():
+        assert np.allclose(found[name][1], boxes, atol=1e-3) and found[name][2] == labels, name
+        if layout not in ("coco one file", "voc flat"):  # these have no splits: validation is carved
+            assert found[name][0] == {"val": "validation"}.get(split, split), name
+
+
+def data_report(data):
+    """`odscratch data --data DATA` -> its output as one line of text."""
+    result = runner.invoke(ods.app, ["data", "--data", str(data), "--img-size", "64"])
+    assert result.exit_code == 0, result.output
+    return " ".join(result.output.split())
+
+
+def test_train_and_eval_on_a_roboflow_yolo_export(tmp_path, monkeypatch):
+    data = write_yolo(tmp_path / "export", roboflow=True)
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(ods.app, ["train", "--data", "export", "--img-size", "64", "--batch", "2",
+                                     "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    assert "YOLO dataset (data.yaml): 3 classes; images: train 6, validation 2, test 2" in result.output
+    result = runner.invoke(ods.app, ["eval", "--split", "valid"])
+    assert result.exit_code == 0, result.output
+    assert f"on export validation (2 images)" in " ".join(result.output.split())
+    assert torch.load(tmp_path / "runs/train/exp/best.pt", weights_only=True)["classes"] == CLASSES
+    assert data.is_dir()
+
+
+def test_the_data_command_names_the_layout_and_counts_each_split(tmp_path):
+    output = data_report(write_voc(tmp_path, standard=True))
+    assert "Pascal VOC dataset (ImageSets/Main): 3 classes; images: train 6, validation 2, test 2" in output
+    boxes = {split: sum(len(b) for *_, b, _ in items) for split, items in canonical_images().items()}
+    for split, name in [("train", "train"), ("val", "validation"), ("test", "test")]:
+        assert re.search(rf"│ {name} +│ {LAYOUT_SPLITS[split]} +│ {boxes[split]} +│", output), output
+
+
+def test_a_folder_in_no_layout_lists_the_layouts_looked_for(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.md").write_text("my photos\n")
+    (tmp_path / "empty").mkdir()
+    for folder in ["notes", "empty"]:
+        one_line_error(runner.invoke(ods.app, ["data", "--data", folder]), "looked for YOLO (a data.yaml",
+                       "COCO (.json)", "Pascal VOC (.xml)", "Hugging Face")
+    photos = tmp_path / "photos"  # images and nothing else: fine for pretrain, not for train
+    for i in range(3):
+        save_image(photos / f"{i}.jpg", 32, 32)
+    one_line_error(runner.invoke(ods.app, ["train", "--data", "photos"]), "images but no boxes", "YOLO (a data.yaml")
+
+
+def test_yolo_label_lines_that_are_broken_are_skipped_counted_and_named(tmp_path):
+    data = write_yolo(tmp_path, roboflow=True)
+    label = tmp_path / "train" / "labels" / "img0.txt"
+    good = label.read_text().splitlines()  # 2 boxes
+    label.write_text("\n".join(good + ["0 0.5 0.5", "cat 0.5 0.5 0.1 0.1", "0 1.5 0.5 0.2 0.2",
+                                       "7 0.5 0.5 0.1 0.1", "", "1 0.1 0.1 0.3 0.1 0.3 0.4"]) + "\n")
+    output = data_report(data)
+    assert ("skipped 3 label lines that are not `class cx cy w h` in 0-1: img0.txt:3, img0.txt:4, img0.txt:5"
+            in output), output
+    assert "skipped 1 class ids past the 3 names: img0.txt:6" in output
+    row = ods.load_split(str(data), "train")[0]["objects"]  # the polygon line is its bounding box
+    assert len(row["bbox"]) == 3 and np.allclose(row["bbox"][2], [6.4, 4.8, 19.2, 19.2]) and row["category"][2] == 1
+
+
+def test_yolo_images_without_label_files_have_no_objects_and_classes_txt_names_the_classes(tmp_path):
+    data = write_yolo(tmp_path, roboflow=True)
+    (tmp_path / "train" / "labels" / "img0.txt").unlink()
+    (data / "data.yaml").write_text((data / "data.yaml").read_text().replace(f"names: {CLASSES}\n", "")
+                                    .replace("nc: 3\n", ""))
+    (tmp_path / "train" / "labels" / "classes.txt").write_text("\n".join(CLASSES) + "\n")  # as LabelImg writes it
+    train = ods.load_split(str(data), "train")
+    assert ods.category_feature(train).names == CLASSES and train[0]["objects"]["bbox"] == []
+    (tmp_path / "train" / "labels" / "classes.txt").unlink()
+    ods.read_dataset.cache_clear()
+    with pytest.raises(ods.UserError, match="has no `names` and no classes.txt"):
+        ods.load_split(str(data), "train")
+
+
+def test_labelimg_yolo_folder_without_data_yaml(tmp_path):
+    for name, width, height, boxes, labels in canonical_images()["train"]:
+        save_image(tmp_path / name, width, height)  # LabelImg's YOLO mode: the txt file beside the image
+        (tmp_path / name).with_suffix(".txt").write_text(yolo_lines(width, height, boxes, labels))
+    (tmp_path / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    found, classes = loaded_objects(tmp_path)
+    assert classes == CLASSES and len(found) == 6
+
+
+def test_data_yaml_pointing_at_a_missing_folder_is_one_line_error(tmp_path, monkeypatch):
+    data = write_yolo(tmp_path / "data", roboflow=False)
+    (data / "data.yaml").write_text((data / "data.yaml").read_text().replace("images/val", "images/nowhere"))
+    monkeypatch.chdir(tmp_path)
+    one_line_error(runner.invoke(ods.app, ["data", "--data", "data"]), "data.yaml: images/nowhere not found")
+
+
+def test_coco_missing_files_and_crowd_boxes_are_counted_and_named(tmp_path):
+    data = write_coco(tmp_path, "roboflow")
+    coco = json.loads((data / "train" / "_annotations.coco.json").read_text())
+    coco["images"][0]["file_name"] = "gone.jpg"
+    coco["annotations"][-1]["iscrowd"] = 1
+    coco["annotations"].append({"id": 99, "image_id": 101, "category_id": 5, "bbox": [1, 1, 5, 5], "iscrowd": 0})
+    (data / "train" / "_annotations.coco.json").write_text(json.dumps(coco))
+    output = data_report(data)
+    assert "skipped 1 image files not found (file_name): gone.jpg" in output
+    assert "skipped 1 category ids not in `categories`: id 99" in output
+    assert "train 5, validation 2, test 2" in output and "1 crowd boxes (iscrowd) left out" in output
+
+
+def test_coco_empty_or_foreign_json_is_one_line_error(tmp_path, monkeypatch):
+    data = write_coco(tmp_path / "data", "roboflow")
+    monkeypatch.chdir(tmp_path)
+    (data / "test" / "_annotations.coco.json").write_text("")
+    one_line_error(runner.invoke(ods.app, ["data", "--data", "data"]), "_annotations.coco.json is empty",
+                   "export the annotations")
+    (data / "test" / "_annotations.coco.json").write_text(json.dumps([{"image": "a.jpg", "label": "cat"}]))
+    one_line_error(runner.invoke(ods.app, ["data", "--data", "data"]), "is not a COCO annotation file")
+
+
+def test_voc_broken_xml_and_objects_without_bndbox_are_counted_and_named(tmp_path):
+    data = write_voc(tmp_path, standard=True)
+    (data / "Annotations" / "img0.xml").write_text("")  # an empty annotation file
+    xml = (data / "Annotations" / "img1.xml").read_text()
+    (data / "Annotations" / "img1.xml").write_text(
+        xml.replace("<difficult>0</difficult>", "<difficult>1</difficult>", 1)
+        .replace("</annotation>", "<object><name>cat</name></object></annotation>"))
+    output = data_report(data)
+    assert "skipped 1 xml files that cannot be parsed (empty?): img0.xml" in output
+    assert "skipped 1 objects without a <bndbox>: img1.xml" in output
+    assert "train 5, validation 2, test 2" in output and "1 boxes marked difficult kept" in output
+
+
+@pytest.mark.parametrize("layout", ["voc flat", "coco one file"])
+def test_a_split_that_is_mostly_broken_is_refused_in_one_line(layout, tmp_path, monkeypatch):
+    data = LAYOUT_WRITERS[layout](tmp_path / "data")
+    for image in sorted((tmp_path / "data").rglob("*.jpg"))[:6]:  # 6 of the 10 images are gone
+        image.unlink()
+    monkeypatch.chdir(tmp_path)
+    one_line_error(runner.invoke(ods.app, ["data", "--data", str(data)]),
+                   "6 of the 10 images of its train split are broken (image files not found")
 
 
 # --- the commands, end to end ---------------------------------------------------------------
@@ -536,7 +836,7 @@ def test_pretrain_beats_predicting_the_centre(pretrained):
     assert PIL.Image.open(pretrained / "ltd_samples.jpg").size[0] > 2 * 96
     model = ods.LTDNet(stride=16)
     model.load_state_dict(torch.load(pretrained / "best.pt", weights_only=True)["model"])
-    held_out = ods.LTDDataset(ods.load_raw_split("synthetic", "validation"), 96, mask_crop=False)
+    held_out = ods.LTDDataset(ods.load_split("synthetic", "validation"), 96, mask_crop=False)
     predicted, true = ods.locate_crops(model, held_out, len(held_out), 32, bf16=False)
     learned = box_iou(predicted, true).diagonal()
     assert learned.mean().item() == pytest.approx(checkpoint["metrics"]["iou"], abs=0.02)  # the stored metric is real
@@ -558,7 +858,8 @@ def test_pretrain_on_a_plain_image_folder(tmp_path, monkeypatch):
     result = runner.invoke(ods.app, ["pretrain", "--data", str(images), "--img-size", "64", "--epochs", "1",
                                      "--batch", "8"])
     assert result.exit_code == 0, result.output
-    assert "has no validation split" in " ".join(result.output.split())  # the carve is announced
+    assert ("Hugging Face dataset (imagefolder) with images only (no `objects` column); images: train 20, "
+            "validation 4 (a seeded 15% of train)") in " ".join(result.output.split())  # the carve is announced
     assert (tmp_path / "runs" / "pretrain" / "exp" / "backbone.pt").is_file()
 
 
@@ -667,7 +968,7 @@ def test_boxes_outside_the_image_are_clipped_or_dropped_and_counted(tmp_path):
     assert "10 boxes clipped to their image, 20 with no area dropped" in " ".join(out.getvalue().split())
 
 
-def test_wrong_bbox_format_is_detected_with_a_hint(tmp_path, monkeypatch):
+def test_box_format_is_detected_and_a_wrong_one_refused_with_a_hint(tmp_path, monkeypatch):
     data = tmp_path / "data"
     data.mkdir()
     with open(data / "metadata.jsonl", "w") as f:
@@ -676,17 +977,21 @@ def test_wrong_bbox_format_is_detected_with_a_hint(tmp_path, monkeypatch):
             objects = {"bbox": [[30.0, 20.0, 10.0, 8.0], [40.0, 30.0, 12.0, 10.0]], "category": ["cat", "dog"]}
             f.write(json.dumps({"file_name": f"img{i}.png", "objects": objects}) + "\n")  # xywh boxes
     monkeypatch.chdir(tmp_path)
-    one_line_error(runner.invoke(ods.app, ["train", "--data", "data", "--img-size", "64", "--batch", "4"]),
-                   "boxes are impossible", "--bbox-format")
-    result = runner.invoke(ods.app, ["train", "--data", "data", "--img-size", "64", "--batch", "4", "--epochs", "1",
-                                     "--bbox-format", "xywh"])
+    one_line_error(runner.invoke(ods.app, ["train", "--data", "data", "--img-size", "64", "--batch", "4",
+                                           "--bbox-format", "xyxy"]), "boxes are impossible", "--bbox-format")
+    result = runner.invoke(ods.app, ["train", "--data", "data", "--img-size", "64", "--batch", "4", "--epochs", "1"])
     assert result.exit_code == 0, result.output
+    assert "boxes read as xywh (auto)" in result.output
+    checkpoint = torch.load(tmp_path / "runs" / "train" / "exp" / "best.pt", weights_only=True)
+    assert checkpoint["config"]["bbox_format"] == "auto"
+    with pytest.raises(ods.UserError, match="--bbox-format must be auto, xyxy or xywh, not 'cxcywh'"):
+        ods.load_split("data", "train", "cxcywh")
 
 
 def test_empty_dataset_or_split_is_one_line_error(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     monkeypatch.chdir(tmp_path)
-    one_line_error(runner.invoke(ods.app, ["train", "--data", "empty"]), "empty")
+    one_line_error(runner.invoke(ods.app, ["train", "--data", "empty"]), "no dataset found in empty; looked for")
     parquet = tmp_path / "parquet"
     (parquet / "data").mkdir(parents=True)
     small = ods.load_split("synthetic", "validation").select(range(8))
@@ -709,9 +1014,9 @@ def test_categories_not_in_the_class_list_are_one_line_errors(trained, tmp_path,
     with open(data / "validation" / "metadata.jsonl", "a") as f:
         f.write(json.dumps({"file_name": "img0.png", "objects": {"bbox": [[1.0, 1, 5, 5]], "category": ["cow"]}})
                 + "\n")
-    assert ods.class_names(ods.load_split(str(data), "train", "xywh"), str(data)) == ["cat", "dog"]
-    with pytest.raises(ods.UserError, match=r"\['cow'\] are not in the class list \['cat', 'dog'\]"):
-        ods.load_split(str(data), "validation", "xywh")
+    with pytest.raises(ods.UserError, match=r"validation: categories \['cow'\] are not in the class list "
+                                             r"\['cat', 'dog'\]"):
+        ods.load_split(str(data), "train", "xywh")  # every split is read at once: the error comes first
     other = tmp_path / "other"
     other.mkdir()
     make_imagefolder(other)
@@ -881,7 +1186,7 @@ def test_no_validation_split_is_carved_and_announced(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(ods.app, TINY_TRAIN + ["--epochs", "1"])
     assert result.exit_code == 0, result.output
-    assert "data has no validation split: using a seeded 15% of train (3 images)" in " ".join(result.output.split())
+    assert "images: train 17, validation 3 (a seeded 15% of train)" in " ".join(result.output.split())
 
 
 def test_debug_shows_the_traceback(tmp_path, monkeypatch):
