@@ -18,7 +18,7 @@ Run it (offline, on built-in synthetic shapes unless --data says otherwise):
     odscratch train                                   # -> runs/train/exp/best.pt + pictures of the run
     odscratch eval                                    # newest best.pt, test split, AP table
     odscratch detect photo.jpg --show-grid            # boxes table + runs/detect/exp/photo.jpg, photo_grid.jpg
-    odscratch train --data ../shared/data/bccd --img-size 320 --time 15   # a real dataset
+    odscratch train --data my_export --time 15        # yours: YOLO, COCO, Pascal VOC, Hugging Face
     odscratch train --resume runs/train/exp/last.pt   # after Ctrl-C: goes on exactly where it stopped
     odscratch pretrain                                # LTD -> runs/pretrain/exp/backbone.pt
     odscratch train --backbone runs/pretrain/exp/backbone.pt
@@ -78,8 +78,8 @@ class UserError(Exception):
 
 @dataclass
 class Config:
-    data: str = "synthetic"         # "synthetic", a dataset folder or file (YOLO, COCO, VOC, Hugging Face), a hub name
-    bbox_format: str = "auto"       # Hugging Face data's boxes: xyxy, xywh, or auto (YOLO, COCO, VOC say)
+    data: str = "synthetic"         # or a YOLO, COCO, VOC or Hugging Face dataset (or hub name)
+    bbox_format: str = "auto"       # Hugging Face boxes: xyxy, xywh or auto (YOLO, COCO, VOC: theirs)
     img_size: int = 192             # images are resized to img_size x img_size
     stride: int = 16                # pixels per grid cell: 8, 16 or 32 (where ResNet-18 is cut)
     assign_radius: float = 1.0      # 0.5: a box trains only the cell its centre is in; 1: also nearby cells inside it
@@ -268,12 +268,12 @@ def impossible_boxes(boxes, width, height):
 
 
 # -----------------------------------------------------------------------------
-# Your own data, as labelling tools export it (CVAT, Label Studio, Roboflow, LabelImg, makesense.ai):
-# YOLO txt files with a data.yaml, COCO json, Pascal VOC xml, or anything Hugging Face datasets reads.
-# A reader walks the annotation files once and gives, per split, one row per image: the image's path,
-# its boxes in xyxy pixels, their class indices. datasets writes the rows to its cache (the images
-# stay on disk and are read when used). Broken annotations are skipped, counted and named; a split
-# that is mostly broken is refused.
+# Your own data, as labelling tools export it (CVAT, Label Studio, Roboflow, LabelImg, ...): YOLO
+# txt files with a data.yaml, COCO json, Pascal VOC xml, or anything Hugging Face datasets reads.
+# A reader walks the annotation files once and gives, per split, one row per image: the image's
+# path, its boxes in xyxy pixels, their class indices. datasets writes the rows to its cache (the
+# images stay on disk and are read when used). Broken annotations are skipped, counted and named;
+# a split that is mostly broken is refused.
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 SPLIT_WORDS = {"train": "train", "training": "train", "val": "validation", "valid": "validation",
@@ -285,13 +285,14 @@ LAYOUTS = ("YOLO (a data.yaml, or classes.txt beside txt labels), COCO (.json), 
 
 def split_named(name):
     """A file or folder name -> the split it names (instances_val2017 -> validation), or None."""
-    return next((SPLIT_WORDS[w] for w in re.findall(r"[a-z]+", name.lower()) if w in SPLIT_WORDS), None)
+    words = re.findall(r"[a-z]+", name.lower())
+    return next((SPLIT_WORDS[w] for w in words if w in SPLIT_WORDS), None)
 
 
 @dataclass
 class Annotations:
     """What a reader found. rows: {split: [{"image": path, "objects": {"bbox", "category"}}]};
-    skipped: (split, "image" or "box", why, where) for each thing left out; notes: lines to print."""
+    skipped: (split, "image" or "box", why, where) per thing left out; notes: lines to print."""
     layout: str
     classes: list
     rows: dict
@@ -315,7 +316,7 @@ def images_by_name(root):
 
 
 def find_image(name, candidates, index):
-    """The first candidate path that exists, else the image of that name anywhere under the dataset."""
+    """The first candidate path that exists, else the image of that name anywhere in the dataset."""
     found = next((p for p in candidates if p.is_file()), None)
     return found or index.get(Path(name).name) or index.get(Path(name).stem)
 
@@ -325,7 +326,7 @@ def image_size(path):
     try:
         with PIL.Image.open(path) as image:
             return image.size
-    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError):
+    except UNREADABLE:
         return None
 
 
@@ -351,7 +352,8 @@ def read_yolo_label(path, width, height, num_classes, split, skipped):
         where = f"{path.name}:{n}"
         polygon = len(values) >= 7 and len(values) % 2 == 1
         if len(values) != 5 and not polygon or not all(-0.01 <= v <= 1.01 for v in values[1:]):
-            skipped.append((split, "box", "label lines that are not `class cx cy w h` in 0-1", where))
+            why = "label lines that are not `class cx cy w h` in 0-1"
+            skipped.append((split, "box", why, where))
         elif not values[0].is_integer() or not 0 <= values[0] < num_classes:
             skipped.append((split, "box", f"class ids past the {num_classes} names", where))
         else:
@@ -366,16 +368,20 @@ def read_yolo_label(path, width, height, num_classes, split, skipped):
     return boxes, categories
 
 
+def names_file(root):
+    # one class name per line: LabelImg writes classes.txt, CVAT's YOLO 1.1 export obj.names
+    return next(iter(sorted([*root.rglob("classes.txt"), *root.rglob("obj.names")])), None)
+
+
 def yolo_class_names(spec, root, source):
-    """data.yaml's `names` (a list, or {id: name}), else a classes.txt (as LabelImg writes it)."""
+    """data.yaml's `names` (a list, or {id: name}), else a classes.txt or obj.names."""
     names = spec.get("names")
     if isinstance(names, dict):
         return [str(names.get(i, i)) for i in range(max(names) + 1)]
     if names:
         return [str(name) for name in names]
-    classes_txt = next(iter(sorted(root.rglob("classes.txt"))), None)
-    if classes_txt:
-        return [line.strip() for line in classes_txt.read_text().splitlines() if line.strip()]
+    if names := names_file(root):
+        return [line.strip() for line in names.read_text().splitlines() if line.strip()]
     if spec.get("nc"):
         return [str(i) for i in range(spec["nc"])]
     raise UserError(f"{source} has no `names` and no classes.txt is beside it: add the class names "
@@ -383,7 +389,7 @@ def yolo_class_names(spec, root, source):
 
 
 def yolo_split_images(entry, bases, source):
-    """A data.yaml split entry (a folder, a .txt list of images, or a list of either) -> image paths.
+    """A data.yaml split entry (a folder, a .txt list of images, or a list of them) -> image paths.
     Paths are relative to data.yaml's `path`, else its own folder; Roboflow's `../train/images` is
     found in the dataset folder too, as Ultralytics finds it."""
     images = []
@@ -397,12 +403,12 @@ def yolo_split_images(entry, bases, source):
         if path.is_dir():
             images += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         else:  # a list of image paths, relative to the list's folder
-            images += [path.parent / line.strip() for line in path.read_text().splitlines() if line.strip()]
+            images += [path.parent / line for line in path.read_text().split()]
     return images
 
 
 def read_yolo(source, root):
-    """A data.yaml (or, without one, a folder holding classes.txt) -> Annotations."""
+    """A data.yaml (or, without one, a folder holding classes.txt or obj.names) -> Annotations."""
     if source.suffix in (".yaml", ".yml"):
         try:
             spec = yaml.safe_load(source.read_text()) or {}
@@ -413,14 +419,14 @@ def read_yolo(source, root):
         bases = [root / spec["path"], root] if spec.get("path") else [root]
         entries = {SPLIT_WORDS[key]: spec[key] for key in ("train", "val", "test") if spec.get(key)}
         layout = f"YOLO dataset ({source.name})"
-    else:  # LabelImg's YOLO mode: images and txt files side by side, a classes.txt, no data.yaml
+    else:  # LabelImg, CVAT's YOLO 1.1: txt files beside the images, a file of class names, no yaml
         spec, bases = {}, [root]
         folders = [p for p in [*root.iterdir(), *root.glob("images/*")] if p.is_dir()]
         entries = {split_named(p.name): str(p) for p in folders if split_named(p.name)}
         entries = entries or {"train": str(root)}
-        layout = "YOLO dataset (classes.txt, no data.yaml)"
+        layout = f"YOLO dataset ({source.name}, no data.yaml)"
     classes = yolo_class_names(spec, root, source)
-    rows, skipped = {}, []
+    rows, skipped, unlabelled = {}, [], 0
     for split, entry in entries.items():
         rows[split] = []
         for image in yolo_split_images(entry, bases, source.name):
@@ -432,8 +438,10 @@ def read_yolo(source, root):
             label = yolo_label_path(image)
             boxes, categories = (read_yolo_label(label, *size, len(classes), split, skipped)
                                  if label.is_file() else ([], []))
+            unlabelled += not label.is_file()
             rows[split].append(image_row(image, boxes, categories))
-    return Annotations(layout, classes, rows, skipped, [])
+    notes = [f"{unlabelled} images without a label file (no objects)"] if unlabelled else []
+    return Annotations(layout, classes, rows, skipped, notes)
 
 
 # COCO: one json per split, with `images`, `annotations` (bbox [x, y, width, height]) and
@@ -460,8 +468,8 @@ def read_coco(files, root, bbox_format):
     names = {c["id"]: str(c["name"]) for coco in cocos.values() for c in coco["categories"]}
     used = {a.get("category_id") for coco in cocos.values() for a in coco["annotations"]}
     classes = [names[i] for i in sorted(names) if i in used]
-    notes = [f"categories with no box left out: {', '.join(names[i] for i in sorted(names) if i not in used)}"
-             ] if len(classes) < len(names) else []
+    unused = [names[i] for i in sorted(names) if i not in used]
+    notes = [f"categories with no box left out: {', '.join(unused)}"] if unused else []
     index, rows, skipped, crowd = images_by_name(root), {}, [], 0
     for path, coco in cocos.items():
         split = split_named(path.stem) or split_named(path.parent.name) or "train"
@@ -485,8 +493,8 @@ def read_coco(files, root, bbox_format):
         rows.setdefault(split, [])
         for image in coco["images"]:
             name = str(image.get("file_name", ""))
-            found = find_image(name, [path.parent / name, path.parent / "images" / name, root / name,
-                                      root / "images" / name], index)
+            folders = [path.parent, path.parent / "images", root, root / "images"]
+            found = find_image(name, [folder / name for folder in folders], index)
             if found is None:
                 skipped.append((split, "image", "image files not found (file_name)", name))
             else:
@@ -501,15 +509,16 @@ def read_coco(files, root, bbox_format):
 # CVAT write it; VOC's own Annotations/ + JPEGImages/ + ImageSets/Main/{train,val,test}.txt.
 
 def voc_split_lists(annotations_folder):
-    """VOC's ImageSets/Main lists beside Annotations/ -> {image id: split}, or {} when there are none."""
+    """VOC's ImageSets/Main lists beside Annotations/ -> {image id: split}, or {} without them."""
     lists = annotations_folder.parent / "ImageSets" / "Main"
     if annotations_folder.name != "Annotations":
         return {}
     names = {"train": "train", "val": "validation", "test": "test"}
     if not (lists / "train.txt").is_file() and (lists / "trainval.txt").is_file():
         names["trainval"] = "train"
-    return {line.split()[0]: split for name, split in names.items() if (lists / f"{name}.txt").is_file()
-            for line in (lists / f"{name}.txt").read_text().splitlines() if line.strip()}
+    files = {split: lists / f"{name}.txt" for name, split in names.items()}
+    return {image_id: split for split, file in files.items() if file.is_file()
+            for image_id in file.read_text().split()}
 
 
 def read_voc_xml(path):
@@ -526,13 +535,14 @@ def read_voc_xml(path):
         except (AttributeError, TypeError, ValueError):
             broken += 1
             continue
-        box[0], box[1] = box[0] - 1, box[1] - 1  # pixel x_min..x_max counted from 1 -> [x_min - 1, x_max]
-        objects.append((str(obj.findtext("name", "")).strip(), box, obj.findtext("difficult") == "1"))
+        box[0], box[1] = box[0] - 1, box[1] - 1  # pixels x_min..x_max counted from 1: [x_min - 1, x_max]
+        name = str(obj.findtext("name", "")).strip()
+        objects.append((name, box, obj.findtext("difficult") == "1"))
     return annotation.findtext("filename", path.stem).strip(), objects, broken
 
 
 def read_voc(files, root):
-    """VOC xml files -> Annotations; splits from ImageSets/Main, else from folder names, else train."""
+    """VOC xml files -> Annotations; splits from ImageSets/Main, else folder names, else train."""
     index, found, skipped, difficult = images_by_name(root), [], [], 0
     lists = {folder: voc_split_lists(folder) for folder in {p.parent for p in files}}
     for path in files:
@@ -549,7 +559,8 @@ def read_voc(files, root):
             continue
         name, objects, broken = parsed
         skipped += [(split, "box", "objects without a <bndbox>", path.name)] * broken
-        image = find_image(name, [path.parent / name, path.parent.parent / "JPEGImages" / name], index)
+        tries = [path.parent / name, path.parent.parent / "JPEGImages" / name]
+        image = find_image(name, tries, index)
         if image is None:
             skipped.append((split, "image", "image files not found (<filename>)", name))
             continue
@@ -576,7 +587,8 @@ def annotations_to_splits(annotations, data):
         rows = annotations.rows.get(split, [])
         kept = {"image": len(rows), "box": sum(len(r["objects"]["bbox"]) for r in rows)}
         for level, n in kept.items():
-            bad = [(why, where) for s, lvl, why, where in annotations.skipped if (s, lvl) == (split, level)]
+            bad = [(why, where) for s, lvl, why, where in annotations.skipped
+                   if (s, lvl) == (split, level)]
             if len(bad) > MOSTLY_BROKEN * (n + len(bad)):
                 raise UserError(f"{data}: {len(bad)} of the {n + len(bad)} {level}s of its {split} "
                                 f"split are broken ({bad[0][0]}: {bad[0][1]}, ...): fix the "
@@ -589,7 +601,8 @@ def annotations_to_splits(annotations, data):
                       f"{' ...' if len(wheres) > 3 else ''}", soft_wrap=True)
     # datasets caches the rows under a hash of their content: a second run reads them back
     features = detection_features(annotations.classes)
-    return {split: datasets.Dataset.from_generator(yield_rows, features=features, gen_kwargs={"rows": rows})
+    return {split: datasets.Dataset.from_generator(yield_rows, features=features,
+                                                   gen_kwargs={"rows": rows})
             if rows else datasets.Dataset.from_list([], features=features)
             for split, rows in annotations.rows.items()}
 
@@ -598,13 +611,13 @@ def annotations_to_splits(annotations, data):
 # with a metadata.jsonl, a save_to_disk folder), with `objects.bbox` and `objects.category` (or
 # `categories`) as a ClassLabel, strings or integers.
 
-HUB_TIMEOUT = 10  # seconds; through datasets alone, an unreachable hub costs ~25 s of retries, or minutes
+HUB_TIMEOUT = 10  # seconds; through datasets, an unreachable hub costs ~25 s of retries, or minutes
 GUESS_ROWS = 200  # rows whose boxes decide between xyxy and xywh when --bbox-format is auto
 
 
 def check_hub(name):
-    """`name` is not a local folder, so it is a hub dataset: fail at once, in one line, if it cannot be had.
-    With HF_HUB_OFFLINE=1, datasets looks in its local cache instead, and answers at once by itself."""
+    """`name` is not a local folder, so it is a hub dataset: fail at once, in one line, if it cannot
+    be had. With HF_HUB_OFFLINE=1, datasets looks in its local cache instead and answers at once."""
     if huggingface_hub.constants.HF_HUB_OFFLINE:
         return
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
@@ -612,15 +625,17 @@ def check_hub(name):
     try:
         huggingface_hub.HfApi().dataset_info(name, timeout=HUB_TIMEOUT)
     except huggingface_hub.errors.RepositoryNotFoundError:
-        raise UserError(f"{name!r} is neither a local folder nor a dataset on the Hugging Face hub") from None
+        raise UserError(f"{name!r} is neither a local folder nor a dataset on the Hugging Face "
+                        "hub") from None
     except Exception as e:
-        raise UserError(f"cannot reach the Hugging Face hub for {name!r} ({type(e).__name__}): point --data at a "
-                        "local folder, or use --data synthetic") from None
+        raise UserError(f"cannot reach the Hugging Face hub for {name!r} ({type(e).__name__}): "
+                        "point --data at a local folder, or use --data synthetic") from None
 
 
 def guess_box_format(ds):
     """xyxy, unless the first rows' boxes are impossible as xyxy and possible as xywh."""
-    rows = ds.select(range(min(len(ds), GUESS_ROWS))).cast_column("image", datasets.Image(decode=False))
+    rows = ds.select(range(min(len(ds), GUESS_ROWS)))
+    rows = rows.cast_column("image", datasets.Image(decode=False))
     impossible, total = {"xyxy": 0, "xywh": 0}, 0
     for row in rows:
         try:
@@ -635,24 +650,25 @@ def guess_box_format(ds):
 
 
 def hugging_face_classes(splits):
-    """From the ClassLabel; else the sorted names of the train split's categories; integer categories
-    without names are named by their number."""
+    """From the ClassLabel; else the sorted names of the train split's categories; integer
+    categories without names are named by their number."""
     train = splits.get("train", next(iter(splits.values())))
     feature = category_feature(train)
     if isinstance(feature, datasets.ClassLabel):
         return feature.names
     if getattr(feature, "dtype", None) == "string":
         return sorted({c for objects in train["objects"] for c in objects_columns(objects)[1]})
-    largest = max((c for ds in splits.values() for objects in ds["objects"] for c in objects_columns(objects)[1]),
-                  default=0)
-    return [str(i) for i in range(int(largest) + 1)]
+    numbers = [c for ds in splits.values() for objects in ds["objects"]
+               for c in objects_columns(objects)[1]]
+    return [str(i) for i in range(int(max(numbers, default=0)) + 1)]
 
 
 def to_detection_schema(ds, classes, bbox_format, name):
-    # Data already in the schema (fashionpedia, BCCD) passes through untouched: no copy of the images.
+    # Data already in the schema (fashionpedia, BCCD) passes through: no copy of its images.
     feature = category_feature(ds)
     strings = getattr(feature, "dtype", None) == "string"
-    if bbox_format == "xyxy" and isinstance(feature, datasets.ClassLabel) and "category" in objects_feature(ds):
+    in_schema = isinstance(feature, datasets.ClassLabel) and "category" in objects_feature(ds)
+    if bbox_format == "xyxy" and in_schema:
         return ds
 
     def convert(objects_batch):
@@ -663,21 +679,27 @@ def to_detection_schema(ds, classes, bbox_format, name):
                 boxes = [[x, y, x + w, y + h] for x, y, w, h in boxes]
             unknown = set(cats) - set(classes) if strings else set()
             if unknown:
-                raise UserError(f"{name}: categories {sorted(unknown)} are not in the class list {classes} "
-                                "(the train split's categories)")
-            out.append({"bbox": boxes, "category": [classes.index(c) for c in cats] if strings else cats})
+                raise UserError(f"{name}: categories {sorted(unknown)} are not in the class list "
+                                f"{classes} (the train split's categories)")
+            cats = [classes.index(c) for c in cats] if strings else cats
+            out.append({"bbox": boxes, "category": cats})
         return {"objects": out}
 
     features = datasets.Features({**ds.features, **detection_features(classes)})
     return ds.map(convert, input_columns="objects", batched=True, features=features)
 
 
+def saved_by_datasets(folder):
+    # what Dataset.save_to_disk writes; datasets.load_dataset does not read it, load_from_disk does
+    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
+
+
 def read_hugging_face(data, path, bbox_format):
-    """-> ({split: Dataset} in the schema, or images only when there are no boxes; layout; notes)."""
+    """-> {split: Dataset} (in the schema; images only where there are no boxes), layout, notes."""
     if not path.exists():
         check_hub(data)
     try:
-        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        if saved_by_datasets(path):
             splits = datasets.load_from_disk(str(path))
         else:
             splits = datasets.load_dataset(str(path) if path.exists() else data)
@@ -687,8 +709,8 @@ def read_hugging_face(data, path, bbox_format):
             raise UserError(f"split {empty[1]!r} of {data!r} is empty") from None
         if path.exists():
             raise UserError(f"no dataset found in {data}; looked for {LAYOUTS}") from None
-        raise UserError(f"cannot load {data!r}: {str(e).splitlines()[0]} (offline? point --data at a "
-                        "local folder, or use --data synthetic)") from None
+        raise UserError(f"cannot load {data!r}: {str(e).splitlines()[0]} (offline? point --data at "
+                        "a local folder, or use --data synthetic)") from None
     splits = {"train": splits} if isinstance(splits, datasets.Dataset) else dict(splits)
     splits = {SPLIT_WORDS.get(name, name): ds for name, ds in splits.items()}
     first = next(iter(splits.values()))
@@ -700,9 +722,10 @@ def read_hugging_face(data, path, bbox_format):
         return splits, f"Hugging Face {kind} with images only (no `objects` column)", []
     classes = hugging_face_classes(splits)
     chosen = guess_box_format(splits.get("train", first)) if bbox_format == "auto" else bbox_format
-    splits = {split: to_detection_schema(ds, classes, chosen, f"{data} {split}") for split, ds in splits.items()}
-    how = "auto" if bbox_format == "auto" else "--bbox-format"
-    return splits, f"Hugging Face {kind}", [f"boxes read as {chosen} ({how})"]
+    splits = {split: to_detection_schema(ds, classes, chosen, f"{data} {split}")
+              for split, ds in splits.items()}
+    note = f"boxes read as {chosen} ({'auto' if bbox_format == 'auto' else '--bbox-format'})"
+    return splits, f"Hugging Face {kind}: {len(classes)} classes", [note]
 
 
 # -----------------------------------------------------------------------------
@@ -718,21 +741,21 @@ def find_annotations(path, bbox_format):
             return read_coco([path], path.parent.parent if path.parent.name == "annotations" else
                              path.parent, bbox_format)
         return None
-    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+    if saved_by_datasets(path):
         return None
     yamls = sorted([*path.glob("*.yaml"), *path.glob("*.yml")], key=lambda p: p.stem != "data")
     if yamls:
         return read_yolo(yamls[0], path)
     jsons = sorted([*path.glob("*.json"), *path.glob("*/*.json")])
-    if any(p.name.startswith("instances_") for p in jsons):  # COCO's own: leave captions_, keypoints_
+    if any(p.name.startswith("instances_") for p in jsons):  # COCO's own: not captions_, keypoints_
         jsons = [p for p in jsons if p.name.startswith("instances_")]
     if jsons:
         return read_coco(jsons, path, bbox_format)
     xmls = sorted(path.rglob("*.xml"))
     if xmls:
         return read_voc(xmls, path)
-    classes_txt = next(iter(sorted(path.rglob("classes.txt"))), None)
-    return read_yolo(classes_txt, path) if classes_txt else None
+    names = names_file(path)
+    return read_yolo(names, path) if names else None
 
 
 @lru_cache(maxsize=None)
@@ -742,11 +765,10 @@ def read_dataset(data, bbox_format, path):
     annotations = find_annotations(path, bbox_format) if path.exists() else None
     if annotations:
         splits = annotations_to_splits(annotations, data)
-        layout, notes = f"{annotations.layout}: {len(annotations.classes)} classes", annotations.notes
+        layout = f"{annotations.layout}: {len(annotations.classes)} classes"
+        notes = annotations.notes
     else:
         splits, layout, notes = read_hugging_face(data, path, bbox_format)
-        if "objects" in next(iter(splits.values())).features:
-            layout += f": {len(category_feature(next(iter(splits.values()))).names)} classes"
     carved = "validation" not in splits and len(splits.get("train", [])) > 1
     if carved:
         carve = splits["train"].train_test_split(VALIDATION_FRACTION, seed=SPLIT_SEED)
@@ -756,7 +778,8 @@ def read_dataset(data, bbox_format, path):
     counts = ", ".join(f"{split} {len(ds)}" + (f" (a seeded {VALIDATION_FRACTION:.0%} of train)"
                                                if carved and split == "validation" else "")
                        for split, ds in splits.items())
-    console.print(f"{layout}; images: {counts}" + "".join(f"; {note}" for note in notes), soft_wrap=True)
+    console.print(f"{layout}; images: {counts}" + "".join(f"; {note}" for note in notes),
+                  soft_wrap=True)
     return splits
 
 
@@ -768,7 +791,8 @@ def load_split(data, split, bbox_format="auto", labels=True):
         raise UserError(f"--bbox-format must be auto, xyxy or xywh, not {bbox_format!r}")
     if data == "synthetic":
         if split not in SYNTHETIC_SPLITS:
-            raise UserError(f"synthetic has no split {split!r}; it has: {', '.join(SYNTHETIC_SPLITS)}")
+            raise UserError(f"synthetic has no split {split!r}; it has: "
+                            f"{', '.join(SYNTHETIC_SPLITS)}")
         return synthetic_split(split)
     splits = read_dataset(data, bbox_format, Path(data).expanduser().resolve())
     if split not in splits:
@@ -828,6 +852,9 @@ class DetectionDataset(torch.utils.data.Dataset):
             n_clipped, n_dropped = n_clipped + clipped, n_dropped + int((~keep).sum())
             self.sizes.append((height, width))
             self.targets.append({"boxes": boxes, "labels": labels[keep]})
+        if train and n_boxes == 0:
+            raise UserError(f"{name}: none of its {len(self.ds)} images has a box, so there is "
+                            "nothing to learn from")
         if n_impossible > IMPOSSIBLE_SHARE * n_boxes:
             raise UserError(f"{name}: {n_impossible} of {n_boxes} boxes are impossible as [x_min, y_min, x_max, y_max]"
                             " (max < min, or far outside the image): is --bbox-format right? xyxy is [x_min, y_min,"
@@ -868,7 +895,7 @@ def collate(batch):
 # Learn To Detect (LTD): pretraining without labels. Cut a random sub-image S out of a reference
 # image R, change its colours and blur it, and ask the network for S's box inside R. To answer, it
 # needs what a detector needs: features that say what is where, at any scale. R is left intact:
-# greying out S's hole would give the answer away (the seed's ablation, `--mask-crop`, repeats it).
+# greying out S's hole would give the answer away (`--mask-crop` does it, to measure that).
 
 LTD_AREA = (0.04, 0.4)   # S's area as a fraction of R's, log-uniform (README: measured choice)
 LTD_ASPECT = (0.5, 2.0)  # S's width / height, log-uniform
@@ -997,9 +1024,9 @@ class LTDNet(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Loss: the seed's rule gives each ground-truth box to the one cell its centre falls in; the default
-# --assign-radius 1 adds the nearest cells inside the box (measured better: README). Every cell learns
-# its class (background when it owns no box); cells that own a box also learn the box.
+# Loss: the centre-cell rule gives each ground-truth box to the one cell its centre falls in; the
+# default --assign-radius 1 adds the nearest cells inside the box (measured better: README). Every
+# cell learns its class (background when it owns no box); cells that own a box also learn the box.
 
 BACKGROUND_WEIGHT = 0.1  # most cells are background: down-weighted, so the few object cells are heard (README)
 
@@ -1007,8 +1034,8 @@ BACKGROUND_WEIGHT = 0.1  # most cells are background: down-weighted, so the few 
 def assign_boxes_to_cells(boxes, labels, h, w, background, radius):
     """boxes [N, 4] (cx, cy, w, h) relative to the image -> per cell: class [h*w] and box [h*w, 4].
 
-    A box always trains the cell its centre falls in (the seed's rule, radius 0.5). With a larger
-    radius it also trains the cells within `radius` cells of its centre (in x and in y) whose own
+    A box always trains the cell its centre falls in (the centre-cell rule, radius 0.5). A larger
+    radius also trains the cells within `radius` cells of its centre (in x and in y) whose own
     centres lie inside the box: radius 1 gives a large box the 2 x 2 cells around its centre, while a
     box smaller than a cell keeps one cell (a neighbour would learn a copy of it shifted by a cell,
     too far off for NMS to merge; README: measured). A cell claimed by several boxes goes to the box
@@ -1182,7 +1209,7 @@ def evaluate(predictions, targets, num_classes):
 
 # -----------------------------------------------------------------------------
 # Pictures: what a learner and a user look at before any number. Detections with the true boxes,
-# the objectness grid (the seed's second figure: how sure each cell is that it holds an object),
+# the objectness grid (how sure each cell is that it holds an object),
 # loss and mAP curves, precision-recall curves. Pillow alone draws them.
 
 BOX_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
@@ -1938,10 +1965,10 @@ def bench_detectors(detectors, image, batch, rounds, calls):
 # -----------------------------------------------------------------------------
 # Command line: pretrain, train, eval, detect, export, bench. Every command runs offline with no arguments.
 
-DATA_HELP = ("'synthetic' (built in); a dataset folder or file: YOLO (data.yaml), COCO (.json), Pascal VOC "
-             "(.xml) or Hugging Face (parquet, imagefolder); or a Hugging Face hub name")
-BBOX_FORMAT_HELP = ("how Hugging Face data stores boxes: xyxy, xywh, or auto (xyxy unless only xywh fits the "
-                    "images; YOLO, COCO and VOC data say it themselves)")
+DATA_HELP = ("'synthetic' (built in); a dataset folder or file: YOLO (data.yaml), COCO (.json), "
+             "Pascal VOC (.xml) or Hugging Face (parquet, imagefolder); or a Hugging Face hub name")
+BBOX_FORMAT_HELP = ("how Hugging Face data stores boxes: xyxy, xywh, or auto (xyxy unless only "
+                    "xywh fits the images; YOLO, COCO and VOC data say it themselves)")
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                   help="odscratch: a small object detector you can read, train on a CPU, and ship.")
@@ -2004,7 +2031,7 @@ def metrics_table(title, metrics, classes):
 
 @app.command()
 def pretrain(
-    data: str = typer.Option(Config.data, help=DATA_HELP + "; or a plain folder of images (labels are not needed)"),
+    data: str = typer.Option(Config.data, help=DATA_HELP + "; or a plain folder of images"),
     img_size: int = typer.Option(Config.img_size, help="R is resized to img_size x img_size"),
     stride: int = typer.Option(Config.stride, help="pixels per grid cell: 8, 16 or 32; train with the same"),
     epochs: int = typer.Option(Config.epochs),
@@ -2012,7 +2039,8 @@ def pretrain(
     batch: int = typer.Option(LTD_BATCH),
     lr: float = typer.Option(Config.lr),
     seed: int = typer.Option(Config.seed, help="fixes init, data order and crops"),
-    mask_crop: bool = typer.Option(False, "--mask-crop", help="grey out S's region in R (the seed's ablation)"),
+    mask_crop: bool = typer.Option(False, "--mask-crop",
+                                   help="grey out S's region in R (to measure how it gives S away)"),
     resume: str = typer.Option(None, help="a last.pt: go on with that run where it stopped (its own settings)"),
     fp32: bool = typer.Option(Config.fp32, "--fp32", help="no bf16 autocast / channels_last"),
     device: str = typer.Option(Config.device, help="auto, cpu or cuda"),
@@ -2076,7 +2104,8 @@ def evaluate_command(
         weights = Path(weights) if weights else newest_weights()
         model, cfg, classes = load_detector(weights, device)
         # the box format the model was trained with belongs to its own data; other data says its own
-        ds = load_split(data or cfg.data, split, cfg.bbox_format if data in (None, cfg.data) else "auto")
+        own_data = data in (None, cfg.data)
+        ds = load_split(data or cfg.data, split, cfg.bbox_format if own_data else "auto")
         data, split = data or cfg.data, SPLIT_WORDS.get(split, split)
         check_same_classes(classes, category_feature(ds).names, weights, data)
         dataset = DetectionDataset(ds, cfg.img_size, train=False, name=f"{data} {split}")
@@ -2101,7 +2130,7 @@ def data_command(
     bbox_format: str = typer.Option(Config.bbox_format, help=BBOX_FORMAT_HELP),
     img_size: int = typer.Option(Config.img_size, help="the --img-size you would train at"),
 ):
-    """What a dataset looks like before training: splits, classes, box sizes, and which --stride to pick."""
+    """A dataset before training: its layout, splits, classes, box sizes, and which --stride."""
     with user_errors():
         splits = {}
         for split in ["train", "validation", "test"]:

@@ -433,9 +433,12 @@ def test_train_and_eval_on_a_roboflow_yolo_export(tmp_path, monkeypatch):
     assert "YOLO dataset (data.yaml): 3 classes; images: train 6, validation 2, test 2" in result.output
     result = runner.invoke(ods.app, ["eval", "--split", "valid"])
     assert result.exit_code == 0, result.output
-    assert f"on export validation (2 images)" in " ".join(result.output.split())
+    assert "on export validation (2 images)" in " ".join(result.output.split())
     assert torch.load(tmp_path / "runs/train/exp/best.pt", weights_only=True)["classes"] == CLASSES
-    assert data.is_dir()
+    result = runner.invoke(ods.app, ["pretrain", "--data", str(data / "data.yaml"), "--img-size", "64",
+                                     "--batch", "2", "--epochs", "1"])  # LTD takes the same data's images
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "runs/pretrain/exp/backbone.pt").is_file()
 
 
 def test_the_data_command_names_the_layout_and_counts_each_split(tmp_path):
@@ -480,21 +483,34 @@ def test_yolo_images_without_label_files_have_no_objects_and_classes_txt_names_t
     (data / "data.yaml").write_text((data / "data.yaml").read_text().replace(f"names: {CLASSES}\n", "")
                                     .replace("nc: 3\n", ""))
     (tmp_path / "train" / "labels" / "classes.txt").write_text("\n".join(CLASSES) + "\n")  # as LabelImg writes it
+    assert "YOLO dataset (data.yaml): 3 classes; images: train 6, validation 2, test 2; 1 images without a " \
+           "label file (no objects)" in data_report(data)
     train = ods.load_split(str(data), "train")
     assert ods.category_feature(train).names == CLASSES and train[0]["objects"]["bbox"] == []
+    for label in (tmp_path / "train" / "labels").glob("img*.txt"):
+        label.unlink()
+    ods.read_dataset.cache_clear()
+    with pytest.raises(ods.UserError, match="none of its 6 images has a box, so there is nothing to learn from"):
+        ods.DetectionDataset(ods.load_split(str(data), "train"), 64, train=True)
     (tmp_path / "train" / "labels" / "classes.txt").unlink()
     ods.read_dataset.cache_clear()
     with pytest.raises(ods.UserError, match="has no `names` and no classes.txt"):
         ods.load_split(str(data), "train")
 
 
-def test_labelimg_yolo_folder_without_data_yaml(tmp_path):
+@pytest.mark.parametrize("tool", ["labelimg", "cvat"])
+def test_yolo_txt_files_beside_the_images_without_data_yaml(tool, tmp_path):
+    """LabelImg: images, txt files and classes.txt in one folder. CVAT's YOLO 1.1: obj.names and
+    obj_train_data/ (a split named in the folder's name)."""
+    folder = tmp_path / "obj_train_data" if tool == "cvat" else tmp_path
     for name, width, height, boxes, labels in canonical_images()["train"]:
-        save_image(tmp_path / name, width, height)  # LabelImg's YOLO mode: the txt file beside the image
-        (tmp_path / name).with_suffix(".txt").write_text(yolo_lines(width, height, boxes, labels))
-    (tmp_path / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+        save_image(folder / name, width, height)
+        (folder / name).with_suffix(".txt").write_text(yolo_lines(width, height, boxes, labels))
+    (tmp_path / ("obj.names" if tool == "cvat" else "classes.txt")).write_text("\n".join(CLASSES) + "\n")
     found, classes = loaded_objects(tmp_path)
-    assert classes == CLASSES and len(found) == 6
+    expected = {name: boxes for name, _, _, boxes, _ in canonical_images()["train"]}
+    assert classes == CLASSES and sorted(found) == sorted(expected)
+    assert all(np.allclose(found[name][1], boxes, atol=1e-3) for name, boxes in expected.items())
 
 
 def test_data_yaml_pointing_at_a_missing_folder_is_one_line_error(tmp_path, monkeypatch):

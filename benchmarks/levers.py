@@ -1,11 +1,11 @@
-"""Which changes to the seed recipe pay on BCCD? The lever ablation of issue 5, rerunnable and resumable.
+"""Which changes to the training recipe pay on BCCD? The lever ablation, rerunnable and resumable.
 
 Each lever is the recipe of its commit with one thing changed (a Config field or a module constant),
 trained for --epochs on BCCD's train split and scored on its test split. Budgets are in epochs, so a
 busy CPU changes the wall clock but not the result. Each finished run appends a row to the CSV (run
 again to resume); --table prints mean +- std over seeds from the CSV.
 
-    python benchmarks/levers.py --data ../shared/data/bccd --levers baseline "radius 1" --seeds 0
+    python benchmarks/levers.py --data BCCD_Dataset --levers baseline "radius 1" --seeds 0
     python benchmarks/levers.py --table
 """
 import argparse
@@ -113,7 +113,7 @@ def print_table(rows):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--data", default="../shared/data/bccd")
+    parser.add_argument("--data", default="BCCD_Dataset")
     parser.add_argument("--levers", nargs="+", default=list(LEVERS), choices=list(LEVERS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--epochs", type=int, default=24)

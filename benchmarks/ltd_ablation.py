@@ -1,17 +1,17 @@
-"""Does LTD pretraining pay on BCCD? The ablation of issue 4, rerunnable and resumable.
+"""Does LTD pretraining pay on BCCD? The ablation, rerunnable and resumable.
 
 Four configurations, each with several seeds, evaluated on BCCD's test split:
   scratch      detector from random init, T epochs
   ltd          LTD pretraining on BCCD's train images (labels unused), P epochs; then the detector, T epochs
   ltd-equal    LTD for p epochs, then the detector for T - p epochs: the same total budget as scratch
-  ltd-masked   as `ltd`, but S's hole in R is greyed out (--mask-crop), the seed's ablation
+  ltd-masked   as `ltd`, but S's hole in R is greyed out (--mask-crop)
 
 Budgets are in epochs, not minutes, so a busy CPU changes the wall clock but not the result; on the
 README's machine an epoch of either kind at 320 px takes about 13 s, so T = 24 epochs is about 5 minutes.
 Each finished run appends a row to the CSV (run again to resume); at the end a table of mean +- std
 of the test metrics over seeds, and the wall time of the fastest seed.
 
-    python benchmarks/ltd_ablation.py --data ../shared/data/bccd           # all runs, then the table
+    python benchmarks/ltd_ablation.py --data BCCD_Dataset           # all runs, then the table
     python benchmarks/ltd_ablation.py --table                              # the table from the CSV only
 """
 import argparse
@@ -83,7 +83,7 @@ def table(rows):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--data", default="../shared/data/bccd")
+    parser.add_argument("--data", default="BCCD_Dataset")
     parser.add_argument("--img-size", type=int, default=320)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--train-epochs", type=int, default=24, help="T")

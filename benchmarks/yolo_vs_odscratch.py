@@ -15,8 +15,8 @@ own default precision and in the other's, timed in interleaved rounds.
 Each finished training appends a row to the CSV: run again to resume; --table prints from the CSV.
 Both trainings run in subprocesses with the same number of torch threads (--threads).
 
-    pip install -e ".[bench]"
-    python benchmarks/yolo_vs_odscratch.py --data ../shared/data/bccd --seeds 0 1 2   # ~95 min, then the table
+    pip install -e ".[compare]"
+    python benchmarks/yolo_vs_odscratch.py --data BCCD_Dataset --seeds 0 1 2   # ~95 min, then the table
     python benchmarks/yolo_vs_odscratch.py --table
 """
 import argparse
@@ -44,7 +44,7 @@ def export_yolo_format(data, root):
     classes = None
     for split in ["train", "validation", "test"]:
         ds = ods.load_split(data, split)
-        classes = classes or ods.class_names(ds, data)
+        classes = classes or ods.category_feature(ds).names
         (root / "images" / split).mkdir(parents=True, exist_ok=True)
         (root / "labels" / split).mkdir(parents=True, exist_ok=True)
         for i, row in enumerate(ds.cast_column("image", ods.datasets.Image(decode=False))):
@@ -185,7 +185,7 @@ def run_tool(tool, seed, root, args):
 
 
 def metrics_classes(args):
-    return ods.class_names(ods.load_split(args.data, "train"), args.data)
+    return ods.category_feature(ods.load_split(args.data, "train")).names
 
 
 def read_rows(path):
@@ -213,7 +213,7 @@ def print_table(rows):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--data", default="../shared/data/bccd")
+    parser.add_argument("--data", default="BCCD_Dataset")
     parser.add_argument("--minutes", type=float, default=15)
     parser.add_argument("--img-size", type=int, default=320)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
