@@ -436,10 +436,12 @@ def read_yolo(source, root):
                 skipped.append((split, "image", why, image.name))
                 continue
             label = yolo_label_path(image)
-            boxes, categories = (read_yolo_label(label, *size, len(classes), split, skipped)
-                                 if label.is_file() else ([], []))
-            unlabelled += not label.is_file()
-            rows[split].append(image_row(image, boxes, categories))
+            if label.is_file():
+                rows[split].append(image_row(image, *read_yolo_label(label, *size, len(classes),
+                                                                     split, skipped)))
+            else:
+                rows[split].append(image_row(image, [], []))
+                unlabelled += 1
     notes = [f"{unlabelled} images without a label file (no objects)"] if unlabelled else []
     return Annotations(layout, classes, rows, skipped, notes)
 
@@ -510,9 +512,9 @@ def read_coco(files, root, bbox_format):
 
 def voc_split_lists(annotations_folder):
     """VOC's ImageSets/Main lists beside Annotations/ -> {image id: split}, or {} without them."""
-    lists = annotations_folder.parent / "ImageSets" / "Main"
     if annotations_folder.name != "Annotations":
         return {}
+    lists = annotations_folder.parent / "ImageSets" / "Main"
     names = {"train": "train", "val": "validation", "test": "test"}
     if not (lists / "train.txt").is_file() and (lists / "trainval.txt").is_file():
         names["trainval"] = "train"
@@ -624,7 +626,7 @@ def check_hub(name):
         raise UserError(f"dataset folder not found: {name}")
     try:
         huggingface_hub.HfApi().dataset_info(name, timeout=HUB_TIMEOUT)
-    except huggingface_hub.errors.RepositoryNotFoundError:
+    except huggingface_hub.utils.RepositoryNotFoundError:  # .utils: where every version has it
         raise UserError(f"{name!r} is neither a local folder nor a dataset on the Hugging Face "
                         "hub") from None
     except Exception as e:
