@@ -315,9 +315,10 @@ def images_by_name(root):
     return index
 
 
-def find_image(name, candidates, index):
-    """The first candidate path that exists, else the image of that name anywhere in the dataset."""
-    found = next((p for p in candidates if p.is_file()), None)
+def find_image(name, folders, index):
+    """The image `name` in the first of `folders` that has it, else anywhere in the dataset."""
+    name = name.replace("\\", "/")  # as written on Windows
+    found = next((folder / name for folder in folders if (folder / name).is_file()), None)
     return found or index.get(Path(name).name) or index.get(Path(name).stem)
 
 
@@ -496,7 +497,7 @@ def read_coco(files, root, bbox_format):
         for image in coco["images"]:
             name = str(image.get("file_name", ""))
             folders = [path.parent, path.parent / "images", root, root / "images"]
-            found = find_image(name, [folder / name for folder in folders], index)
+            found = find_image(name, folders, index)
             if found is None:
                 skipped.append((split, "image", "image files not found (file_name)", name))
             else:
@@ -561,8 +562,7 @@ def read_voc(files, root):
             continue
         name, objects, broken = parsed
         skipped += [(split, "box", "objects without a <bndbox>", path.name)] * broken
-        tries = [path.parent / name, path.parent.parent / "JPEGImages" / name]
-        image = find_image(name, tries, index)
+        image = find_image(name, [path.parent, path.parent.parent / "JPEGImages"], index)
         if image is None:
             skipped.append((split, "image", "image files not found (<filename>)", name))
             continue

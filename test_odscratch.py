@@ -524,6 +524,7 @@ def test_coco_missing_files_and_crowd_boxes_are_counted_and_named(tmp_path):
     data = write_coco(tmp_path, "roboflow")
     coco = json.loads((data / "train" / "_annotations.coco.json").read_text())
     coco["images"][0]["file_name"] = "gone.jpg"
+    coco["images"][1]["file_name"] = "C:\\Users\\me\\labels\\" + coco["images"][1]["file_name"]  # Windows
     coco["annotations"][-1]["iscrowd"] = 1
     coco["annotations"].append({"id": 99, "image_id": 101, "category_id": 5, "bbox": [1, 1, 5, 5], "iscrowd": 0})
     (data / "train" / "_annotations.coco.json").write_text(json.dumps(coco))
