@@ -424,6 +424,22 @@ def data_report(data):
     return " ".join(result.output.split())
 
 
+def test_hugging_face_integer_categories_and_save_to_disk(tmp_path):
+    data = write_autotrain(tmp_path / "autotrain")  # categories as numbers, no class names anywhere
+    for metadata in data.rglob("metadata.jsonl"):
+        rows = [json.loads(line) for line in metadata.read_text().splitlines()]
+        for row in rows:
+            row["objects"]["categories"] = [CLASSES.index(c) for c in row["objects"]["categories"]]
+        metadata.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    found, classes = loaded_objects(data)
+    assert classes == ["0", "1", "2"] and len(found) == 10
+    saved = tmp_path / "saved"  # what Dataset.save_to_disk writes, read back with load_from_disk
+    datasets.DatasetDict({"train": ods.load_split("synthetic", "validation").select(range(6)),
+                          "test": ods.load_split("synthetic", "test").select(range(4))}).save_to_disk(saved)
+    assert ods.category_feature(ods.load_split(str(saved), "train")).names == ods.SYNTHETIC_CLASSES
+    assert [len(ods.load_split(str(saved), split)) for split in ["train", "validation", "test"]] == [5, 1, 4]
+
+
 def test_train_and_eval_on_a_roboflow_yolo_export(tmp_path, monkeypatch):
     data = write_yolo(tmp_path / "export", roboflow=True)
     monkeypatch.chdir(tmp_path)
