@@ -60,6 +60,7 @@ import torchvision
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from torch.utils.data.distributed import DistributedSampler
@@ -600,7 +601,7 @@ def annotations_to_splits(annotations, data):
         by_reason.setdefault(why, []).append(where)
     for why, wheres in by_reason.items():
         console.print(f"{data}: skipped {len(wheres)} {why}: {', '.join(wheres[:3])}"
-                      f"{' ...' if len(wheres) > 3 else ''}", soft_wrap=True)
+                      f"{' ...' if len(wheres) > 3 else ''}", soft_wrap=True, markup=False)
     # datasets caches the rows under a hash of their content: a second run reads them back
     features = detection_features(annotations.classes)
     return {split: datasets.Dataset.from_generator(yield_rows, features=features,
@@ -781,7 +782,7 @@ def read_dataset(data, bbox_format, path):
                                                if carved and split == "validation" else "")
                        for split, ds in splits.items())
     console.print(f"{layout}; images: {counts}" + "".join(f"; {note}" for note in notes),
-                  soft_wrap=True)
+                  soft_wrap=True, markup=False)
     return splits
 
 
@@ -1993,7 +1994,7 @@ def user_errors():
     except (UserError, OSError, KeyboardInterrupt) as e:
         if show_tracebacks:
             raise
-        console.print(f"[red]error:[/red] {e if str(e) else 'interrupted'}", soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(str(e)) or 'interrupted'}", soft_wrap=True)
         raise typer.Exit(130 if isinstance(e, KeyboardInterrupt) else 1) from None
 
 

@@ -531,9 +531,10 @@ def test_yolo_txt_files_beside_the_images_without_data_yaml(tool, tmp_path):
 
 def test_data_yaml_pointing_at_a_missing_folder_is_one_line_error(tmp_path, monkeypatch):
     data = write_yolo(tmp_path / "data", roboflow=False)
-    (data / "data.yaml").write_text((data / "data.yaml").read_text().replace("images/val", "images/nowhere"))
+    spec = (data / "data.yaml").read_text().replace("images/val", "images/[/nowhere]")  # [/..]: not markup
+    (data / "data.yaml").write_text(spec)
     monkeypatch.chdir(tmp_path)
-    one_line_error(runner.invoke(ods.app, ["data", "--data", "data"]), "data.yaml: images/nowhere not found")
+    one_line_error(runner.invoke(ods.app, ["data", "--data", "data"]), "data.yaml: images/[/nowhere] not found")
 
 
 def test_coco_missing_files_and_crowd_boxes_are_counted_and_named(tmp_path):
