@@ -32,6 +32,7 @@ import contextlib
 import copy
 import csv
 import glob
+import hashlib
 import importlib.util
 import io
 import json
@@ -178,15 +179,24 @@ def jpeg_bytes(img):
     return buffer.getvalue()
 
 
+def synthetic_rows(split, recipe):
+    """The rows of one split, from one seeded numpy generator per split. `recipe` is not used here:
+    it is the hash that keys datasets' cache (see synthetic_split)."""
+    rng = np.random.default_rng([SPLIT_SEED, list(SYNTHETIC_SPLITS).index(split)])
+    for _ in range(SYNTHETIC_SPLITS[split]):
+        img, boxes, categories = synthetic_example(rng)
+        yield {"image": {"bytes": jpeg_bytes(img), "path": None},
+               "objects": {"bbox": boxes, "category": categories}}
+
+
 @lru_cache(maxsize=None)
 def synthetic_split(split):
-    """The same images for the same split on any machine: one seeded numpy generator per split."""
-    rng = np.random.default_rng([SPLIT_SEED, list(SYNTHETIC_SPLITS).index(split)])
-    examples = [synthetic_example(rng) for _ in range(SYNTHETIC_SPLITS[split])]
-    return datasets.Dataset.from_dict({
-        "image": [{"bytes": jpeg_bytes(img), "path": None} for img, _, _ in examples],
-        "objects": [{"bbox": boxes, "category": cats} for _, boxes, cats in examples],
-    }, features=detection_features(SYNTHETIC_CLASSES))
+    """The same images for the same split on any machine, drawn once per machine: datasets keeps
+    them in its cache under a hash of this file, so that a changed recipe draws them anew."""
+    recipe = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+    features = detection_features(SYNTHETIC_CLASSES)
+    return datasets.Dataset.from_generator(synthetic_rows, features=features,
+                                           gen_kwargs={"split": split, "recipe": recipe})
 
 
 def objects_columns(objects):
@@ -216,24 +226,29 @@ def open_image(record):
 UNREADABLE = (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError)  # what PIL raises
 
 
-def image_problem(record):
-    """Why PIL cannot decode this image (missing, corrupt, truncated, or over PIL's decompression-bomb limit,
-    Image.MAX_IMAGE_PIXELS: twice it is refused before any pixel is read), or None when it can."""
+def decode_image(record):
+    """-> (the RGB image, None), or (None, why PIL cannot decode it: missing, corrupt, truncated, or
+    over PIL's decompression-bomb limit, Image.MAX_IMAGE_PIXELS: twice it is refused unread)."""
     try:
         with open_image(record) as image:
-            image.load()
-        return None
+            return image.convert("RGB"), None
     except FileNotFoundError:
-        return "file not found"
+        return None, "file not found"
     except UNREADABLE as e:
-        return str(e).split(". ")[0]
+        return None, str(e).split(". ")[0]
 
 
-def without_unreadable_images(ds, name):
-    """Images PIL cannot decode leave the split, counted and named once; training goes on without them."""
+def without_unreadable_images(ds, name, keep=None):
+    """Images PIL cannot decode leave the split, counted and named once; training goes on without them.
+    Each image is decoded here once: keep(j, image), when given, receives the j-th readable one."""
     ds = ds.cast_column("image", datasets.Image(decode=False))
-    problems = {i: image_problem(row["image"]) for i, row in enumerate(ds.select_columns(["image"]))}
-    bad = {i: problem for i, problem in problems.items() if problem}
+    bad = {}
+    for i, row in enumerate(ds.select_columns(["image"])):
+        image, problem = decode_image(row["image"])
+        if problem:
+            bad[i] = problem
+        elif keep:
+            keep(i - len(bad), image)
     if not bad:
         return ds
     named = [f"{ds[i]['image']['path'] or f'image {i}'} ({problem})" for i, problem in list(bad.items())[:3]]
@@ -241,7 +256,7 @@ def without_unreadable_images(ds, name):
                   soft_wrap=True)
     if len(bad) == len(ds):
         raise UserError(f"{name}: none of its {len(ds)} images can be read")
-    return ds.select([i for i in problems if i not in bad])
+    return ds.select([i for i in range(len(ds)) if i not in bad])
 
 
 def clip_and_drop(boxes, width, height):
@@ -831,15 +846,17 @@ class DetectionDataset(torch.utils.data.Dataset):
     """A load_split dataset as tensors: (image [3, img_size, img_size] in [0, 1], {boxes [N, 4] xyxy in those
     pixels, labels [N]}).
 
-    Boxes are read, checked and stored once here. Images are decoded and resized on first use, and
-    kept if the whole split fits in CACHE_BYTES (README: measured). `targets[i]` keeps the boxes in the
-    original image's pixels: that is what the evaluator compares against.
+    Boxes are read, checked and stored once here. When the whole split fits in CACHE_BYTES (README:
+    measured), each image is decoded once, by the readability check, and kept resized; otherwise it
+    is decoded when used. `targets[i]` keeps the boxes in the original image's pixels: that is what
+    the evaluator compares against.
     """
 
     def __init__(self, ds, img_size, train, name="data"):
-        self.ds = without_unreadable_images(ds, name)
-        self.train = train
+        self.train, self.img_size = train, img_size
         self.resize, self.to_float = resize_transform(img_size), v2.ToDtype(torch.float32, scale=True)
+        self.cache = {} if len(ds) * 3 * img_size**2 <= CACHE_BYTES else None
+        self.ds = without_unreadable_images(ds, name, self.remember if self.cache is not None else None)
         classes = category_feature(ds).names
         self.sizes, self.targets, n_boxes, n_impossible, n_clipped, n_dropped = [], [], 0, 0, 0, 0
         for row in self.ds:  # row by row: a large dataset's images never sit in memory together
@@ -864,22 +881,23 @@ class DetectionDataset(torch.utils.data.Dataset):
                             " x_max, y_max], xywh is [x, y, width, height]")
         if n_clipped or n_dropped:
             console.print(f"{name}: {n_clipped} boxes clipped to their image, {n_dropped} with no area dropped")
-        self.cache = {} if len(self.ds) * 3 * img_size**2 <= CACHE_BYTES else None
 
     def __len__(self):
         return len(self.ds)
 
+    def remember(self, i, image):
+        self.cache[i] = self.resize(image)  # [3, img_size, img_size] uint8
+
     def resized(self, i):
         """Image i as uint8 [3, img_size, img_size], with its boxes in those pixels."""
-        if self.cache is not None and i in self.cache:
-            return self.cache[i]
-        target = self.targets[i]
-        boxes = tv_tensors.BoundingBoxes(target["boxes"], format="XYXY", canvas_size=self.sizes[i])
-        image = open_image(self.ds[i]["image"]).convert("RGB")
-        sample = self.resize({"image": image, "boxes": boxes, "labels": target["labels"]})
-        if self.cache is not None:
-            self.cache[i] = sample
-        return sample
+        if self.cache is None:
+            image = self.resize(open_image(self.ds[i]["image"]).convert("RGB"))
+        else:
+            image = self.cache[i]
+        (height, width), target = self.sizes[i], self.targets[i]
+        scale = torch.tensor([self.img_size / width, self.img_size / height] * 2)
+        boxes = tv_tensors.BoundingBoxes(target["boxes"] * scale, format="XYXY", canvas_size=image.shape[-2:])
+        return {"image": image, "boxes": boxes, "labels": target["labels"]}
 
     def __getitem__(self, i):
         sample = self.resized(i)

@@ -15,6 +15,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from torchvision import tv_tensors
 from torchvision.ops import box_iou
 from typer.testing import CliRunner
 
@@ -191,14 +192,23 @@ def test_fold_batchnorm_keeps_the_outputs():
 def test_decoded_once_and_augmentation_leaves_the_cache_alone():
     ds = ods.load_split("synthetic", "validation").select(range(8))
     train = ods.DetectionDataset(ds, 64, train=True)
+    assert sorted(train.cache) == list(range(8))  # filled by the readability check: decoded only there
     first = train[0]
-    kept = train.cache[0]["image"].clone()
+    kept = train.cache[0].clone()
     draws = [train[0][0] for _ in range(4)]
-    assert torch.equal(train.cache[0]["image"], kept)
+    assert torch.equal(train.cache[0], kept)
     assert any(not torch.equal(first[0], d) for d in draws)  # augmented afresh on every draw
     val = ods.DetectionDataset(ds, 64, train=False)
     fresh = ods.inference_transform(64)(ds[3]["image"].convert("RGB"))
     assert torch.equal(val[3][0], fresh) and torch.equal(val[3][0], val[3][0])
+    boxes = tv_tensors.BoundingBoxes(val.targets[3]["boxes"], format="XYXY", canvas_size=val.sizes[3])
+    resized = ods.resize_transform(64)({"image": ds[3]["image"].convert("RGB"), "boxes": boxes})["boxes"]
+    assert torch.allclose(val[3][1]["boxes"], resized)  # boxes scaled as v2.Resize scales them
+    rows = ds.cast_column("image", datasets.Image(decode=False))
+    images = [{"bytes": b"not an image", "path": None} if i == 2 else row["image"] for i, row in enumerate(rows)]
+    broken = datasets.Dataset.from_dict({"image": images, "objects": rows["objects"]}, features=ds.features)
+    skipped = ods.DetectionDataset(broken, 64, train=False)  # image 2 is corrupt: the cache still lines up
+    assert len(skipped) == 7 and torch.equal(skipped[2][0], val[3][0]) and torch.equal(skipped[6][0], val[7][0])
 
 
 

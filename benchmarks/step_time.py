@@ -1,0 +1,118 @@
+"""Where a training step's time goes, beside the bare network, and what the first epoch costs extra.
+
+    python benchmarks/step_time.py                     # the default run's settings, bf16 where the CPU has it
+    python benchmarks/step_time.py --fp32              # float32
+    python benchmarks/step_time.py --data BCCD_Dataset --img-size 320
+
+Steady state (after warm-up steps): per step, the data (decode, augment, collate, from the decoded
+cache as in epoch 2 on), forward, loss (cell assignment included), backward and the optimizer (zero,
+clip, AdamW step), timed with the same code `train_epoch` runs; then the bare network (ResNet-18 to
+the grid + the linear head, forward + backward + AdamW on random images and a plain loss) at the
+same batch, size and precision. Start-up: making the built-in data (first time on this machine, then
+from datasets' cache), the readability check that also fills the decoded cache, and one validation
+pass (predict + COCO mAP) on an untrained model. Median of --steps steps. Not part of CI.
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+
+import odscratch as ods
+
+
+def cpu_kind():
+    flags = set(open("/proc/cpuinfo").read().split())
+    kinds = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
+    return f"{model}; flags: {' '.join(kinds)}; {torch.get_num_threads()} threads"
+
+
+def clock(timings, name, start):
+    timings.setdefault(name, []).append(time.perf_counter() - start)
+    return time.perf_counter()
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", default="synthetic")
+    parser.add_argument("--img-size", type=int, default=ods.Config.img_size)
+    parser.add_argument("--batch", type=int, default=ods.Config.batch)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--fp32", action="store_true")
+    args = parser.parse_args()
+    cfg = ods.Config(data=args.data, img_size=args.img_size, batch=args.batch, fp32=args.fp32)
+    device = torch.device("cpu")
+    bf16 = ods.use_bf16(device, cfg.fp32)
+    print(f"CPU: {cpu_kind()}; {'bf16' if bf16 else 'float32'}; {args.data} at {args.img_size} px, batch {args.batch}")
+
+    start = time.perf_counter()
+    train_ds = ods.load_split(cfg.data, "train", cfg.bbox_format)
+    val_ds = ods.load_split(cfg.data, "validation", cfg.bbox_format)
+    made = time.perf_counter() - start
+    start = time.perf_counter()
+    data = ods.DetectionDataset(train_ds, cfg.img_size, train=True)
+    val = ods.DetectionDataset(val_ds, cfg.img_size, train=False)
+    checked = time.perf_counter() - start
+    classes = ods.category_feature(train_ds).names
+    model = ods.GridDetector(len(classes), cfg.stride, cfg.assign_radius).to(memory_format=ods.memory_format(bf16))
+    start = time.perf_counter()
+    ods.validate_detector(model, val, len(classes), cfg, bf16)
+    validated = time.perf_counter() - start
+    print(f"start-up: data loaded {made:.1f} s (first time on this machine: also generated), readability check "
+          f"+ decoded cache {checked:.1f} s ({len(data)} + {len(val)} images), one validation pass "
+          f"(untrained model) {validated:.1f} s")
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model.train()
+    generator = torch.Generator().manual_seed(0)
+    timings = {}
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            timings = {}
+        t = time.perf_counter()
+        indices = torch.randint(len(data), (args.batch,), generator=generator).tolist()
+        images, targets = ods.collate([data[i] for i in indices])
+        t = clock(timings, "data", t)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            outputs = model(ods.to_device(images, device, bf16))
+        t = clock(timings, "forward", t)
+        parts, _ = ods.detection_loss(*outputs, targets, cfg.img_size, cfg.assign_radius)
+        t = clock(timings, "loss", t)
+        optimizer.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        t = clock(timings, "backward", t)
+        nn.utils.clip_grad_norm_(model.parameters(), ods.GRAD_CLIP)
+        optimizer.step()
+        clock(timings, "optimizer", t)
+
+    bare = ods.GridDetector(len(classes), cfg.stride).to(memory_format=ods.memory_format(bf16))
+    bare_optimizer = torch.optim.AdamW(bare.parameters(), lr=cfg.lr)
+    images = torch.rand(args.batch, 3, cfg.img_size, cfg.img_size)
+    bare_times = []
+    for step in range(args.warmup + args.steps):
+        t = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            boxes, logits = bare(ods.to_device(images, device, bf16))
+        (boxes.mean() + logits.mean()).backward()
+        bare_optimizer.step()
+        bare_optimizer.zero_grad(set_to_none=True)
+        if step >= args.warmup:
+            bare_times.append(time.perf_counter() - t)
+
+    median = {name: statistics.median(values) * 1000 for name, values in timings.items()}
+    step_ms, bare_ms = sum(median.values()), statistics.median(bare_times) * 1000
+    print(f"steady-state step, median of {args.steps}: " + ", ".join(f"{n} {v:.1f} ms" for n, v in median.items())
+          + f"; total {step_ms:.1f} ms ({args.batch / step_ms * 1000:.1f} images/s)")
+    network = median["forward"] + median["backward"] + median["optimizer"]
+    print(f"inside the network (forward + backward + optimizer): {network:.1f} ms; "
+          f"bare network forward + backward + AdamW: {bare_ms:.1f} ms ({args.batch / bare_ms * 1000:.1f} images/s); "
+          f"outside the network (data + loss): {(median['data'] + median['loss']) / step_ms:.0%} of the step; "
+          f"the whole step is {step_ms / bare_ms - 1:+.0%} over the bare network")
+
+
+if __name__ == "__main__":
+    main()
