@@ -807,10 +807,10 @@ def test_assign_radius_below_one_cell_is_one_line_error(tmp_path, monkeypatch):
 
 
 def test_same_seed_same_weights(tmp_path, monkeypatch):
+    tiny_folder(tmp_path)  # 17 train images, batch 4: 4 steps, each with its own shuffle and augmentation
     monkeypatch.chdir(tmp_path)
-    args = ["train", "--img-size", "64", "--epochs", "1", "--batch", "64"]
     for seed, name in [(0, "a"), (0, "b"), (1, "c")]:
-        result = runner.invoke(ods.app, args + ["--seed", str(seed), "--name", name])
+        result = runner.invoke(ods.app, TINY_TRAIN + ["--epochs", "2", "--seed", str(seed), "--name", name])
         assert result.exit_code == 0, result.output
     a, b, c = (torch.load(tmp_path / "runs" / "train" / n / "last.pt", weights_only=True)["model"] for n in "abc")
     assert all(torch.equal(a[k], b[k]) for k in a)  # init, data order and augmentation all follow --seed
