@@ -91,7 +91,7 @@ class Config:
     lr: float = 2e-3
     weight_decay: float = 5e-4
     seed: int = 0
-    fp32: bool = False              # turn off bf16 autocast + channels_last
+    fp32: bool = False              # turn off bf16 autocast
     device: str = "auto"
 
 
@@ -1350,7 +1350,7 @@ def draw_validation_pictures(model, data, classes, metrics, run_dir, bf16):
 # -----------------------------------------------------------------------------
 # Training: one loop for every model in this file. AdamW; the learning rate warms up, then follows
 # a cosine to zero over the planned run, measured in steps (--epochs) or in wall time (--time), so a
-# time budget gets a full schedule. bf16 autocast + channels_last where the hardware has bf16.
+# time budget gets a full schedule. bf16 autocast where the hardware has bf16; channels_last always.
 # Nothing is lost: a step with a NaN loss is skipped, Ctrl-C stops at a step's end, and last.pt holds
 # the optimizer, the place in the epoch and the random state, so --resume goes on exactly.
 
@@ -1381,9 +1381,9 @@ def use_bf16(device, fp32):
     return getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
 
 
-def memory_format(bf16):
-    # channels_last spares oneDNN's bf16 convolutions a layout conversion per layer (measured: README)
-    return torch.channels_last if bf16 else torch.contiguous_format
+# channels_last spares oneDNN's convolutions a layout conversion per layer. Measured (docs/speed.md):
+# bf16 needs it to be fast at all; float32 trains 18 % faster with it (6 % with oneDNN limited to AVX2)
+MEMORY_FORMAT = torch.channels_last
 
 
 def learning_rate(cfg, progress):
@@ -1432,11 +1432,11 @@ class Budget:
         return max_over_processes(min((time.time() - self.start) / (self.minutes * 60), 1.0))
 
 
-def to_device(images, device, bf16):
+def to_device(images, device):
     # a detector's batch is one tensor of images; LTD's is the pair (R, S)
     if isinstance(images, tuple):
-        return tuple(to_device(x, device, bf16) for x in images)
-    return images.to(device, memory_format=memory_format(bf16))
+        return tuple(to_device(x, device) for x in images)
+    return images.to(device, memory_format=MEMORY_FORMAT)
 
 
 NONFINITE_LIMIT = 5  # steps in a row with a NaN or inf loss before training gives up
@@ -1481,7 +1481,7 @@ def train_epoch(model, loader, batches, compute_loss, optimizer, cfg, budget, ru
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, budget.progress())
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                outputs = model(to_device(images, device, bf16))
+                outputs = model(to_device(images, device))
             parts, lost = compute_loss(outputs, targets)
             if max_over_processes(not torch.isfinite(parts["loss"]).item()):  # a bad step is skipped, not learnt
                 run["skipped"], run["bad_in_a_row"] = run["skipped"] + 1, run["bad_in_a_row"] + 1
@@ -1527,7 +1527,7 @@ def fit(model, loader, compute_loss, validate, cfg, run_dir, meta, best_metric, 
     needs), best.pt (highest `best_metric`) and results.csv (one row per epoch) to run_dir. Returns the
     best metrics. `resume`: a last.pt's "resume" entry, to continue that run exactly where it stopped.
     Under torchrun, `model` is wrapped in DistributedDataParallel and only rank 0 validates and writes."""
-    model.to(memory_format=memory_format(use_bf16(next(model.parameters()).device, cfg.fp32)))
+    model.to(memory_format=MEMORY_FORMAT)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     budget, best, shown = Budget(cfg, len(loader)), None, ""
     inner = getattr(model, "module", model)  # the model inside DistributedDataParallel
@@ -1605,7 +1605,7 @@ def predict(model, data, batch, conf, iou, bf16):
     results = []
     for images, targets in loader:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            boxes, logits = model(images.to(device, memory_format=memory_format(bf16)))
+            boxes, logits = model(images.to(device, memory_format=MEMORY_FORMAT))
         results += decode_detections(boxes, logits, [data.sizes[t["index"]] for t in targets], conf, iou)
     return results
 
@@ -1717,7 +1717,7 @@ def train_detector(cfg, name, backbone=None, resume=None):
         check_same_classes(checkpoint["classes"], classes, resume, cfg.data)
         model.load_state_dict(checkpoint["model"])
     bf16 = use_bf16(device, cfg.fp32)
-    model = model.to(device, memory_format=memory_format(bf16))
+    model = model.to(device, memory_format=MEMORY_FORMAT)
     generator = torch.Generator().manual_seed(cfg.seed)  # fixes the data order
     sampler = DistributedSampler(train_data, seed=cfg.seed, drop_last=True) if processes > 1 else None
     loader = torch.utils.data.DataLoader(train_data, batch_size=cfg.batch // processes, shuffle=sampler is None,
@@ -1754,7 +1754,7 @@ def locate_crops(model, data, n, batch, bf16):
         for start in range(0, n, batch):
             pairs, targets = collate_pairs([data[i] for i in range(start, min(start + batch, n))])
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                boxes, logits = model(to_device(pairs, device, bf16))  # [b, h*w, 4], [b, h*w, 2]
+                boxes, logits = model(to_device(pairs, device))  # [b, h*w, 4], [b, h*w, 2]
             best = logits.softmax(-1)[..., 0].argmax(1)             # [b]
             predicted.append(box_convert(boxes[torch.arange(len(best)), best], "cxcywh", "xyxy").cpu() * data.img_size)
             true.append(torch.cat([t["boxes"] for t in targets]))
@@ -1838,7 +1838,7 @@ def load_detector(path, device, fold=True):
     model = GridDetector(len(checkpoint["classes"]), cfg.stride, cfg.assign_radius)
     model.load_state_dict(checkpoint["model"])
     model = fold_batchnorm(model) if fold else model.eval()
-    return model.to(device, memory_format=memory_format(use_bf16(device, cfg.fp32))), cfg, checkpoint["classes"]
+    return model.to(device, memory_format=MEMORY_FORMAT), cfg, checkpoint["classes"]
 
 
 def read_image(path):
@@ -1930,11 +1930,10 @@ class Detector:
         device = pick_device(device)
         model, cfg, classes = load_detector(path, device)
         bf16 = use_bf16(device, cfg.fp32 or fp32)
-        model.to(memory_format=memory_format(bf16))
 
         def network(images):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                boxes, logits = model(images.to(device, memory_format=memory_format(bf16)))
+                boxes, logits = model(images.to(device, memory_format=MEMORY_FORMAT))
             return score_cells(boxes, logits)
 
         return cls(network, classes, cfg.img_size)
@@ -2063,7 +2062,7 @@ def pretrain(
     mask_crop: bool = typer.Option(False, "--mask-crop",
                                    help="grey out S's region in R (to measure how it gives S away)"),
     resume: str = typer.Option(None, help="a last.pt: go on with that run where it stopped (its own settings)"),
-    fp32: bool = typer.Option(Config.fp32, "--fp32", help="no bf16 autocast / channels_last"),
+    fp32: bool = typer.Option(Config.fp32, "--fp32", help="float32: no bf16 autocast, even where the CPU or GPU has bf16"),
     device: str = typer.Option(Config.device, help="auto, cpu or cuda"),
     name: str = typer.Option("exp", help="run folder under runs/pretrain/"),
 ):
@@ -2094,7 +2093,7 @@ def train(
     backbone: str = typer.Option(None, help="start from a backbone.pt that `odscratch pretrain` wrote"),
     resume: str = typer.Option(None, help="a last.pt: go on with that run exactly where it stopped (its own "
                                           "settings)"),
-    fp32: bool = typer.Option(Config.fp32, "--fp32", help="no bf16 autocast / channels_last"),
+    fp32: bool = typer.Option(Config.fp32, "--fp32", help="float32: no bf16 autocast, even where the CPU or GPU has bf16"),
     device: str = typer.Option(Config.device, help="auto, cpu or cuda"),
     name: str = typer.Option("exp", help="run folder under runs/train/"),
 ):

@@ -58,7 +58,7 @@ def main():
     val = ods.DetectionDataset(val_ds, cfg.img_size, train=False)
     checked = time.perf_counter() - start
     classes = ods.category_feature(train_ds).names
-    model = ods.GridDetector(len(classes), cfg.stride, cfg.assign_radius).to(memory_format=ods.memory_format(bf16))
+    model = ods.GridDetector(len(classes), cfg.stride, cfg.assign_radius).to(memory_format=ods.MEMORY_FORMAT)
     start = time.perf_counter()
     ods.validate_detector(model, val, len(classes), cfg, bf16)
     validated = time.perf_counter() - start
@@ -78,7 +78,7 @@ def main():
         images, targets = ods.collate([data[i] for i in indices])
         t = clock(timings, "data", t)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            outputs = model(ods.to_device(images, device, bf16))
+            outputs = model(ods.to_device(images, device))
         t = clock(timings, "forward", t)
         parts, _ = ods.detection_loss(*outputs, targets, cfg.img_size, cfg.assign_radius)
         t = clock(timings, "loss", t)
@@ -89,14 +89,14 @@ def main():
         optimizer.step()
         clock(timings, "optimizer", t)
 
-    bare = ods.GridDetector(len(classes), cfg.stride).to(memory_format=ods.memory_format(bf16))
+    bare = ods.GridDetector(len(classes), cfg.stride).to(memory_format=ods.MEMORY_FORMAT)
     bare_optimizer = torch.optim.AdamW(bare.parameters(), lr=cfg.lr)
     images = torch.rand(args.batch, 3, cfg.img_size, cfg.img_size)
     bare_times = []
     for step in range(args.warmup + args.steps):
         t = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            boxes, logits = bare(ods.to_device(images, device, bf16))
+            boxes, logits = bare(ods.to_device(images, device))
         (boxes.mean() + logits.mean()).backward()
         bare_optimizer.step()
         bare_optimizer.zero_grad(set_to_none=True)

@@ -106,7 +106,7 @@ def yolo_forward(weights, bf16):
     """YOLO's detection model as its predictor runs it on a CPU (BatchNorm fused, float32), + its NMS."""
     from ultralytics import YOLO
     from ultralytics.utils.nms import non_max_suppression
-    memory = ods.memory_format(bf16)
+    memory = ods.MEMORY_FORMAT
     model = YOLO(weights).model.float().fuse().eval().to(memory_format=memory)
 
     @torch.inference_mode()
@@ -120,7 +120,7 @@ def yolo_forward(weights, bf16):
 def odscratch_forward(weights, bf16, fold=True):
     """odscratch's model as `odscratch detect` runs it (load_detector), + decode_detections."""
     model, cfg, classes = ods.load_detector(weights, torch.device("cpu"), fold)
-    memory = ods.memory_format(bf16)
+    memory = ods.MEMORY_FORMAT
     model = model.to(memory_format=memory)
 
     @torch.inference_mode()
