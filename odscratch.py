@@ -239,8 +239,8 @@ def decode_image(record):
 
 
 def without_unreadable_images(ds, name, keep=None):
-    """Images PIL cannot decode leave the split, counted and named once; training goes on without them.
-    Each image is decoded here once: keep(j, image), when given, receives the j-th readable one."""
+    """Images PIL cannot decode leave the split, counted and named once; training goes on without
+    them. Each image is decoded here once: keep(j, image), if given, gets the j-th readable one."""
     ds = ds.cast_column("image", datasets.Image(decode=False))
     bad = {}
     for i, row in enumerate(ds.select_columns(["image"])):
@@ -856,7 +856,8 @@ class DetectionDataset(torch.utils.data.Dataset):
         self.train, self.img_size = train, img_size
         self.resize, self.to_float = resize_transform(img_size), v2.ToDtype(torch.float32, scale=True)
         self.cache = {} if len(ds) * 3 * img_size**2 <= CACHE_BYTES else None
-        self.ds = without_unreadable_images(ds, name, self.remember if self.cache is not None else None)
+        keep = self.remember if self.cache is not None else None
+        self.ds = without_unreadable_images(ds, name, keep)
         classes = category_feature(ds).names
         self.sizes, self.targets, n_boxes, n_impossible, n_clipped, n_dropped = [], [], 0, 0, 0, 0
         for row in self.ds:  # row by row: a large dataset's images never sit in memory together
@@ -896,7 +897,8 @@ class DetectionDataset(torch.utils.data.Dataset):
             image = self.cache[i]
         (height, width), target = self.sizes[i], self.targets[i]
         scale = torch.tensor([self.img_size / width, self.img_size / height] * 2)
-        boxes = tv_tensors.BoundingBoxes(target["boxes"] * scale, format="XYXY", canvas_size=image.shape[-2:])
+        boxes = tv_tensors.BoundingBoxes(target["boxes"] * scale, format="XYXY",
+                                         canvas_size=image.shape[-2:])
         return {"image": image, "boxes": boxes, "labels": target["labels"]}
 
     def __getitem__(self, i):
@@ -1381,8 +1383,8 @@ def use_bf16(device, fp32):
     return getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
 
 
-# channels_last spares oneDNN's convolutions a layout conversion per layer. Measured (docs/speed.md):
-# bf16 needs it to be fast at all; float32 trains 18 % faster with it (6 % with oneDNN limited to AVX2)
+# channels_last spares oneDNN's convolutions a layout conversion per layer (docs/speed.md measures):
+# bf16 needs it to be fast; float32 trains 18 % faster with it (6 % with oneDNN limited to AVX2)
 MEMORY_FORMAT = torch.channels_last
 
 
@@ -2062,7 +2064,7 @@ def pretrain(
     mask_crop: bool = typer.Option(False, "--mask-crop",
                                    help="grey out S's region in R (to measure how it gives S away)"),
     resume: str = typer.Option(None, help="a last.pt: go on with that run where it stopped (its own settings)"),
-    fp32: bool = typer.Option(Config.fp32, "--fp32", help="float32: no bf16 autocast, even where the CPU or GPU has bf16"),
+    fp32: bool = typer.Option(Config.fp32, "--fp32", help="float32 even where the hardware has bf16"),
     device: str = typer.Option(Config.device, help="auto, cpu or cuda"),
     name: str = typer.Option("exp", help="run folder under runs/pretrain/"),
 ):
@@ -2093,7 +2095,7 @@ def train(
     backbone: str = typer.Option(None, help="start from a backbone.pt that `odscratch pretrain` wrote"),
     resume: str = typer.Option(None, help="a last.pt: go on with that run exactly where it stopped (its own "
                                           "settings)"),
-    fp32: bool = typer.Option(Config.fp32, "--fp32", help="float32: no bf16 autocast, even where the CPU or GPU has bf16"),
+    fp32: bool = typer.Option(Config.fp32, "--fp32", help="float32 even where the hardware has bf16"),
     device: str = typer.Option(Config.device, help="auto, cpu or cuda"),
     name: str = typer.Option("exp", help="run folder under runs/train/"),
 ):

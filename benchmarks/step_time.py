@@ -1,7 +1,7 @@
 """Where a training step's time goes, beside the bare network, and what the first epoch costs extra.
 
-    python benchmarks/step_time.py                     # the default run's settings, bf16 where the CPU has it
-    python benchmarks/step_time.py --fp32              # float32
+    python benchmarks/step_time.py            # the default run's settings, bf16 if the CPU has it
+    python benchmarks/step_time.py --fp32     # float32
     python benchmarks/step_time.py --data BCCD_Dataset --img-size 320
 
 Steady state (after warm-up steps): per step, the data (decode, augment, collate, from the decoded
@@ -26,7 +26,8 @@ import odscratch as ods
 def cpu_kind():
     flags = set(open("/proc/cpuinfo").read().split())
     kinds = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                  if line.startswith("model name")), "")
     return f"{model}; flags: {' '.join(kinds)}; {torch.get_num_threads()} threads"
 
 
@@ -47,7 +48,8 @@ def main():
     cfg = ods.Config(data=args.data, img_size=args.img_size, batch=args.batch, fp32=args.fp32)
     device = torch.device("cpu")
     bf16 = ods.use_bf16(device, cfg.fp32)
-    print(f"CPU: {cpu_kind()}; {'bf16' if bf16 else 'float32'}; {args.data} at {args.img_size} px, batch {args.batch}")
+    print(f"CPU: {cpu_kind()}; {'bf16' if bf16 else 'float32'}; {args.data} at {args.img_size} px, "
+          f"batch {args.batch}")
 
     start = time.perf_counter()
     train_ds = ods.load_split(cfg.data, "train", cfg.bbox_format)
@@ -58,13 +60,14 @@ def main():
     val = ods.DetectionDataset(val_ds, cfg.img_size, train=False)
     checked = time.perf_counter() - start
     classes = ods.category_feature(train_ds).names
-    model = ods.GridDetector(len(classes), cfg.stride, cfg.assign_radius).to(memory_format=ods.MEMORY_FORMAT)
+    model = ods.GridDetector(len(classes), cfg.stride, cfg.assign_radius)
+    model = model.to(memory_format=ods.MEMORY_FORMAT)
     start = time.perf_counter()
     ods.validate_detector(model, val, len(classes), cfg, bf16)
     validated = time.perf_counter() - start
-    print(f"start-up: data loaded {made:.1f} s (first time on this machine: also generated), readability check "
-          f"+ decoded cache {checked:.1f} s ({len(data)} + {len(val)} images), one validation pass "
-          f"(untrained model) {validated:.1f} s")
+    print(f"start-up: data loaded {made:.1f} s (the first time on a machine: also drawn), "
+          f"readability check + decoded cache {checked:.1f} s ({len(data)} + {len(val)} images), "
+          f"one validation pass (untrained model) {validated:.1f} s")
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model.train()
@@ -105,13 +108,15 @@ def main():
 
     median = {name: statistics.median(values) * 1000 for name, values in timings.items()}
     step_ms, bare_ms = sum(median.values()), statistics.median(bare_times) * 1000
-    print(f"steady-state step, median of {args.steps}: " + ", ".join(f"{n} {v:.1f} ms" for n, v in median.items())
-          + f"; total {step_ms:.1f} ms ({args.batch / step_ms * 1000:.1f} images/s)")
+    parts = ", ".join(f"{name} {ms:.1f} ms" for name, ms in median.items())
+    print(f"steady-state step, median of {args.steps}: {parts}; total {step_ms:.1f} ms "
+          f"({args.batch / step_ms * 1000:.1f} images/s)")
     network = median["forward"] + median["backward"] + median["optimizer"]
-    print(f"inside the network (forward + backward + optimizer): {network:.1f} ms; "
-          f"bare network forward + backward + AdamW: {bare_ms:.1f} ms ({args.batch / bare_ms * 1000:.1f} images/s); "
-          f"outside the network (data + loss): {(median['data'] + median['loss']) / step_ms:.0%} of the step; "
-          f"the whole step is {step_ms / bare_ms - 1:+.0%} over the bare network")
+    outside = (median["data"] + median["loss"]) / step_ms
+    print(f"inside the network (forward + backward + optimizer): {network:.1f} ms; bare network "
+          f"forward + backward + AdamW: {bare_ms:.1f} ms ({args.batch / bare_ms * 1000:.1f} "
+          f"images/s); outside the network (data + loss): {outside:.0%} of the step; the whole "
+          f"step is {step_ms / bare_ms - 1:+.0%} over the bare network")
 
 
 if __name__ == "__main__":
