@@ -18,6 +18,7 @@ Both trainings run in subprocesses with the same number of torch threads (--thre
     pip install -e ".[compare]"
     python benchmarks/yolo_vs_odscratch.py --data BCCD_Dataset --seeds 0 1 2   # ~95 min, then the table
     python benchmarks/yolo_vs_odscratch.py --table
+    python benchmarks/yolo_vs_odscratch.py --data BCCD_Dataset --fp32   # odscratch in float32 throughout
 """
 import argparse
 import csv
@@ -76,7 +77,8 @@ def train_yolo(root, args, seed):
 def train_odscratch(args, seed):
     name = f"odscratch-s{seed}"
     subprocess.run([str(Path(sys.executable).parent / "odscratch"), "train", "--data", args.data, "--img-size", str(args.img_size),
-                    "--time", str(args.minutes), "--seed", str(seed), "--name", name, *args.odscratch_args.split()],
+                    "--time", str(args.minutes), "--seed", str(seed), "--name", name, *args.odscratch_args.split(),
+                    *(["--fp32"] if args.fp32 else [])],
                    check=True, env=threads_env(args))
     return sorted(Path("runs/train").glob(f"{name}*"), key=os.path.getmtime)[-1] / "best.pt"
 
@@ -96,9 +98,9 @@ def yolo_predictions(weights, test, args):
     return results
 
 
-def odscratch_predictions(weights, test):
+def odscratch_predictions(weights, test, args):
     model, cfg, classes = ods.load_detector(weights, torch.device("cpu"))
-    bf16 = ods.use_bf16(torch.device("cpu"), False)
+    bf16 = ods.use_bf16(torch.device("cpu"), args.fp32)
     return ods.predict(model, test, cfg.batch, ods.EVAL_CONF, ods.NMS_IOU, bf16)
 
 
@@ -150,7 +152,7 @@ def latencies(forwards, size, rounds, runs):
 
 def latency_table(rows, args):
     weights = {tool: next(r["weights"] for r in rows if r["tool"] == tool) for tool in TOOLS}
-    bf16 = ods.use_bf16(torch.device("cpu"), False)
+    bf16 = ods.use_bf16(torch.device("cpu"), args.fp32)
     forwards = {"yolo11n, float32 (its CPU default)": yolo_forward(weights["yolo11n"], False),
                 "odscratch, float32 (--fp32)": odscratch_forward(weights["odscratch"], False)}
     if bf16:
@@ -176,10 +178,10 @@ def run_tool(tool, seed, root, args):
     train_s = round(time.time() - start)
     torch.set_num_threads(args.threads)
     test = ods.DetectionDataset(ods.load_split(args.data, "test"), args.img_size, train=False)
-    predictions = yolo_predictions(weights, test, args) if tool == "yolo11n" else odscratch_predictions(weights, test)
+    predictions = yolo_predictions(weights, test, args) if tool == "yolo11n" else odscratch_predictions(weights, test, args)
     metrics = ods.evaluate(predictions, test.targets, len(metrics_classes(args)))
     return {"tool": tool, "seed": seed, "train_s": train_s, "weights": str(weights),
-            "extra_args": args.odscratch_args if tool == "odscratch" else "",
+            "extra_args": " ".join([args.odscratch_args, "--fp32" * args.fp32]).strip() if tool == "odscratch" else "",
             **{k: round(metrics[k], 4) for k in METRICS},
             "ap50_per_class": json.dumps([round(v, 3) for v in metrics["ap50_per_class"]])}
 
@@ -222,9 +224,12 @@ def main():
     parser.add_argument("--odscratch-args", default="", help="more `odscratch train` options, e.g. '--stride 16'")
     parser.add_argument("--rounds", type=int, default=10, help="interleaved latency rounds")
     parser.add_argument("--runs", type=int, default=20, help="timed single-image forwards per model and round")
-    parser.add_argument("--csv", type=Path, default=Path("benchmarks/yolo_vs_odscratch.csv"))
+    parser.add_argument("--fp32", action="store_true",
+                        help="odscratch in float32 even where the CPU has bf16, as on a CPU without it")
+    parser.add_argument("--csv", type=Path, help="default: benchmarks/yolo_vs_odscratch[_fp32].csv")
     parser.add_argument("--table", action="store_true", help="only print the table from the CSV")
     args = parser.parse_args()
+    args.csv = args.csv or Path(f"benchmarks/yolo_vs_odscratch{'_fp32' if args.fp32 else ''}.csv")
     if not args.table:
         root = BENCH / "yolo-data"
         if not (root / "data.yaml").exists():
