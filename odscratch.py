@@ -82,10 +82,10 @@ class UserError(Exception):
 class Config:
     data: str = "synthetic"         # or a YOLO, COCO, VOC or Hugging Face dataset (or hub name)
     bbox_format: str = "auto"       # Hugging Face boxes: xyxy, xywh or auto (YOLO, COCO, VOC: theirs)
-    img_size: int = 192             # images are resized to img_size x img_size
+    img_size: int = 160             # images are resized to img_size x img_size
     stride: int = 16                # pixels per grid cell: 8, 16 or 32 (where ResNet-18 is cut)
     assign_radius: float = 1.0      # 0.5: a box trains only the cell its centre is in; 1: also nearby cells inside it
-    epochs: int = 7
+    epochs: int = 4
     time: float = 0.0               # minutes; when set, the schedule ends at this budget
     batch: int = 8                  # for detection (README: measured); pretrain keeps 16
     lr: float = 2e-3
@@ -105,7 +105,7 @@ class Config:
 SYNTHETIC_CLASSES = ["ellipse", "rectangle", "triangle"]
 SYNTHETIC_SPLITS = {"train": 2000, "validation": 200, "test": 200}  # images per split
 SYNTHETIC_SIZE = 320                 # pixels per side
-SYNTHETIC_OBJECT_SIDE = (0.05, 0.5)  # object side as a fraction of the image side, log-uniform
+SYNTHETIC_OBJECT_SIDE = (0.1, 0.5)   # object side as a fraction of the image side, log-uniform
 SYNTHETIC_MAX_COVER = 0.5            # an object may hide at most this much of an earlier one
 SYNTHETIC_JPEG_QUALITY = 95
 VALIDATION_FRACTION = 0.15           # carved from train when a dataset has no validation split
