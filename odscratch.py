@@ -1083,15 +1083,15 @@ def assign_boxes_to_cells(boxes, labels, h, w, background, radius):
     return classes, targets, len(boxes) - len(owner[owned].unique())
 
 
-def collisions_per_stride(data, img_size):
-    """A DetectionDataset -> {stride: share of its boxes that the centre-cell rule loses to collisions}: the
-    design's limit, measured on the user's own data (`odscratch data` prints it)."""
+def collisions_per_stride(data, img_size, radius):
+    """A DetectionDataset -> {stride: share of its boxes that the assignment at `radius` loses to
+    collisions}: the design's limit, measured on the user's own data (`odscratch data` prints it)."""
     lost = {stride: 0 for stride in BACKBONE_CHANNELS}
     for target, (height, width) in zip(data.targets, data.sizes):
         boxes = box_convert(target["boxes"] / torch.tensor([width, height, width, height]), "xyxy", "cxcywh")
         for stride in lost:
             grid = img_size // stride
-            lost[stride] += assign_boxes_to_cells(boxes, target["labels"], grid, grid, -1, 0.5)[2]
+            lost[stride] += assign_boxes_to_cells(boxes, target["labels"], grid, grid, -1, radius)[2]
     total = sum(len(t["boxes"]) for t in data.targets)
     return {stride: n / max(total, 1) for stride, n in lost.items()}
 
@@ -1987,6 +1987,8 @@ def bench_detectors(detectors, image, batch, rounds, calls):
 # -----------------------------------------------------------------------------
 # Command line: pretrain, train, eval, detect, export, bench. Every command runs offline with no arguments.
 
+ASSIGN_RADIUS_HELP = ("a box trains the cells within this many cells of its centre; 0.5: only the cell "
+                      "its centre falls in")
 DATA_HELP = ("'synthetic' (built in); a dataset folder or file: YOLO (data.yaml), COCO (.json), "
              "Pascal VOC (.xml) or Hugging Face (parquet, imagefolder); or a Hugging Face hub name")
 BBOX_FORMAT_HELP = ("how Hugging Face data stores boxes: xyxy, xywh, or auto (xyxy unless only "
@@ -2085,8 +2087,7 @@ def train(
     bbox_format: str = typer.Option(Config.bbox_format, help=BBOX_FORMAT_HELP),
     img_size: int = typer.Option(Config.img_size, help="train and detect at img_size x img_size"),
     stride: int = typer.Option(Config.stride, help="pixels per grid cell: 8, 16 or 32"),
-    assign_radius: float = typer.Option(Config.assign_radius, help="a box trains the cells within this many "
-                                        "cells of its centre; 0.5: only the cell its centre falls in"),
+    assign_radius: float = typer.Option(Config.assign_radius, help=ASSIGN_RADIUS_HELP),
     epochs: int = typer.Option(Config.epochs),
     time_budget: float = typer.Option(Config.time, "--time", help="minutes; overrides --epochs"),
     batch: int = typer.Option(Config.batch),
@@ -2151,6 +2152,7 @@ def data_command(
     data: str = typer.Option(Config.data, help=DATA_HELP),
     bbox_format: str = typer.Option(Config.bbox_format, help=BBOX_FORMAT_HELP),
     img_size: int = typer.Option(Config.img_size, help="the --img-size you would train at"),
+    assign_radius: float = typer.Option(Config.assign_radius, help=ASSIGN_RADIUS_HELP),
 ):
     """A dataset before training: its layout, splits, classes, box sizes, and which --stride."""
     with user_errors():
@@ -2180,9 +2182,9 @@ def data_command(
             table.add_row(split, *[f"{((sides >= a) & (sides < b)).float().mean():.1%}" for a, b in bins])
         console.print(table)
         sides = box_sides(splits["train"]) * img_size  # in pixels at --img-size
-        lost = collisions_per_stride(splits["train"], img_size)
+        lost = collisions_per_stride(splits["train"], img_size, assign_radius)
         table = Table("--stride", "grid", "boxes smaller than a cell", "boxes lost to collisions",
-                      title=f"the centre-cell rule at --img-size {img_size}, train split")
+                      title=f"--assign-radius {assign_radius:g} at --img-size {img_size}, train split")
         for stride, share in lost.items():
             table.add_row(str(stride), f"{img_size // stride} x {img_size // stride}",
                           f"{(sides < stride).float().mean():.1%}", f"{share:.2%}")
@@ -2191,7 +2193,7 @@ def data_command(
         console.print(f"pick --stride {max(good)}: the coarsest grid (fastest, widest view per cell) that loses under "
                       f"{COLLISION_TOLERANCE:.0%} of the boxes" if good else
                       f"every stride loses {COLLISION_TOLERANCE:.0%} or more of the boxes: train with --stride 8 and a "
-                      "larger --img-size, or --assign-radius 1", soft_wrap=True)
+                      "larger --img-size", soft_wrap=True)
 
 
 def detect_inputs(sources):

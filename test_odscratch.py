@@ -1281,18 +1281,27 @@ def test_data_collision_shares_agree_with_the_assignment(tmp_path):
     ds = datasets.Dataset.from_dict({"image": [image] * 4, "objects": [{"bbox": boxes, "category": [0, 1, 0]}] * 4},
                                     features=ods.detection_features(["a", "b"]))
     data = ods.DetectionDataset(ds, 64, train=False)
-    shares = ods.collisions_per_stride(data, 64)
     relative = ods.box_convert(torch.tensor(boxes) / 64, "xyxy", "cxcywh")
-    for stride, share in shares.items():
-        grid = 64 // stride
-        lost = ods.assign_boxes_to_cells(relative, torch.tensor([0, 1, 0]), grid, grid, 2, 0.5)[2]
-        assert share == pytest.approx(lost / 3)
-    assert shares == {8: 0.0, 16: 0.0, 32: pytest.approx(1 / 3)}
+    for radius in [0.5, 1.0]:
+        shares = ods.collisions_per_stride(data, 64, radius)
+        for stride, share in shares.items():
+            grid = 64 // stride
+            lost = ods.assign_boxes_to_cells(relative, torch.tensor([0, 1, 0]), grid, grid, 2, radius)[2]
+            assert share == pytest.approx(lost / 3)
+        assert shares == {8: 0.0, 16: 0.0, 32: pytest.approx(1 / 3)}
+    # two large boxes whose centres share a stride-16 cell: radius 1 gives the second one a neighbour
+    objects = {"bbox": [[20.0, 4, 60, 52], [20, 12, 52, 48]], "category": [0, 1]}
+    crowded = datasets.Dataset.from_dict({"image": [image], "objects": [objects]},
+                                         features=ods.detection_features(["a", "b"]))
+    crowded = ods.DetectionDataset(crowded, 64, train=False)
+    assert ods.collisions_per_stride(crowded, 64, 0.5)[16] == 0.5
+    assert ods.collisions_per_stride(crowded, 64, 1.0)[16] == 0.0
     folder = tmp_path / "data"
     ds.to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
     result = runner.invoke(ods.app, ["data", "--data", str(folder), "--img-size", "64"])
     assert result.exit_code == 0, result.output
     output = " ".join(result.output.split())
+    assert "--assign-radius 1 at --img-size 64" in output  # the rule training uses by default
     assert "33.33%" in output and "pick --stride 16" in output
 
 
