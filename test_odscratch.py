@@ -747,6 +747,29 @@ def test_onnx_export_matches_pytorch_in_onnxruntime(trained, monkeypatch):
     assert result.exit_code == 0, result.output
 
 
+def test_int8_export_finds_what_float32_finds(trained, monkeypatch):
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    folder, _ = trained
+    monkeypatch.chdir(folder)
+    args = ["export", "--weights", "runs/train/exp/best.pt", "--int8", "--name", "int8"]
+    result = runner.invoke(ods.app, args)
+    assert result.exit_code == 0, result.output
+    run = folder / "runs" / "export" / "int8"
+    int8 = ods.Detector.load(run / "model_int8.onnx")
+    float32 = ods.Detector.load(run / "model.onnx")
+    assert int8.classes == ods.SYNTHETIC_CLASSES and int8.img_size == 128  # the same metadata
+    assert (run / "model_int8.onnx").stat().st_size < 0.3 * (run / "model.onnx").stat().st_size
+    images = [row["image"] for row in ods.load_split("synthetic", "test").select(range(16))]
+    found, kept = 0, 0
+    for a, b in zip(int8(images), float32(images)):
+        found += len(b["boxes"])
+        if len(a["boxes"]) and len(b["boxes"]):
+            best, match = box_iou(b["boxes"], a["boxes"]).max(1)
+            kept += int(((best > 0.8) & (a["labels"][match] == b["labels"])).sum())
+    # the tolerance: 8 in 10 of float32's boxes have an int8 box of the same class at IoU > 0.8
+    assert found > 10 and kept >= 0.8 * found, (kept, found)
+
+
 def test_bench_times_every_runtime(trained, monkeypatch):
     folder, _ = trained
     monkeypatch.chdir(folder)
