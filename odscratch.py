@@ -1150,10 +1150,6 @@ def select_detections(boxes, scores, sizes, conf, iou, max_det=MAX_DETECTIONS):
     return results
 
 
-def decode_detections(boxes, logits, sizes, conf, iou, max_det=MAX_DETECTIONS):
-    """The network's output [B, h*w, 4], [B, h*w, K+1] -> per image {boxes, scores, labels}."""
-    return select_detections(*score_cells(boxes, logits), sizes, conf, iou, max_det)
-
 
 # -----------------------------------------------------------------------------
 # Evaluation: COCO's mean average precision, written out so the rules can be read (and no
@@ -1598,22 +1594,34 @@ def fit(model, loader, compute_loss, validate, cfg, run_dir, meta, best_metric, 
     return best
 
 
-@torch.no_grad()
-def predict(model, data, batch, conf, iou, bf16):
-    """A DetectionDataset -> one detections dict per image, in original pixels."""
+def model_network(model, bf16):
+    """A GridDetector, set to eval -> its network: images [B, 3, img_size, img_size] in [0, 1] ->
+    score_cells' boxes [B, h*w, 4] and class scores [B, h*w, K]. An exported model is another."""
     model.eval()
     device = next(model.parameters()).device
+
+    def network(images):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            boxes, logits = model(images.to(device, memory_format=MEMORY_FORMAT))
+        return score_cells(boxes, logits)
+
+    return network
+
+
+@torch.no_grad()
+def predict(network, data, batch, conf, iou):
+    """A DetectionDataset -> one detections dict per image, in original pixels."""
     loader = torch.utils.data.DataLoader(data, batch_size=batch, collate_fn=collate)
     results = []
     for images, targets in loader:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            boxes, logits = model(images.to(device, memory_format=MEMORY_FORMAT))
-        results += decode_detections(boxes, logits, [data.sizes[t["index"]] for t in targets], conf, iou)
+        sizes = [data.sizes[t["index"]] for t in targets]
+        results += select_detections(*network(images), sizes, conf, iou)
     return results
 
 
 def validate_detector(model, data, num_classes, cfg, bf16):
-    return evaluate(predict(model, data, cfg.batch, EVAL_CONF, NMS_IOU, bf16), data.targets, num_classes)
+    found = predict(model_network(model, bf16), data, cfg.batch, EVAL_CONF, NMS_IOU)
+    return evaluate(found, data.targets, num_classes)
 
 
 def seed_everything(seed):
@@ -1843,6 +1851,12 @@ def load_detector(path, device, fold=True):
     return model.to(device, memory_format=MEMORY_FORMAT), cfg, checkpoint["classes"]
 
 
+def load_model_split(cfg, data, split):
+    """A split of the model's own data, read with the box format it was trained with, or of other
+    `data` (whose box format is its own: detected)."""
+    return load_split(data or cfg.data, split, cfg.bbox_format if data in (None, cfg.data) else "auto")
+
+
 def read_image(path):
     try:
         return PIL.Image.open(path).convert("RGB")
@@ -1888,6 +1902,14 @@ def export_onnx(weights, path, img_size=None):
 CALIBRATION_IMAGES = 200  # training images whose activations set the int8 ranges
 
 
+def calibration_images(cfg, data, img_size):
+    """CALIBRATION_IMAGES training images, drawn with the model's seed, of the model's own data
+    (or of `data`), resized as the model sees them: what quantize_onnx calibrates on."""
+    train = load_model_split(cfg, data, "train")
+    sample = train.shuffle(seed=cfg.seed).select(range(min(CALIBRATION_IMAGES, len(train))))
+    return DetectionDataset(sample, img_size, train=False, name="calibration images")
+
+
 def quantize_onnx(path, int8_path, calibration):
     """model.onnx -> model_int8.onnx: onnxruntime's static int8 quantisation, calibrated on the
     images of a DetectionDataset. Measured on BCCD at 320 px (README, ONNX export): QOperator
@@ -1919,8 +1941,9 @@ def quantize_onnx(path, int8_path, calibration):
     return int8_path
 
 
-def onnx_network(path, threads=0):
-    """model.onnx -> (a network for Detector, run by onnxruntime on the CPU; class names; img_size)."""
+def onnx_network(path):
+    """model.onnx -> (a network for Detector, run by onnxruntime on the CPU with as many threads as
+    PyTorch has; class names; img_size)."""
     try:
         import onnxruntime  # only here: everything else runs without the onnx extra
     except ImportError:
@@ -1928,7 +1951,7 @@ def onnx_network(path, threads=0):
     if not Path(path).is_file():
         raise UserError(f"model file not found: {path}")
     options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = threads  # 0: onnxruntime's choice, one per core
+    options.intra_op_num_threads = torch.get_num_threads()
     try:
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:
@@ -1951,40 +1974,45 @@ class Detector:
         for found in detector(["a.jpg", "b.jpg"]):  # paths or PIL images, or just one
             print(found["names"], found["boxes"], found["scores"])  # boxes [N, 4]: x1, y1, x2, y2 in pixels
 
-    `network` maps a batch [B, 3, img_size, img_size] in [0, 1] to score_cells' output, in PyTorch or
-    in onnxruntime; select_detections does the rest, the same for both.
+    `network` maps a batch [B, 3, img_size, img_size] in [0, 1] to score_cells' output, in PyTorch
+    (bf16 where the hardware has it, unless fp32=True) or in onnxruntime (model.onnx or
+    model_int8.onnx);
+    select_detections does the rest, the same for all.
     """
 
-    def __init__(self, network, classes, img_size):
+    def __init__(self, network, classes, img_size, torch_threads=None):
         self.network, self.classes, self.img_size = network, classes, img_size
         self.transform = inference_transform(img_size)
+        self.torch_threads = torch_threads
 
     @classmethod
     def load(cls, path, device="auto", fp32=False):
         if Path(path).suffix == ".onnx":
-            return cls(*onnx_network(path))
+            # PyTorch's resizing and NMS around onnxruntime's network run on one thread: PyTorch's
+            # idle threads wait for work spinning on the cores onnxruntime computes on (measured on
+            # BCCD at 320 px, 2 threads: 20 ms an image with both at 2 threads, 14 ms so)
+            return cls(*onnx_network(path), torch_threads=1)
         device = pick_device(device)
         model, cfg, classes = load_detector(path, device)
-        bf16 = use_bf16(device, cfg.fp32 or fp32)
-
-        def network(images):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                boxes, logits = model(images.to(device, memory_format=MEMORY_FORMAT))
-            return score_cells(boxes, logits)
-
-        return cls(network, classes, cfg.img_size)
+        return cls(model_network(model, use_bf16(device, fp32)), classes, cfg.img_size)
 
     @torch.no_grad()
     def __call__(self, images, conf=DETECT_CONF, iou=NMS_IOU, max_det=MAX_DETECTIONS):
         """Images -> per image {boxes [N, 4] xyxy pixels, scores [N], labels [N], names [N],
         objectness [h, w]: each cell's 1 - p(background), the grid behind the boxes}."""
-        images = [read_image(i) if isinstance(i, (str, Path)) else i.convert("RGB")
-                  for i in (images if isinstance(images, (list, tuple)) else [images])]
-        batch = torch.stack([self.transform(image) for image in images])  # [B, 3, img_size, img_size]
-        boxes, scores = self.network(batch)                              # [B, h*w, 4], [B, h*w, K]
-        found = select_detections(boxes, scores, [(i.height, i.width) for i in images], conf, iou, max_det)
-        return [{**f, "names": [self.classes[label] for label in f["labels"].tolist()], "objectness": grid}
-                for f, grid in zip(found, objectness_grid(scores.cpu()))]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.torch_threads or threads)
+        try:
+            images = [read_image(i) if isinstance(i, (str, Path)) else i.convert("RGB")
+                      for i in (images if isinstance(images, (list, tuple)) else [images])]
+            batch = torch.stack([self.transform(image) for image in images])  # [B, 3, S, S]
+            boxes, scores = self.network(batch)                    # [B, h*w, 4], [B, h*w, K]
+            sizes = [(image.height, image.width) for image in images]
+            found = select_detections(boxes, scores, sizes, conf, iou, max_det)
+        finally:
+            torch.set_num_threads(threads)
+        return [{**f, "names": [self.classes[label] for label in f["labels"].tolist()],
+                 "objectness": grid} for f, grid in zip(found, objectness_grid(scores.cpu()))]
 
 
 BENCH_BATCH = 16  # images per call for bench's throughput
@@ -1998,23 +2026,17 @@ def seconds_per_call(run, calls):
 
 
 def bench_detectors(detectors, image, batch, rounds, calls):
-    """{name: Detector} -> {name: (ms per image alone [rounds], images/s in batches [rounds])}: network + NMS
-    from the resized image. Rounds take turns across detectors, so a busy machine slows all of them alike."""
-    one = next(iter(detectors.values())).transform(image)[None]  # [1, 3, img_size, img_size]
-    many = one.repeat(batch, 1, 1, 1)                             # [batch, 3, img_size, img_size]
-    size = (image.height, image.width)
-
-    def run(detector, images):
-        return select_detections(*detector.network(images), [size] * len(images), DETECT_CONF, NMS_IOU)
-
-    with torch.no_grad():
-        for detector in detectors.values():  # warm-up: first calls allocate memory and pick kernels
-            run(detector, one), run(detector, many)
-        timings = {name: ([], []) for name in detectors}
-        for _ in range(rounds):
-            for name, detector in detectors.items():
-                timings[name][0].append(1000 * seconds_per_call(lambda: run(detector, one), calls))
-                timings[name][1].append(batch / seconds_per_call(lambda: run(detector, many), max(2, calls // 4)))
+    """{name: Detector} -> {name: (ms per image alone [rounds], images/s in batches [rounds])}: a
+    Detector call, from the decoded image to the boxes. Rounds take turns across detectors, so a
+    busy machine slows all of them alike."""
+    for detector in detectors.values():  # warm-up: first calls allocate memory and pick kernels
+        detector(image), detector([image] * batch)
+    timings = {name: ([], []) for name in detectors}
+    for _ in range(rounds):
+        for name, detector in detectors.items():
+            timings[name][0].append(1000 * seconds_per_call(lambda: detector(image), calls))
+            many = seconds_per_call(lambda: detector([image] * batch), max(2, calls // 4))
+            timings[name][1].append(batch / many)
     return timings
 
 
@@ -2160,13 +2182,12 @@ def evaluate_command(
         device = pick_device(device)
         weights = Path(weights) if weights else newest_weights()
         model, cfg, classes = load_detector(weights, device)
-        # the box format the model was trained with belongs to its own data; other data says its own
-        own_data = data in (None, cfg.data)
-        ds = load_split(data or cfg.data, split, cfg.bbox_format if own_data else "auto")
+        ds = load_model_split(cfg, data, split)
         data, split = data or cfg.data, SPLIT_WORDS.get(split, split)
         check_same_classes(classes, category_feature(ds).names, weights, data)
         dataset = DetectionDataset(ds, cfg.img_size, train=False, name=f"{data} {split}")
-        metrics = evaluate(predict(model, dataset, batch, EVAL_CONF, NMS_IOU, use_bf16(device, cfg.fp32)),
+        network = model_network(model, use_bf16(device, cfg.fp32))
+        metrics = evaluate(predict(network, dataset, batch, EVAL_CONF, NMS_IOU),
                            dataset.targets, len(classes))
         console.print(metrics_table(f"{weights} on {data} {split} ({len(dataset)} images)", metrics, classes))
 
@@ -2359,11 +2380,7 @@ def export(
         paths = [path]
         if int8:
             _, cfg, _ = load_detector(weights, torch.device("cpu"))
-            bbox_format = cfg.bbox_format if data is None else "auto"
-            train = load_split(data or cfg.data, "train", bbox_format)
-            first = train.select(range(min(CALIBRATION_IMAGES, len(train))))
-            calibration = DetectionDataset(first, img_size or cfg.img_size, train=False,
-                                           name="calibration images")
+            calibration = calibration_images(cfg, data, img_size or cfg.img_size)
             paths.append(quantize_onnx(path, path.with_name("model_int8.onnx"), calibration))
         for p in paths:
             console.print(f"{weights} -> {p} ({p.stat().st_size / 2**20:.1f} MiB); "
@@ -2378,33 +2395,51 @@ def bench(
     rounds: int = typer.Option(5, help="timings repeated this many times: median and range"),
     calls: int = typer.Option(20, help="single-image calls per round"),
     threads: int = typer.Option(None, help="CPU threads for PyTorch and onnxruntime; default: PyTorch's"),
+    data: str = typer.Option(None, help="scored on, int8 calibrated on; default: the model's own"),
+    split: str = typer.Option("test", help="the split each runtime's mAP is measured on"),
     device: str = typer.Option(Config.device, help="auto, cpu or cuda"),
 ):
-    """Latency (one image) and throughput (batches) of the model in PyTorch float32, bf16 and onnxruntime."""
+    """Speed and mAP of the model in each runtime: PyTorch float32 and bf16, onnxruntime float32
+    and int8."""
     with user_errors():
         weights = Path(weights) if weights else newest_weights()
         if threads:
             torch.set_num_threads(threads)
         threads = torch.get_num_threads()
         device = pick_device(device)
+        _, cfg, classes = load_detector(weights, torch.device("cpu"))
         detectors = {"PyTorch float32": Detector.load(weights, device, fp32=True)}
         if use_bf16(device, fp32=False):
             detectors["PyTorch bf16"] = Detector.load(weights, device)
+        source = f"{data or cfg.data} {SPLIT_WORDS.get(split, split)}"
+        scored = load_model_split(cfg, data, split)
+        check_same_classes(classes, category_feature(scored).names, weights, data or cfg.data)
+        scored = DetectionDataset(scored, cfg.img_size, train=False, name=source)
         with tempfile.TemporaryDirectory() as tmp:
             if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnxscript"):
                 path = export_onnx(weights, Path(tmp) / "model.onnx")
-                detectors["onnxruntime float32 (CPU)"] = Detector(*onnx_network(path, threads))
+                int8 = quantize_onnx(path, Path(tmp) / "model_int8.onnx",
+                                     calibration_images(cfg, data, cfg.img_size))
+                detectors["onnxruntime float32"] = Detector.load(path)
+                detectors["onnxruntime int8"] = Detector.load(int8)
             else:
                 console.print(f"onnxruntime left out: {ONNX_MISSING}")
             sample = read_image(image) if image else synthetic_split("test")[0]["image"]
             timings = bench_detectors(detectors, sample, batch, rounds, calls)
-        table = Table(title=f"{weights}: {detectors['PyTorch float32'].img_size} px, {device}, {threads} threads, "
-                            f"median (min-max) of {rounds} rounds", caption="network + NMS from the resized image")
-        for column in ["runtime", "1 image, ms", f"batch of {batch}, images/s"]:
+            found = {name: predict(d.network, scored, batch, EVAL_CONF, NMS_IOU)
+                     for name, d in detectors.items()}
+        metrics = {name: evaluate(f, scored.targets, len(classes)) for name, f in found.items()}
+        table = Table(title=f"{weights}: {cfg.img_size} px, {device}, {threads} threads, "
+                            f"median (min-max) of {rounds} rounds",
+                      caption=f"time: a Detector call, image to boxes; "
+                              f"mAP: {source}, {len(scored)} images")
+        columns = ["runtime", "1 image, ms", f"batch of {batch}, images/s", "mAP50", "mAP50-95"]
+        for column in columns:
             table.add_column(column, justify="left" if column == "runtime" else "right")
         spread = lambda v: f"{np.median(v):.1f} ({min(v):.1f}-{max(v):.1f})"
         for name, (latency, throughput) in timings.items():
-            table.add_row(name, spread(latency), spread(throughput))
+            table.add_row(name, spread(latency), spread(throughput),
+                          f"{metrics[name]['map50']:.3f}", f"{metrics[name]['map']:.3f}")
         console.print(table)
 
 

@@ -163,7 +163,8 @@ def test_encoded_targets_decode_back_to_the_ground_truth(radius):
         boxes.append(box)
         lost.append(collisions)
     # NMS at 0.999 merges only exact copies: the cells of one box (radius 1) all hold the same target
-    detections = ods.decode_detections(torch.stack(boxes), torch.stack(logits), data.sizes, conf=0.5, iou=0.999)
+    scored = ods.score_cells(torch.stack(boxes), torch.stack(logits))
+    detections = ods.select_detections(*scored, data.sizes, conf=0.5, iou=0.999)
     assert sum(len(d["boxes"]) for d in detections) == sum(len(t["boxes"]) for t in data.targets) - sum(lost)
     clean = [i for i in range(len(data)) if lost[i] == 0]
     assert len(clean) > 20
@@ -625,7 +626,8 @@ def test_train_writes_checkpoints_and_learns(trained):
     assert len(rows) == 3 and "collisions" in rows[0] and "map50" in rows[0]
     model, cfg, classes = ods.load_detector(run / "best.pt", torch.device("cpu"))
     test = ods.DetectionDataset(ods.load_split("synthetic", "test"), cfg.img_size, train=False)
-    metrics = ods.evaluate(ods.predict(model, test, 32, ods.EVAL_CONF, ods.NMS_IOU, bf16=False), test.targets, 3)
+    found = ods.predict(ods.model_network(model, bf16=False), test, 32, ods.EVAL_CONF, ods.NMS_IOU)
+    metrics = ods.evaluate(found, test.targets, 3)
     assert metrics["map50"] > 0.2  # chance is ~0: a few seconds of training already finds the shapes
 
 
@@ -770,12 +772,19 @@ def test_int8_export_finds_what_float32_finds(trained, monkeypatch):
     assert found > 10 and kept >= 0.8 * found, (kept, found)
 
 
-def test_bench_times_every_runtime(trained, monkeypatch):
+def test_bench_times_and_scores_every_runtime(trained, monkeypatch):
     folder, _ = trained
     monkeypatch.chdir(folder)
     result = runner.invoke(ods.app, ["bench", "--rounds", "1", "--calls", "2", "--batch", "2", "--threads", "1"])
     assert result.exit_code == 0, result.output
-    assert "PyTorch float32" in result.output and "onnxruntime" in result.output and "1 threads" in result.output
+    assert "1 threads" in result.output and "mAP: synthetic test, 200 images" in result.output
+    # a row: runtime, ms per image (range), images/s (range), mAP50, mAP50-95
+    row = r"│ {}\s*│\s*([\d.]+) [^│]*│\s*([\d.]+)[^│]*│\s*([\d.]+)\s*│\s*([\d.]+)\s*│"
+    rows = {name: re.search(row.format(name), result.output) for name in ["PyTorch float32", "onnxruntime int8"]}
+    assert all(rows.values()), result.output
+    float32, int8 = ([float(v) for v in rows[name].groups()] for name in rows)
+    assert int8[0] > 0 and int8[1] > 0 and float32[2] > 0.2  # a time and a trained model's mAP50
+    assert int8[2] == pytest.approx(float32[2], abs=0.02) and int8[3] == pytest.approx(float32[3], abs=0.02)
 
 
 def test_torchrun_two_processes_write_one_checkpoint(tmp_path):

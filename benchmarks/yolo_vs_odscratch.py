@@ -101,7 +101,7 @@ def yolo_predictions(weights, test, args):
 def odscratch_predictions(weights, test, args):
     model, cfg, classes = ods.load_detector(weights, torch.device("cpu"))
     bf16 = ods.use_bf16(torch.device("cpu"), args.fp32)
-    return ods.predict(model, test, cfg.batch, ods.EVAL_CONF, ods.NMS_IOU, bf16)
+    return ods.predict(ods.model_network(model, bf16), test, cfg.batch, ods.EVAL_CONF, ods.NMS_IOU)
 
 
 def yolo_forward(weights, bf16):
@@ -120,7 +120,7 @@ def yolo_forward(weights, bf16):
 
 
 def odscratch_forward(weights, bf16, fold=True):
-    """odscratch's model as `odscratch detect` runs it (load_detector), + decode_detections."""
+    """odscratch's model as `odscratch detect` runs it (load_detector), + select_detections."""
     model, cfg, classes = ods.load_detector(weights, torch.device("cpu"), fold)
     memory = ods.MEMORY_FORMAT
     model = model.to(memory_format=memory)
@@ -129,7 +129,8 @@ def odscratch_forward(weights, bf16, fold=True):
     def forward(image):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             boxes, logits = model(image.to(memory_format=memory))
-        return ods.decode_detections(boxes, logits, [image.shape[2:]], ods.DETECT_CONF, ods.NMS_IOU)
+        return ods.select_detections(*ods.score_cells(boxes, logits), [image.shape[2:]], ods.DETECT_CONF,
+                                     ods.NMS_IOU)
     return forward
 
 
