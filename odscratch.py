@@ -2378,11 +2378,12 @@ def export(
         if format != "onnx":
             raise UserError(f"--format must be onnx, not {format!r}")
         weights = Path(weights) if weights else newest_weights()
+        if int8:  # the calibration images first: a wrong --data stops before anything is written
+            _, cfg, _ = load_detector(weights, torch.device("cpu"))
+            calibration = calibration_images(cfg, data, img_size or cfg.img_size)
         path = export_onnx(weights, new_run_dir("export", name) / "model.onnx", img_size)
         paths = [path]
         if int8:
-            _, cfg, _ = load_detector(weights, torch.device("cpu"))
-            calibration = calibration_images(cfg, data, img_size or cfg.img_size)
             paths.append(quantize_onnx(path, path.with_name("model_int8.onnx"), calibration))
         for p in paths:
             console.print(f"{weights} -> {p} ({p.stat().st_size / 2**20:.1f} MiB); "

@@ -762,6 +762,7 @@ def test_int8_export_finds_what_float32_finds(trained, monkeypatch):
     assert int8.classes == ods.SYNTHETIC_CLASSES and int8.img_size == 128  # the same metadata
     assert (run / "model_int8.onnx").stat().st_size < 0.3 * (run / "model.onnx").stat().st_size
     images = [row["image"] for row in ods.load_split("synthetic", "test").select(range(16))]
+    threads = torch.get_num_threads()
     found, kept = 0, 0
     for a, b in zip(int8(images), float32(images)):
         found += len(b["boxes"])
@@ -770,6 +771,25 @@ def test_int8_export_finds_what_float32_finds(trained, monkeypatch):
             kept += int(((best > 0.8) & (a["labels"][match] == b["labels"])).sum())
     # the tolerance: 8 in 10 of float32's boxes have an int8 box of the same class at IoU > 0.8
     assert found > 10 and kept >= 0.8 * found, (kept, found)
+    assert torch.get_num_threads() == threads  # one thread around onnxruntime, given back after
+
+
+def test_int8_calibrates_on_a_seeded_sample_of_training_images():
+    first, again = (ods.calibration_images(ods.Config(seed=0), None, 64) for _ in range(2))
+    other = ods.calibration_images(ods.Config(seed=1), None, 64)
+    assert len(first) == ods.CALIBRATION_IMAGES == 200
+    assert torch.equal(first[0][0], again[0][0]) and not torch.equal(first[0][0], other[0][0])
+    train = ods.DetectionDataset(ods.load_split("synthetic", "train").select(range(1)), 64, train=False)
+    assert not torch.equal(first[0][0], train[0][0])  # drawn, not the first 200
+
+
+def test_int8_export_with_unreadable_data_writes_nothing(trained, monkeypatch):
+    folder, _ = trained
+    monkeypatch.chdir(folder)
+    args = ["export", "--weights", "runs/train/exp/best.pt", "--int8", "--data", "./gone", "--name", "bad"]
+    result = runner.invoke(ods.app, args)
+    assert result.exit_code == 1 and result.output.startswith("error: dataset folder not found: ./gone")
+    assert not (folder / "runs" / "export" / "bad").exists()
 
 
 def test_bench_times_and_scores_every_runtime(trained, monkeypatch):
