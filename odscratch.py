@@ -853,7 +853,7 @@ class DetectionDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, ds, img_size, train, name="data"):
-        self.train, self.img_size = train, img_size
+        self.train, self.img_size, self.name = train, img_size, name
         self.resize, self.to_float = resize_transform(img_size), v2.ToDtype(torch.float32, scale=True)
         self.cache = {} if len(ds) * 3 * img_size**2 <= CACHE_BYTES else None
         keep = self.remember if self.cache is not None else None
@@ -1148,7 +1148,6 @@ def select_detections(boxes, scores, sizes, conf, iou, max_det=MAX_DETECTIONS):
         results.append({"boxes": xyxy[kept].cpu(), "scores": scores[b, keep][kept].cpu(),
                         "labels": labels[b, keep][kept].cpu()})
     return results
-
 
 
 # -----------------------------------------------------------------------------
@@ -1854,7 +1853,8 @@ def load_detector(path, device, fold=True):
 def load_model_split(cfg, data, split):
     """A split of the model's own data, read with the box format it was trained with, or of other
     `data` (whose box format is its own: detected)."""
-    return load_split(data or cfg.data, split, cfg.bbox_format if data in (None, cfg.data) else "auto")
+    own = data in (None, cfg.data)
+    return load_split(data or cfg.data, split, cfg.bbox_format if own else "auto")
 
 
 def read_image(path):
@@ -1969,6 +1969,28 @@ def onnx_network(path):
     return network, json.loads(metadata["classes"]), int(metadata["img_size"])
 
 
+ONE_THREAD = {"calls": 0, "threads": None, "lock": threading.Lock()}
+
+
+@contextlib.contextmanager
+def pytorch_on_one_thread():
+    """PyTorch on one thread while onnxruntime computes: its idle threads wait for work spinning
+    on the cores onnxruntime uses (measured on BCCD at 320 px, 2 threads: 20 ms an image with
+    both at 2 threads, 14 ms so). Calls from several Python threads share one saved count."""
+    with ONE_THREAD["lock"]:
+        if ONE_THREAD["calls"] == 0:
+            ONE_THREAD["threads"] = torch.get_num_threads()
+            torch.set_num_threads(1)
+        ONE_THREAD["calls"] += 1
+    try:
+        yield
+    finally:
+        with ONE_THREAD["lock"]:
+            ONE_THREAD["calls"] -= 1
+            if ONE_THREAD["calls"] == 0:
+                torch.set_num_threads(ONE_THREAD["threads"])
+
+
 class Detector:
     """A trained model, ready to use (a best.pt, or a model.onnx that `export` wrote):
 
@@ -1982,18 +2004,16 @@ class Detector:
     select_detections does the rest, the same for all.
     """
 
-    def __init__(self, network, classes, img_size, torch_threads=None):
+    def __init__(self, network, classes, img_size, onnxruntime=False):
         self.network, self.classes, self.img_size = network, classes, img_size
         self.transform = inference_transform(img_size)
-        self.torch_threads = torch_threads
+        # where PyTorch resizes and runs NMS around onnxruntime's network, it steps aside
+        self.threads = pytorch_on_one_thread if onnxruntime else contextlib.nullcontext
 
     @classmethod
     def load(cls, path, device="auto", fp32=False):
         if Path(path).suffix == ".onnx":
-            # PyTorch's resizing and NMS around onnxruntime's network run on one thread: PyTorch's
-            # idle threads wait for work spinning on the cores onnxruntime computes on (measured on
-            # BCCD at 320 px, 2 threads: 20 ms an image with both at 2 threads, 14 ms so)
-            return cls(*onnx_network(path), torch_threads=1)
+            return cls(*onnx_network(path), onnxruntime=True)
         device = pick_device(device)
         model, cfg, classes = load_detector(path, device)
         return cls(model_network(model, use_bf16(device, fp32)), classes, cfg.img_size)
@@ -2002,17 +2022,13 @@ class Detector:
     def __call__(self, images, conf=DETECT_CONF, iou=NMS_IOU, max_det=MAX_DETECTIONS):
         """Images -> per image {boxes [N, 4] xyxy pixels, scores [N], labels [N], names [N],
         objectness [h, w]: each cell's 1 - p(background), the grid behind the boxes}."""
-        threads = torch.get_num_threads()
-        torch.set_num_threads(self.torch_threads or threads)
-        try:
+        with self.threads():
             images = [read_image(i) if isinstance(i, (str, Path)) else i.convert("RGB")
                       for i in (images if isinstance(images, (list, tuple)) else [images])]
             batch = torch.stack([self.transform(image) for image in images])  # [B, 3, S, S]
             boxes, scores = self.network(batch)                    # [B, h*w, 4], [B, h*w, K]
             sizes = [(image.height, image.width) for image in images]
             found = select_detections(boxes, scores, sizes, conf, iou, max_det)
-        finally:
-            torch.set_num_threads(threads)
         return [{**f, "names": [self.classes[label] for label in f["labels"].tolist()],
                  "objectness": grid} for f, grid in zip(found, objectness_grid(scores.cpu()))]
 
@@ -2045,6 +2061,7 @@ def bench_detectors(detectors, image, batch, rounds, calls):
 # -----------------------------------------------------------------------------
 # Command line: pretrain, train, eval, detect, export, bench. Every command runs offline with no arguments.
 
+FP32_HELP = "float32 even where the hardware has bf16"
 ASSIGN_RADIUS_HELP = ("a box trains the cells within this many cells of its centre; 0.5: only the cell "
                       "its centre falls in")
 DATA_HELP = ("'synthetic' (built in); a dataset folder or file: YOLO (data.yaml), COCO (.json), "
@@ -2124,7 +2141,7 @@ def pretrain(
     mask_crop: bool = typer.Option(False, "--mask-crop",
                                    help="grey out S's region in R (to measure how it gives S away)"),
     resume: str = typer.Option(None, help="a last.pt: go on with that run where it stopped (its own settings)"),
-    fp32: bool = typer.Option(Config.fp32, "--fp32", help="float32 even where the hardware has bf16"),
+    fp32: bool = typer.Option(Config.fp32, "--fp32", help=FP32_HELP),
     device: str = typer.Option(Config.device, help="auto, cpu or cuda"),
     name: str = typer.Option("exp", help="run folder under runs/pretrain/"),
 ):
@@ -2154,7 +2171,7 @@ def train(
     backbone: str = typer.Option(None, help="start from a backbone.pt that `odscratch pretrain` wrote"),
     resume: str = typer.Option(None, help="a last.pt: go on with that run exactly where it stopped (its own "
                                           "settings)"),
-    fp32: bool = typer.Option(Config.fp32, "--fp32", help="float32 even where the hardware has bf16"),
+    fp32: bool = typer.Option(Config.fp32, "--fp32", help=FP32_HELP),
     device: str = typer.Option(Config.device, help="auto, cpu or cuda"),
     name: str = typer.Option("exp", help="run folder under runs/train/"),
 ):
@@ -2171,12 +2188,22 @@ def train(
                           "true boxes), pr_curve.png, objectness.jpg (per-cell objectness)", soft_wrap=True)
 
 
+def scored_split(weights, cfg, classes, data, split):
+    """The split `eval` and `bench` score a model on: of its own data, or of other data with its
+    classes."""
+    ds = load_model_split(cfg, data, split)
+    check_same_classes(classes, category_feature(ds).names, weights, data or cfg.data)
+    name = f"{data or cfg.data} {SPLIT_WORDS.get(split, split)}"
+    return DetectionDataset(ds, cfg.img_size, train=False, name=name)
+
+
 @app.command("eval")
 def evaluate_command(
     weights: str = typer.Option(None, help="a best.pt; default: the newest under runs/train/"),
     data: str = typer.Option(None, help="default: the data the model was trained on"),
     split: str = typer.Option("test", help="train, validation (or val, valid) or test"),
     batch: int = typer.Option(Config.batch),
+    fp32: bool = typer.Option(False, "--fp32", help=FP32_HELP),
     device: str = typer.Option(Config.device, help="auto, cpu or cuda"),
 ):
     """COCO mAP of a trained model on a split, overall and per class."""
@@ -2184,14 +2211,12 @@ def evaluate_command(
         device = pick_device(device)
         weights = Path(weights) if weights else newest_weights()
         model, cfg, classes = load_detector(weights, device)
-        ds = load_model_split(cfg, data, split)
-        data, split = data or cfg.data, SPLIT_WORDS.get(split, split)
-        check_same_classes(classes, category_feature(ds).names, weights, data)
-        dataset = DetectionDataset(ds, cfg.img_size, train=False, name=f"{data} {split}")
-        network = model_network(model, use_bf16(device, cfg.fp32))
+        dataset = scored_split(weights, cfg, classes, data, split)
+        network = model_network(model, use_bf16(device, fp32))  # as detect runs it
         metrics = evaluate(predict(network, dataset, batch, EVAL_CONF, NMS_IOU),
                            dataset.targets, len(classes))
-        console.print(metrics_table(f"{weights} on {data} {split} ({len(dataset)} images)", metrics, classes))
+        title = f"{weights} on {dataset.name} ({len(dataset)} images)"
+        console.print(metrics_table(title, metrics, classes))
 
 
 SIZE_BINS = [0.02, 0.05, 0.1, 0.25, 0.5]  # box side (the square root of its area) over the image's
@@ -2316,12 +2341,13 @@ def detect(
     json_output: bool = typer.Option(False, "--json", help="write detections.json in COCO's results format"),
     save_txt: bool = typer.Option(False, "--save-txt", help="write labels/<image>.txt in YOLO's format"),
     show_grid: bool = typer.Option(False, "--show-grid", help="also write <image>_grid.jpg: each cell's objectness"),
+    fp32: bool = typer.Option(False, "--fp32", help=FP32_HELP + " (a best.pt)"),
     device: str = typer.Option(Config.device, help="auto, cpu or cuda"),
     name: str = typer.Option("exp", help="run folder under runs/detect/"),
 ):
     """Detect objects; prints a table and writes annotated images to runs/detect/<name>/."""
     with user_errors():
-        detector = Detector.load(weights or newest_weights(), device)
+        detector = Detector.load(weights or newest_weights(), device, fp32)
         inputs, skipped = detect_inputs(sources)
         run_dir = new_run_dir("detect", name)
         if save_txt:
@@ -2390,6 +2416,15 @@ def export(
                           f"try it: odscratch detect --weights {p}")
 
 
+def left_out_if_missing(what, load):
+    """load(), or None with one line saying why `what` is left out (its data is missing)."""
+    try:
+        return load()
+    except UserError as e:
+        console.print(f"{what} left out: {e} (--data names other data)")
+        return None
+
+
 @app.command()
 def bench(
     weights: str = typer.Option(None, help="a best.pt; default: the newest under runs/train/"),
@@ -2410,39 +2445,43 @@ def bench(
             torch.set_num_threads(threads)
         threads = torch.get_num_threads()
         device = pick_device(device)
+        sample = read_image(image) if image else synthetic_split("test")[0]["image"]
         _, cfg, classes = load_detector(weights, torch.device("cpu"))
         detectors = {"PyTorch float32": Detector.load(weights, device, fp32=True)}
         if use_bf16(device, fp32=False):
             detectors["PyTorch bf16"] = Detector.load(weights, device)
-        source = f"{data or cfg.data} {SPLIT_WORDS.get(split, split)}"
-        scored = load_model_split(cfg, data, split)
-        check_same_classes(classes, category_feature(scored).names, weights, data or cfg.data)
-        scored = DetectionDataset(scored, cfg.img_size, train=False, name=source)
+        # without the data the table still has the times; what is missing is said in one line
+        scored = left_out_if_missing("mAP",
+                                     lambda: scored_split(weights, cfg, classes, data, split))
+        calibration = None
         with tempfile.TemporaryDirectory() as tmp:
             if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnxscript"):
                 path = export_onnx(weights, Path(tmp) / "model.onnx")
-                int8 = quantize_onnx(path, Path(tmp) / "model_int8.onnx",
-                                     calibration_images(cfg, data, cfg.img_size))
                 detectors["onnxruntime float32"] = Detector.load(path)
-                detectors["onnxruntime int8"] = Detector.load(int8)
+                calibration = left_out_if_missing(
+                    "int8", lambda: calibration_images(cfg, data, cfg.img_size))
             else:
                 console.print(f"onnxruntime left out: {ONNX_MISSING}")
-            sample = read_image(image) if image else synthetic_split("test")[0]["image"]
+            if calibration is not None:
+                int8 = quantize_onnx(path, Path(tmp) / "model_int8.onnx", calibration)
+                detectors["onnxruntime int8"] = Detector.load(int8)
             timings = bench_detectors(detectors, sample, batch, rounds, calls)
-            found = {name: predict(d.network, scored, batch, EVAL_CONF, NMS_IOU)
-                     for name, d in detectors.items()}
-        metrics = {name: evaluate(f, scored.targets, len(classes)) for name, f in found.items()}
+            metrics = {}
+            for name, detector in detectors.items() if scored is not None else ():
+                with detector.threads():
+                    found = predict(detector.network, scored, batch, EVAL_CONF, NMS_IOU)
+                metrics[name] = evaluate(found, scored.targets, len(classes))
         table = Table(title=f"{weights}: {cfg.img_size} px, {device}, {threads} threads, "
                             f"median (min-max) of {rounds} rounds",
-                      caption=f"time: a Detector call, image to boxes; "
-                              f"mAP: {source}, {len(scored)} images")
+                      caption="time: a Detector call, image to boxes" +
+                              (f"; mAP: {scored.name}, {len(scored)} images" if metrics else ""))
         columns = ["runtime", "1 image, ms", f"batch of {batch}, images/s", "mAP50", "mAP50-95"]
         for column in columns:
             table.add_column(column, justify="left" if column == "runtime" else "right")
         spread = lambda v: f"{np.median(v):.1f} ({min(v):.1f}-{max(v):.1f})"
         for name, (latency, throughput) in timings.items():
-            table.add_row(name, spread(latency), spread(throughput),
-                          f"{metrics[name]['map50']:.3f}", f"{metrics[name]['map']:.3f}")
+            scores = [f"{metrics[name][k]:.3f}" if metrics else "-" for k in ["map50", "map"]]
+            table.add_row(name, spread(latency), spread(throughput), *scores)
         console.print(table)
 
 

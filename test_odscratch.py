@@ -762,7 +762,6 @@ def test_int8_export_finds_what_float32_finds(trained, monkeypatch):
     assert int8.classes == ods.SYNTHETIC_CLASSES and int8.img_size == 128  # the same metadata
     assert (run / "model_int8.onnx").stat().st_size < 0.3 * (run / "model.onnx").stat().st_size
     images = [row["image"] for row in ods.load_split("synthetic", "test").select(range(16))]
-    threads = torch.get_num_threads()
     found, kept = 0, 0
     for a, b in zip(int8(images), float32(images)):
         found += len(b["boxes"])
@@ -771,7 +770,23 @@ def test_int8_export_finds_what_float32_finds(trained, monkeypatch):
             kept += int(((best > 0.8) & (a["labels"][match] == b["labels"])).sum())
     # the tolerance: 8 in 10 of float32's boxes have an int8 box of the same class at IoU > 0.8
     assert found > 10 and kept >= 0.8 * found, (kept, found)
-    assert torch.get_num_threads() == threads  # one thread around onnxruntime, given back after
+
+
+def test_onnx_detector_gives_pytorch_its_threads_back(trained, tmp_path):
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    folder, _ = trained
+    path = ods.export_onnx(folder / "runs" / "train" / "exp" / "best.pt", tmp_path / "model.onnx")
+    detector = ods.Detector.load(path)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        detector(ods.load_split("synthetic", "test")[0]["image"])
+        assert torch.get_num_threads() == 2  # PyTorch is on one thread during the call only
+        with pytest.raises(ods.UserError):
+            detector(str(folder / "no such image.jpg"))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_int8_calibrates_on_a_seeded_sample_of_training_images():
@@ -779,32 +794,52 @@ def test_int8_calibrates_on_a_seeded_sample_of_training_images():
     other = ods.calibration_images(ods.Config(seed=1), None, 64)
     assert len(first) == ods.CALIBRATION_IMAGES == 200
     assert torch.equal(first[0][0], again[0][0]) and not torch.equal(first[0][0], other[0][0])
-    train = ods.DetectionDataset(ods.load_split("synthetic", "train").select(range(1)), 64, train=False)
-    assert not torch.equal(first[0][0], train[0][0])  # drawn, not the first 200
+    train = ods.load_split("synthetic", "train")
+    start = ods.DetectionDataset(train.select(range(200)), 64, train=False)
+    drawn = {float(first[i][0].sum()) for i in range(200)}
+    assert len(drawn & {float(start[i][0].sum()) for i in range(200)}) == 15  # drawn from all 2000
 
 
 def test_int8_export_with_unreadable_data_writes_nothing(trained, monkeypatch):
     folder, _ = trained
     monkeypatch.chdir(folder)
-    args = ["export", "--weights", "runs/train/exp/best.pt", "--int8", "--data", "./gone", "--name", "bad"]
-    result = runner.invoke(ods.app, args)
-    assert result.exit_code == 1 and result.output.startswith("error: dataset folder not found: ./gone")
+    args = ["export", "--weights", "runs/train/exp/best.pt", "--int8", "--data", "./gone"]
+    result = runner.invoke(ods.app, [*args, "--name", "bad"])
+    assert result.exit_code == 1
+    assert result.output.startswith("error: dataset folder not found: ./gone")
     assert not (folder / "runs" / "export" / "bad").exists()
 
 
 def test_bench_times_and_scores_every_runtime(trained, monkeypatch):
     folder, _ = trained
     monkeypatch.chdir(folder)
-    result = runner.invoke(ods.app, ["bench", "--rounds", "1", "--calls", "2", "--batch", "2", "--threads", "1"])
+    threads = torch.get_num_threads()
+    args = ["bench", "--rounds", "1", "--calls", "2", "--batch", "2", "--threads", "1"]
+    result = runner.invoke(ods.app, args)
+    torch.set_num_threads(threads)  # --threads is for the whole process; the tests go on after it
     assert result.exit_code == 0, result.output
     assert "1 threads" in result.output and "mAP: synthetic test, 200 images" in result.output
     # a row: runtime, ms per image (range), images/s (range), mAP50, mAP50-95
-    row = r"│ {}\s*│\s*([\d.]+) [^│]*│\s*([\d.]+)[^│]*│\s*([\d.]+)\s*│\s*([\d.]+)\s*│"
-    rows = {name: re.search(row.format(name), result.output) for name in ["PyTorch float32", "onnxruntime int8"]}
+    number, cell = r"\s*([\d.]+)", r"[^│]*│"
+    row = r"│ {}\s*│" + (number + cell) * 2 + (number + r"\s*│") * 2
+    names = ["PyTorch float32", "onnxruntime int8"]
+    rows = {name: re.search(row.format(name), result.output) for name in names}
     assert all(rows.values()), result.output
     float32, int8 = ([float(v) for v in rows[name].groups()] for name in rows)
     assert int8[0] > 0 and int8[1] > 0 and float32[2] > 0.2  # a time and a trained model's mAP50
-    assert int8[2] == pytest.approx(float32[2], abs=0.02) and int8[3] == pytest.approx(float32[3], abs=0.02)
+    assert int8[2] == pytest.approx(float32[2], abs=0.02)
+    assert int8[3] == pytest.approx(float32[3], abs=0.02)
+
+
+def test_bench_without_the_data_still_times(trained, monkeypatch):
+    folder, _ = trained
+    monkeypatch.chdir(folder)
+    result = runner.invoke(ods.app, ["bench", "--data", "./gone", "--rounds", "1", "--calls", "1"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("left out: dataset folder not found: ./gone") == 2  # mAP and int8
+    no_map = r"│ PyTorch float32\s*│\s*[\d.]+ [^│]*│[^│]*│\s*-\s*│\s*-\s*│"
+    assert re.search(no_map, result.output)
+    assert "onnxruntime int8" not in result.output and "mAP:" not in result.output
 
 
 def test_torchrun_two_processes_write_one_checkpoint(tmp_path):

@@ -44,7 +44,8 @@ def main():
             start = time.perf_counter()
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 boxes, logits = model(image)
-            ods.select_detections(*ods.score_cells(boxes, logits), [(size, size)], ods.DETECT_CONF, ods.NMS_IOU)
+            found = ods.score_cells(boxes, logits)
+            ods.select_detections(*found, [(size, size)], ods.DETECT_CONF, ods.NMS_IOU)
             if i >= 5:
                 times.append((time.perf_counter() - start) * 1000)
         print(f"{mode:21s} detect 1 image: {percentiles(times)}")

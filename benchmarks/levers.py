@@ -70,7 +70,8 @@ def test_metrics(run_dir, data):
     model, cfg, classes = ods.load_detector(run_dir / "best.pt", torch.device("cpu"))
     test = ods.DetectionDataset(ods.load_split(data, "test"), cfg.img_size, train=False)
     bf16 = ods.use_bf16(torch.device("cpu"), False)
-    return ods.evaluate(ods.predict(ods.model_network(model, bf16), test, cfg.batch, ods.EVAL_CONF, ods.NMS_IOU), test.targets, len(classes))
+    found = ods.predict(ods.model_network(model, bf16), test, cfg.batch, ods.EVAL_CONF, ods.NMS_IOU)
+    return ods.evaluate(found, test.targets, len(classes))
 
 
 def run(lever, seed, args):

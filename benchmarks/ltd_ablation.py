@@ -30,8 +30,8 @@ CONFIGS = ["scratch", "ltd", "ltd-equal", "ltd-masked"]
 def test_metrics(run_dir, data):
     model, cfg, classes = ods.load_detector(run_dir / "best.pt", torch.device("cpu"))
     test = ods.DetectionDataset(ods.load_split(data, "test"), cfg.img_size, train=False)
-    predictions = ods.predict(ods.model_network(model, ods.use_bf16(torch.device("cpu"), False)), test, cfg.batch,
-                              ods.EVAL_CONF, ods.NMS_IOU)
+    network = ods.model_network(model, ods.use_bf16(torch.device("cpu"), False))
+    predictions = ods.predict(network, test, cfg.batch, ods.EVAL_CONF, ods.NMS_IOU)
     return ods.evaluate(predictions, test.targets, len(classes))
 
 

@@ -73,11 +73,11 @@ def odscratch_runtimes(weights, data, folder, fp32):
     return detectors
 
 
-def yolo_detector(weights):
+def yolo_detector(weights, img_size):
     """YOLO11n as a user runs it: Ultralytics' predict on a PIL image, its defaults, on the CPU."""
     from ultralytics import YOLO
     model = YOLO(weights)
-    return lambda image: model.predict(image, imgsz=320, device="cpu", verbose=False)
+    return lambda image: model.predict(image, imgsz=img_size, device="cpu", verbose=False)
 
 
 def latencies(calls_by_name, image, rounds, calls, threads):
@@ -108,10 +108,12 @@ def main():
                         help="no PyTorch bf16 row, as on a CPU without bf16")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows = list(csv.DictReader(open(args.csv)))
+    with open(args.csv) as f:
+        rows = list(csv.DictReader(f))
     weights = {(r["tool"], int(r["seed"])): r["weights"] for r in rows}
     yolo_scores = {int(r["seed"]): r for r in rows if r["tool"] == "yolo11n"}
-    test = ods.DetectionDataset(ods.load_split(args.data, "test"), 320, train=False)
+    img_size = ods.load_detector(weights["odscratch", 0], torch.device("cpu"))[1].img_size
+    test = ods.DetectionDataset(ods.load_split(args.data, "test"), img_size, train=False)
     print(f"{torch.get_num_threads()} threads; test split of {args.data}: {len(test)} images")
     scores, detectors = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,19 +122,21 @@ def main():
             folder.mkdir()
             runtimes = odscratch_runtimes(weights["odscratch", seed], args.data, folder, args.fp32)
             for name, detector in runtimes.items():
-                found = ods.predict(detector.network, test, 16, ods.EVAL_CONF, ods.NMS_IOU)
+                with detector.threads():
+                    found = ods.predict(detector.network, test, 16, ods.EVAL_CONF, ods.NMS_IOU)
                 metrics = ods.evaluate(found, test.targets, len(detector.classes))
                 scores.setdefault(name, []).append((metrics["map50"], metrics["map"]))
                 print(f"seed {seed} {name}: "
                       f"mAP50 {metrics['map50']:.4f} mAP50-95 {metrics['map']:.4f}")
             detectors = detectors or runtimes  # the seed-0 models are timed
         image = ods.open_image(test.ds[0]["image"]).convert("RGB")
-        calls = {"YOLO11n, Ultralytics predict, float32": yolo_detector(weights["yolo11n", 0]),
+        yolo = yolo_detector(weights["yolo11n", 0], img_size)
+        calls = {"YOLO11n, Ultralytics predict, float32": yolo,
                  **{f"odscratch, {name}": detector for name, detector in detectors.items()}}
         ms = latencies(calls, image, args.rounds, args.calls, args.threads)
         assert torch.get_num_threads() == args.threads
     yolo = list(ms.values())[0]
-    print(f"\none {image.width} x {image.height} test image at 320 px, image to boxes, "
+    print(f"\none {image.width} x {image.height} test image at {img_size} px, image to boxes, "
           f"{args.threads} threads, median of {args.rounds} x {args.calls} interleaved calls")
     print("| runtime | latency | / YOLO11n | test mAP50 | test mAP50-95 |\n|---|---|---|---|---|")
     yolo_rows = yolo_scores.values()

@@ -129,8 +129,8 @@ def odscratch_forward(weights, bf16, fold=True):
     def forward(image):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             boxes, logits = model(image.to(memory_format=memory))
-        return ods.select_detections(*ods.score_cells(boxes, logits), [image.shape[2:]], ods.DETECT_CONF,
-                                     ods.NMS_IOU)
+        found = ods.score_cells(boxes, logits)
+        return ods.select_detections(*found, [image.shape[2:]], ods.DETECT_CONF, ods.NMS_IOU)
     return forward
 
 
