@@ -1838,7 +1838,8 @@ def pretrain_backbone(cfg, name, mask_crop, resume=None):
 
 # -----------------------------------------------------------------------------
 # Shipping: a trained model as a Python object (`Detector`, which `detect` uses too), as an ONNX file
-# (`export`) that onnxruntime or another runtime can run, and how fast each one is (`bench`).
+# (`export`) that onnxruntime or another runtime can run, in float32 or int8 (`export --int8`), and
+# how fast and how accurate each one is (`bench`).
 
 def load_detector(path, device, fold=True):
     """A best.pt -> the model for inference (BatchNorm folded unless fold=False), its Config, class names."""
@@ -1998,9 +1999,8 @@ class Detector:
         for found in detector(["a.jpg", "b.jpg"]):  # paths or PIL images, or just one
             print(found["names"], found["boxes"], found["scores"])  # boxes [N, 4]: x1, y1, x2, y2 in pixels
 
-    `network` maps a batch [B, 3, img_size, img_size] in [0, 1] to score_cells' output, in PyTorch
-    (bf16 where the hardware has it, unless fp32=True) or in onnxruntime (model.onnx or
-    model_int8.onnx);
+    `network` maps a batch [B, 3, img_size, img_size] in [0, 1] to score_cells' output: PyTorch
+    (bf16 where the hardware has it, unless fp32=True) or onnxruntime (model.onnx, model_int8.onnx).
     select_detections does the rest, the same for all.
     """
 
