@@ -2037,6 +2037,17 @@ class Detector:
 BENCH_BATCH = 16  # images per call for bench's throughput
 
 
+def cpu_kind():
+    """What this CPU offers the runtimes: its vector width, int8 dot products (VNNI), bf16, AMX."""
+    def has(name):  # torch's own checks, where this torch has them
+        return getattr(torch.cpu, f"_is_{name}_supported", lambda: False)()
+
+    width = "AVX-512" if has("avx512") else "AVX2" if has("avx2") else "no AVX2"
+    extras = [label for name, label in [("vnni", "VNNI"), ("avx512_bf16", "bf16"), ("amx_tile", "AMX")]
+              if has(name)]
+    return " + ".join([width, *extras])
+
+
 def seconds_per_call(run, calls):
     start = time.perf_counter()
     for _ in range(calls):
@@ -2472,7 +2483,8 @@ def bench(
                 with detector.threads():
                     found = predict(detector.network, scored, batch, EVAL_CONF, NMS_IOU)
                 metrics[name] = evaluate(found, scored.targets, len(classes))
-        table = Table(title=f"{weights}: {cfg.img_size} px, {device}, {threads} threads, "
+        where = f"cpu ({cpu_kind()})" if device.type == "cpu" else str(device)
+        table = Table(title=f"{weights}: {cfg.img_size} px, {where}, {threads} threads, "
                             f"median (min-max) of {rounds} rounds",
                       caption="time: a Detector call, image to boxes" +
                               (f"; mAP: {scored.name}, {len(scored)} images" if metrics else ""))

@@ -114,7 +114,8 @@ def main():
     yolo_scores = {int(r["seed"]): r for r in rows if r["tool"] == "yolo11n"}
     img_size = ods.load_detector(weights["odscratch", 0], torch.device("cpu"))[1].img_size
     test = ods.DetectionDataset(ods.load_split(args.data, "test"), img_size, train=False)
-    print(f"{torch.get_num_threads()} threads; test split of {args.data}: {len(test)} images")
+    print(f"{ods.cpu_kind()}, {torch.get_num_threads()} threads; "
+          f"test split of {args.data}: {len(test)} images")
     scores, detectors = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in sorted(s for tool, s in weights if tool == "odscratch"):
