@@ -22,8 +22,8 @@ Run it (offline, on built-in synthetic shapes unless --data says otherwise):
     odscratch train --resume runs/train/exp/last.pt   # after Ctrl-C: goes on exactly where it stopped
     odscratch pretrain                                # LTD -> runs/pretrain/exp/backbone.pt
     odscratch train --backbone runs/pretrain/exp/backbone.pt
-    odscratch export                                  # -> runs/export/exp/model.onnx, for onnxruntime
-    odscratch bench                                   # ms per image: PyTorch float32, bf16, onnxruntime
+    odscratch export --int8                           # -> runs/export/exp/model.onnx, model_int8.onnx
+    odscratch bench                                   # ms per image and mAP in each runtime
     torchrun --nproc-per-node 2 -m odscratch train    # DistributedDataParallel, one process per GPU
 From Python: `Detector.load("runs/train/exp/best.pt")("photo.jpg")` -> boxes, scores, labels, names.
 """
