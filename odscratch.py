@@ -2038,14 +2038,15 @@ BENCH_BATCH = 16  # images per call for bench's throughput
 
 
 def cpu_kind():
-    """What this CPU offers the runtimes: its vector width, int8 dot products (VNNI), bf16, AMX."""
-    def has(name):  # torch's own checks, where this torch has them
-        return getattr(torch.cpu, f"_is_{name}_supported", lambda: False)()
-
-    width = "AVX-512" if has("avx512") else "AVX2" if has("avx2") else "no AVX2"
-    extras = [label for name, label in [("vnni", "VNNI"), ("avx512_bf16", "bf16"), ("amx_tile", "AMX")]
-              if has(name)]
-    return " + ".join([width, *extras])
+    """What this CPU offers the runtimes: its name, vector width, int8 dot products (VNNI, in
+    AVX-512 or AVX2's own), bf16 and AMX; as torch detects them (older torch: not said)."""
+    has = getattr(torch.cpu, "get_capabilities", dict)()
+    if not has:
+        return "CPU features unknown to this torch"
+    width = "AVX-512" if has.get("avx512_f") else "AVX2" if has.get("avx2") else "no AVX2"
+    extras = {"VNNI": ["avx512_vnni", "avx_vnni"], "bf16": ["avx512_bf16"], "AMX": ["amx_tile"]}
+    offers = [name for name, keys in extras.items() if any(has.get(key) for key in keys)]
+    return f"{has.get('cpu_name', 'CPU')}: " + " + ".join([width, *offers])
 
 
 def seconds_per_call(run, calls):

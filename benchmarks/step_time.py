@@ -23,14 +23,6 @@ import torch.nn as nn
 import odscratch as ods
 
 
-def cpu_kind():
-    flags = set(open("/proc/cpuinfo").read().split())
-    kinds = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                  if line.startswith("model name")), "")
-    return f"{model}; flags: {' '.join(kinds)}; {torch.get_num_threads()} threads"
-
-
 def clock(timings, name, start):
     timings.setdefault(name, []).append(time.perf_counter() - start)
     return time.perf_counter()
@@ -48,7 +40,8 @@ def main():
     cfg = ods.Config(data=args.data, img_size=args.img_size, batch=args.batch, fp32=args.fp32)
     device = torch.device("cpu")
     bf16 = ods.use_bf16(device, cfg.fp32)
-    print(f"CPU: {cpu_kind()}; {'bf16' if bf16 else 'float32'}; {args.data} at {args.img_size} px, "
+    print(f"CPU: {ods.cpu_kind()}; {torch.get_num_threads()} threads; {'bf16' if bf16 else 'float32'}; "
+          f"{args.data} at {args.img_size} px, "
           f"batch {args.batch}")
 
     start = time.perf_counter()
