@@ -1913,13 +1913,11 @@ def calibration_images(cfg, data, img_size):
 
 def quantize_onnx(path, int8_path, calibration):
     """model.onnx -> model_int8.onnx: onnxruntime's static int8 quantisation, calibrated on the
-    images of a DetectionDataset. Measured on BCCD at 320 px (README, Ship on a CPU): uint8
+    images of a DetectionDataset. Each choice measured on BCCD (README, Ship on a CPU): uint8
     activations and per-channel int8 weights make every convolution and residual add an int8
-    kernel in onnxruntime; the QDQ format (float graph + quantise/dequantise pairs) runs as fast
-    as QOperator there and OpenVINO reads it too. The head and everything after it stay float
-    (quantised, they cost 0.03 mAP50-95). Weights use
-    7 of the 8 bits: x86 CPUs without VNNI add two uint8 x int8 products in 16 bits, which a full
-    8-bit weight can overflow, so the model scores the same on every x86 CPU (here: no loss)."""
+    kernel; the QDQ format runs as fast as the QOperator one and OpenVINO reads it too; the head
+    and what follows it stay float (quantised: -0.03 mAP50-95). Weights use 7 of the 8 bits: CPUs
+    without VNNI add two uint8 x int8 products in 16 bits, which full 8-bit weights can overflow."""
     import onnx
     from onnxruntime import quantization as q
 
@@ -2032,6 +2030,12 @@ class Detector:
             found = select_detections(boxes, scores, sizes, conf, iou, max_det)
         return [{**f, "names": [self.classes[label] for label in f["labels"].tolist()],
                  "objectness": grid} for f, grid in zip(found, objectness_grid(scores.cpu()))]
+
+    def evaluate(self, data, batch):
+        """COCO mAP on a DetectionDataset (resized to img_size), whichever runtime runs the network."""
+        with self.threads():
+            found = predict(self.network, data, batch, EVAL_CONF, NMS_IOU)
+        return evaluate(found, data.targets, len(self.classes))
 
 
 BENCH_BATCH = 16  # images per call for bench's throughput
@@ -2466,24 +2470,20 @@ def bench(
         # without the data the table still has the times; what is missing is said in one line
         scored = left_out_if_missing("mAP",
                                      lambda: scored_split(weights, cfg, classes, data, split))
-        calibration = None
         with tempfile.TemporaryDirectory() as tmp:
             if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnxscript"):
                 path = export_onnx(weights, Path(tmp) / "model.onnx")
                 detectors["onnxruntime float32"] = Detector.load(path)
                 calibration = left_out_if_missing(
                     "int8", lambda: calibration_images(cfg, data, cfg.img_size))
+                if calibration is not None:
+                    int8 = quantize_onnx(path, Path(tmp) / "model_int8.onnx", calibration)
+                    detectors["onnxruntime int8"] = Detector.load(int8)
             else:
                 console.print(f"onnxruntime left out: {ONNX_MISSING}")
-            if calibration is not None:
-                int8 = quantize_onnx(path, Path(tmp) / "model_int8.onnx", calibration)
-                detectors["onnxruntime int8"] = Detector.load(int8)
             timings = bench_detectors(detectors, sample, batch, rounds, calls)
-            metrics = {}
-            for name, detector in detectors.items() if scored is not None else ():
-                with detector.threads():
-                    found = predict(detector.network, scored, batch, EVAL_CONF, NMS_IOU)
-                metrics[name] = evaluate(found, scored.targets, len(classes))
+            metrics = {name: d.evaluate(scored, batch) for name, d in detectors.items()
+                       if scored is not None}
         where = f"cpu ({cpu_kind()})" if device.type == "cpu" else str(device)
         table = Table(title=f"{weights}: {cfg.img_size} px, {where}, {threads} threads, "
                             f"median (min-max) of {rounds} rounds",

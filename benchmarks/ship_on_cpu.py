@@ -10,18 +10,18 @@ odscratch model per seed, listed in its CSV) and, for each odscratch seed:
      the CSV: the same evaluator on the same test images).
 Then, for the seed-0 models, the latency of one BCCD test image (640 x 480, resized to 320 px), from
 the decoded image to the boxes: YOLO11n's `predict` (float32, BatchNorm fused: its CPU default) and
-odscratch's `Detector` in each runtime, --threads threads, median of --rounds x --calls calls taken
-in interleaved rounds, so that a busy moment of the machine slows all of them alike.
+odscratch's `Detector` in each runtime, --threads threads, timed as `odscratch bench` times: the
+median over --rounds interleaved rounds (a busy moment of the machine slows all of them alike) of
+each round's mean over --calls calls.
 
     python benchmarks/yolo_vs_odscratch.py --data BCCD_Dataset --fp32   # trains the models
-    python benchmarks/ship_on_cpu.py --data BCCD_Dataset                # ~5 min
+    python benchmarks/ship_on_cpu.py --data BCCD_Dataset                # ~2 min
     python benchmarks/ship_on_cpu.py --data BCCD_Dataset --fp32         # as on a CPU without bf16
 """
 import argparse
 import csv
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import onnx
@@ -80,23 +80,6 @@ def yolo_detector(weights, img_size):
     return lambda image: model.predict(image, imgsz=img_size, device="cpu", verbose=False)
 
 
-def latencies(calls_by_name, image, rounds, calls, threads):
-    """{name: a function of one image} -> {name: median ms per call}, in interleaved rounds."""
-    times = {name: [] for name in calls_by_name}
-    for call in calls_by_name.values():
-        for _ in range(5):  # warm-up: the first calls allocate memory and pick kernels
-            call(image)
-    # Ultralytics' first predict sets PyTorch's threads to the CPU count - 1 (1 on 2 cores)
-    torch.set_num_threads(threads)
-    for _ in range(rounds):
-        for name, call in calls_by_name.items():
-            for _ in range(calls):
-                start = time.perf_counter()
-                call(image)
-                times[name].append(1000 * (time.perf_counter() - start))
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", default="BCCD_Dataset")
@@ -123,22 +106,24 @@ def main():
             folder.mkdir()
             runtimes = odscratch_runtimes(weights["odscratch", seed], args.data, folder, args.fp32)
             for name, detector in runtimes.items():
-                with detector.threads():
-                    found = ods.predict(detector.network, test, 16, ods.EVAL_CONF, ods.NMS_IOU)
-                metrics = ods.evaluate(found, test.targets, len(detector.classes))
+                metrics = detector.evaluate(test, 16)
                 scores.setdefault(name, []).append((metrics["map50"], metrics["map"]))
                 print(f"seed {seed} {name}: "
                       f"mAP50 {metrics['map50']:.4f} mAP50-95 {metrics['map']:.4f}")
             detectors = detectors or runtimes  # the seed-0 models are timed
         image = ods.open_image(test.ds[0]["image"]).convert("RGB")
         yolo = yolo_detector(weights["yolo11n", 0], img_size)
+        yolo(image)  # Ultralytics' first predict sets PyTorch's threads to the CPU count - 1
+        torch.set_num_threads(args.threads)
         calls = {"YOLO11n, Ultralytics predict, float32": yolo,
                  **{f"odscratch, {name}": detector for name, detector in detectors.items()}}
-        ms = latencies(calls, image, args.rounds, args.calls, args.threads)
+        # odscratch bench's timing: interleaved rounds; a batch of 1 for its throughput column
+        timings = ods.bench_detectors(calls, image, 1, args.rounds, args.calls)
+        ms = {name: statistics.median(latency) for name, (latency, _) in timings.items()}
         assert torch.get_num_threads() == args.threads
     yolo = list(ms.values())[0]
     print(f"\none {image.width} x {image.height} test image at {img_size} px, image to boxes, "
-          f"{args.threads} threads, median of {args.rounds} x {args.calls} interleaved calls")
+          f"{args.threads} threads, median of {args.rounds} interleaved rounds of {args.calls} calls")
     print("| runtime | latency | / YOLO11n | test mAP50 | test mAP50-95 |\n|---|---|---|---|---|")
     yolo_rows = yolo_scores.values()
     print(f"| {list(ms)[0]} | {yolo:.1f} ms | 1.00 | "
