@@ -10,9 +10,8 @@ odscratch model per seed, listed in its CSV) and, for each odscratch seed:
      the CSV: the same evaluator on the same test images).
 Then, for the seed-0 models, the latency of one BCCD test image (640 x 480, resized to 320 px), from
 the decoded image to the boxes: YOLO11n's `predict` (float32, BatchNorm fused: its CPU default) and
-odscratch's `Detector` in each runtime, --threads threads, timed as `odscratch bench` times: the
-median over --rounds interleaved rounds (a busy moment of the machine slows all of them alike) of
-each round's mean over --calls calls.
+odscratch's `Detector` in each runtime, --threads threads, median of --rounds x --calls calls taken
+in interleaved rounds, so that a busy moment of the machine slows all of them alike.
 
     python benchmarks/yolo_vs_odscratch.py --data BCCD_Dataset --fp32   # trains the models
     python benchmarks/ship_on_cpu.py --data BCCD_Dataset                # ~2 min
@@ -22,6 +21,7 @@ import argparse
 import csv
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import onnx
@@ -80,6 +80,20 @@ def yolo_detector(weights, img_size):
     return lambda image: model.predict(image, imgsz=img_size, device="cpu", verbose=False)
 
 
+def latencies(calls_by_name, image, rounds, calls):
+    """{name: a function of one image} -> {name: median ms per call}, in interleaved rounds. Per
+    call, not bench_detectors' mean per round: YOLO11n's predict has occasional slow calls, which
+    a mean counts in (it put YOLO11n at 15-18 ms, against 11-13 ms per call)."""
+    times = {name: [] for name in calls_by_name}
+    for _ in range(rounds):
+        for name, call in calls_by_name.items():
+            for _ in range(calls):
+                start = time.perf_counter()
+                call(image)
+                times[name].append(1000 * (time.perf_counter() - start))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", default="BCCD_Dataset")
@@ -113,17 +127,17 @@ def main():
             detectors = detectors or runtimes  # the seed-0 models are timed
         image = ods.open_image(test.ds[0]["image"]).convert("RGB")
         yolo = yolo_detector(weights["yolo11n", 0], img_size)
-        yolo(image)  # Ultralytics' first predict sets PyTorch's threads to the CPU count - 1
-        torch.set_num_threads(args.threads)
         calls = {"YOLO11n, Ultralytics predict, float32": yolo,
                  **{f"odscratch, {name}": detector for name, detector in detectors.items()}}
-        # odscratch bench's timing: interleaved rounds; a batch of 1 for its throughput column
-        timings = ods.bench_detectors(calls, image, 1, args.rounds, args.calls)
-        ms = {name: statistics.median(latency) for name, (latency, _) in timings.items()}
+        for call in calls.values():
+            for _ in range(5):  # warm-up: the first calls allocate memory and pick kernels
+                call(image)
+        torch.set_num_threads(args.threads)  # Ultralytics' first predict sets the CPU count - 1
+        ms = latencies(calls, image, args.rounds, args.calls)
         assert torch.get_num_threads() == args.threads
     yolo = list(ms.values())[0]
     print(f"\none {image.width} x {image.height} test image at {img_size} px, image to boxes, "
-          f"{args.threads} threads, median of {args.rounds} interleaved rounds of {args.calls} calls")
+          f"{args.threads} threads, median of {args.rounds} x {args.calls} interleaved calls")
     print("| runtime | latency | / YOLO11n | test mAP50 | test mAP50-95 |\n|---|---|---|---|---|")
     yolo_rows = yolo_scores.values()
     print(f"| {list(ms)[0]} | {yolo:.1f} ms | 1.00 | "
