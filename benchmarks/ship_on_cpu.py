@@ -103,6 +103,9 @@ def main():
     parser.add_argument("--calls", type=int, default=10)
     parser.add_argument("--fp32", action="store_true",
                         help="no PyTorch bf16 row, as on a CPU without bf16")
+    parser.add_argument("--also", type=Path, action="append", default=[],
+                        help="another odscratch best.pt (one trained at a smaller size, say): its "
+                        "int8 model is timed and scored beside the others")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with open(args.csv) as f:
@@ -125,6 +128,18 @@ def main():
                 print(f"seed {seed} {name}: "
                       f"mAP50 {metrics['map50']:.4f} mAP50-95 {metrics['map']:.4f}")
             detectors = detectors or runtimes  # the seed-0 models are timed
+        for weights_also in args.also:
+            folder = Path(tmp) / f"also{len(scores)}"
+            folder.mkdir()
+            _, cfg, _ = ods.load_detector(weights_also, torch.device("cpu"))
+            out = folder / "model_int8.onnx"
+            ods.quantize_onnx(ods.export_onnx(weights_also, folder / "model.onnx"), out,
+                              ods.calibration_images(cfg, args.data, cfg.img_size))
+            name = f"onnxruntime int8, {weights_also} ({cfg.img_size} px)"
+            detectors[name] = ods.Detector.load(out)
+            own_size = ods.DetectionDataset(test.ds, cfg.img_size, train=False)
+            metrics = detectors[name].evaluate(own_size, 16)
+            scores[name] = [(metrics["map50"], metrics["map"])]
         image = ods.open_image(test.ds[0]["image"]).convert("RGB")
         yolo = yolo_detector(weights["yolo11n", 0], img_size)
         calls = {"YOLO11n, Ultralytics predict, float32": yolo,
@@ -135,12 +150,12 @@ def main():
         torch.set_num_threads(args.threads)  # Ultralytics' first predict sets the CPU count - 1
         ms = latencies(calls, image, args.rounds, args.calls)
         assert torch.get_num_threads() == args.threads
-    yolo = list(ms.values())[0]
+    yolo = next(iter(ms.values()))
     print(f"\none {image.width} x {image.height} test image at {img_size} px, image to boxes, "
           f"{args.threads} threads, median of {args.rounds} x {args.calls} interleaved calls")
     print("| runtime | latency | / YOLO11n | test mAP50 | test mAP50-95 |\n|---|---|---|---|---|")
     yolo_rows = yolo_scores.values()
-    print(f"| {list(ms)[0]} | {yolo:.1f} ms | 1.00 | "
+    print(f"| {next(iter(ms))} | {yolo:.1f} ms | 1.00 | "
           f"{statistics.median(float(r['map50']) for r in yolo_rows):.3f} | "
           f"{statistics.median(float(r['map']) for r in yolo_rows):.3f} |")
     for name, values in scores.items():
