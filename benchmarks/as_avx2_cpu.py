@@ -11,10 +11,12 @@ Every library picks its kernels by what the CPU says it has. This holds each one
 kernels: PyTorch (ATen, oneDNN, MKL), NumPy and glibc by their own switches, and onnxruntime, which
 has none, by a copy of its library in which the two jumps into its AVX-VNNI and AVX-512 kernels are
 never taken (onnxruntime 1.32.0 for x86-64 Linux; any other build is refused rather than guessed
-at). Then it checks: Linux says, per thread, when AVX-512 registers were last in use
-(/proc/<pid>/task/<tid>/arch_status), and the run fails if any thread used them after it started.
-What it cannot change is the core, its caches and memory: an older AVX2 CPU is slower at
-everything, so compare runtimes by their ratios, not by milliseconds.
+at); PyTorch is told the CPU has no bf16, so odscratch trains and runs in float32 as there. The
+script can be a file, a command such as `"$(which odscratch)" train`, or pytest (`as_avx2_cpu.py
+pytest`); child processes are held too. Then it checks: Linux says, per thread, when AVX-512
+registers were last in use (/proc/<pid>/task/<tid>/arch_status), and the run fails if any thread
+used them after it started. What it cannot change is the core, its caches and memory: an older AVX2
+CPU is slower at everything, so compare runtimes by their ratios, not by milliseconds.
 """
 import importlib.metadata
 import importlib.util
@@ -67,6 +69,28 @@ def onnxruntime_held_to_avx2(folder, vnni):
     library.write_bytes(code)
 
 
+# Python runs sitecustomize at start from PYTHONPATH: it tells PyTorch, once imported, that this CPU
+# has no bf16 (odscratch's use_bf16 asks it), in the benchmark's process and every child process.
+NO_BF16 = """
+import importlib.abc, importlib.machinery, sys
+
+class NoBf16(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "torch":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            module.cpu._is_avx512_bf16_supported = lambda: False
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, NoBf16())
+"""
+
+
 def watch_avx512(used, start):
     """Adds to used each thread of this process whose AVX-512 registers were in use after start.
     Polls, so that threads which end before the benchmark does (a runtime's pool) are seen too."""
@@ -89,17 +113,26 @@ def main():
         used = set()
         threading.Thread(target=watch_avx512, args=(used, time.monotonic()), daemon=True).start()
         sys.argv = sys.argv[1:]
-        runpy.run_path(sys.argv[0], run_name="__main__")
+        try:
+            if sys.argv[0] == "pytest":
+                import pytest
+                code = pytest.main(sys.argv[1:])
+            else:
+                code = 0
+                runpy.run_path(sys.argv[0], run_name="__main__")
+        except SystemExit as stop:
+            code = stop.code
         time.sleep(0.5)  # one more look
         if used:
             sys.exit(f"AVX-512 was used after all, by {', '.join(used)}: the figures do not count")
-        print("checked: no thread used AVX-512 registers during the run")
-        return
+        print("checked: no thread of this process used AVX-512 registers during the run")
+        sys.exit(code)
     vnni = sys.argv[1:2] == ["--vnni"]
     if len(sys.argv) < 2 + vnni:
         sys.exit("usage: python benchmarks/as_avx2_cpu.py [--vnni] SCRIPT [ITS ARGUMENTS]")
     with tempfile.TemporaryDirectory() as folder:
         onnxruntime_held_to_avx2(Path(folder), vnni)
+        (Path(folder) / "sitecustomize.py").write_text(NO_BF16)
         path = os.pathsep.join(p for p in (folder, os.environ.get("PYTHONPATH")) if p)
         env = {**os.environ, **AVX2_ONLY, HELD: "1", "PYTHONPATH": path}
         if vnni:
