@@ -1033,7 +1033,7 @@ def test_mismatched_backbone_is_one_line_error(case, pretrained, trained, tmp_pa
     assert expected in result.output and str(path) in result.output
 
 
-# --- what can go wrong: a test per row of the README's table ----------------------------------------
+# --- what can go wrong: a test per row of docs/data.md's table ----------------------------------------
 
 def one_line_error(result, *expected):
     assert result.exit_code == 1, result.output
