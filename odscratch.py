@@ -134,8 +134,8 @@ def draw_shape(draw, category, box, colour):
         draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=colour)
 
 
-def box_iou_parts(a, b):
-    # intersection areas [len(a), len(b)] of xyxy boxes
+def box_intersections(a, b):
+    """xyxy boxes a [N, 4], b [M, 4] -> their intersection areas [N, M]."""
     lt, rb = torch.max(a[:, None, :2], b[None, :, :2]), torch.min(a[:, None, 2:], b[None, :, 2:])
     return (rb - lt).clamp(min=0).prod(-1)
 
@@ -152,7 +152,7 @@ def synthetic_example(rng):
         x0, y0 = rng.uniform(0, SYNTHETIC_SIZE - w), rng.uniform(0, SYNTHETIC_SIZE - h)
         box = [x0, y0, x0 + w, y0 + h]
         if boxes:  # some overlap is wanted, a shape hidden behind another is not
-            inter = box_iou_parts(torch.tensor([box]), torch.tensor(boxes))
+            inter = box_intersections(torch.tensor([box]), torch.tensor(boxes))
             if (inter / torch.tensor([(b[2] - b[0]) * (b[3] - b[1]) for b in boxes])).max() > SYNTHETIC_MAX_COVER:
                 continue
         category = int(rng.integers(len(SYNTHETIC_CLASSES)))
@@ -993,6 +993,10 @@ def cells_to_boxes(raw, h, w, radius):
 
 
 class GridDetector(nn.Module):
+    """The detector: images [B, 3, S, S] in [0, 1] -> per cell of the (S/stride)^2 grid a box
+    [B, h*w, 4] (cx, cy, w, h relative to the image) and K + 1 class logits [B, h*w, K + 1], the last
+    one background. `features` and `cells` are its two halves, which LTDNet calls apart."""
+
     def __init__(self, num_classes, stride, radius=0.5):
         super().__init__()
         self.radius = radius
@@ -2409,7 +2413,6 @@ def detect(
 @app.command()
 def export(
     weights: str = typer.Option(None, help="a best.pt; default: the newest under runs/train/"),
-    format: str = typer.Option("onnx", help="onnx (the only one for now)"),
     img_size: int = typer.Option(None, help="default: the size the model was trained at"),
     name: str = typer.Option("exp", help="run folder under runs/export/"),
     int8: bool = typer.Option(False, "--int8", help="also model_int8.onnx: int8 weights and "
@@ -2418,8 +2421,6 @@ def export(
 ):
     """Write the model as ONNX (boxes and class scores per cell; threshold + NMS after it) to runs/export/<name>/."""
     with user_errors():
-        if format != "onnx":
-            raise UserError(f"--format must be onnx, not {format!r}")
         weights = Path(weights) if weights else newest_weights()
         if int8:  # the calibration images first: a wrong --data stops before anything is written
             _, cfg, _ = load_detector(weights, torch.device("cpu"))
