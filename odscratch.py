@@ -1050,6 +1050,26 @@ class LTDNet(nn.Module):
         return self.detector.cells(features * query[:, :, None, None])
 
 
+# channels_last spares oneDNN's convolutions a layout conversion per layer (docs/speed.md measures):
+# bf16 needs it to be fast; float32 trains 18 % faster with it (6 % with oneDNN limited to AVX2)
+MEMORY_FORMAT = torch.channels_last
+
+
+def to_device(images, device):
+    # a detector's batch is one tensor of images; LTD's is the pair (R, S)
+    if isinstance(images, tuple):
+        return tuple(to_device(x, device) for x in images)
+    return images.to(device, memory_format=MEMORY_FORMAT)
+
+
+def run_model(model, images, bf16):
+    """The one forward pass: images (or LTD's (R, S) pair) moved to the model's device in
+    channels_last, under bf16 autocast where bf16 is on (float32 outputs either way)."""
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        return model(to_device(images, device))
+
+
 # -----------------------------------------------------------------------------
 # Loss: the centre-cell rule gives each ground-truth box to the one cell its centre falls in; the
 # default --assign-radius 1 adds the nearest cells inside the box (measured better: README). Every
@@ -1332,12 +1352,9 @@ def plot_pr_curves(metrics, classes, path):
 def draw_validation_pictures(model, data, classes, metrics, run_dir, bf16):
     """After training: val_pred.jpg, objectness.jpg, pr_curve.png and results.png in run_dir."""
     model.eval()
-    device = next(model.parameters()).device
     n = min(PICTURE_IMAGES, len(data))
-    images, targets = collate([data[i] for i in range(n)])
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        boxes, logits = model(images.to(device))
-    boxes, scores = score_cells(boxes, logits)
+    images, _ = collate([data[i] for i in range(n)])
+    boxes, scores = score_cells(*run_model(model, images, bf16))
     originals = [open_image(data.ds[i]["image"]).convert("RGB") for i in range(n)]
     found = select_detections(boxes, scores, [data.sizes[i] for i in range(n)], DETECT_CONF, NMS_IOU)
     tile_images([draw_detections(image, f, classes, data.targets[i]["boxes"].tolist())
@@ -1380,11 +1397,6 @@ def use_bf16(device, fp32):
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-
-
-# channels_last spares oneDNN's convolutions a layout conversion per layer (docs/speed.md measures):
-# bf16 needs it to be fast; float32 trains 18 % faster with it (6 % with oneDNN limited to AVX2)
-MEMORY_FORMAT = torch.channels_last
 
 
 def learning_rate(cfg, progress):
@@ -1433,13 +1445,6 @@ class Budget:
         return max_over_processes(min((time.time() - self.start) / (self.minutes * 60), 1.0))
 
 
-def to_device(images, device):
-    # a detector's batch is one tensor of images; LTD's is the pair (R, S)
-    if isinstance(images, tuple):
-        return tuple(to_device(x, device) for x in images)
-    return images.to(device, memory_format=MEMORY_FORMAT)
-
-
 NONFINITE_LIMIT = 5  # steps in a row with a NaN or inf loss before training gives up
 
 
@@ -1481,9 +1486,7 @@ def train_epoch(model, loader, batches, compute_loss, optimizer, cfg, budget, ru
             images, targets = loader.collate_fn([loader.dataset[i] for i in indices])
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, budget.progress())
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                outputs = model(to_device(images, device))
-            parts, lost = compute_loss(outputs, targets)
+            parts, lost = compute_loss(run_model(model, images, bf16), targets)
             if max_over_processes(not torch.isfinite(parts["loss"]).item()):  # a bad step is skipped, not learnt
                 run["skipped"], run["bad_in_a_row"] = run["skipped"] + 1, run["bad_in_a_row"] + 1
                 if run["bad_in_a_row"] >= NONFINITE_LIMIT:
@@ -1601,14 +1604,7 @@ def model_network(model, bf16):
     """A GridDetector, set to eval -> its network: images [B, 3, img_size, img_size] in [0, 1] ->
     score_cells' boxes [B, h*w, 4] and class scores [B, h*w, K]. An exported model is another."""
     model.eval()
-    device = next(model.parameters()).device
-
-    def network(images):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            boxes, logits = model(images.to(device, memory_format=MEMORY_FORMAT))
-        return score_cells(boxes, logits)
-
-    return network
+    return lambda images: score_cells(*run_model(model, images, bf16))
 
 
 @torch.no_grad()
@@ -1760,14 +1756,12 @@ def locate_crops(model, data, n, batch, bf16):
     """The first n held-out pairs -> predicted and true S boxes [n, 4] in R's pixels. The prediction
     is the box of the cell most sure that it holds S. No DataLoader: it would draw from the seed too."""
     model.eval()
-    device = next(model.parameters()).device
     predicted, true = [], []
     with torch.random.fork_rng():
         torch.manual_seed(LTD_HELD_OUT_SEED)
         for start in range(0, n, batch):
             pairs, targets = collate_pairs([data[i] for i in range(start, min(start + batch, n))])
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                boxes, logits = model(to_device(pairs, device))  # [b, h*w, 4], [b, h*w, 2]
+            boxes, logits = run_model(model, pairs, bf16)  # [b, h*w, 4], [b, h*w, 2]
             best = logits.softmax(-1)[..., 0].argmax(1)             # [b]
             predicted.append(box_convert(boxes[torch.arange(len(best)), best], "cxcywh", "xyxy").cpu() * data.img_size)
             true.append(torch.cat([t["boxes"] for t in targets]))
