@@ -66,7 +66,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 from torch.utils.data.distributed import DistributedSampler
 from torchvision import tv_tensors
-from torchvision.ops import batched_nms, box_convert, box_iou, clip_boxes_to_image, generalized_box_iou_loss
+from torchvision.ops import (batched_nms, box_convert, box_iou, clip_boxes_to_image,
+                             generalized_box_iou_loss, remove_small_boxes)
 from torchvision.transforms import v2
 
 console = Console()
@@ -259,12 +260,14 @@ def without_unreadable_images(ds, name, keep=None):
     return ds.select([i for i in range(len(ds)) if i not in bad])
 
 
+MIN_BOX_SIDE = 1  # pixels: a box narrower or lower than this holds nothing to learn, and is dropped
+
+
 def clip_and_drop(boxes, width, height):
     """Boxes partly outside the image are clipped to it; boxes with no area left are dropped."""
-    clipped = boxes.clone()
-    clipped[:, 0::2] = clipped[:, 0::2].clamp(0, width)
-    clipped[:, 1::2] = clipped[:, 1::2].clamp(0, height)
-    keep = (clipped[:, 2] - clipped[:, 0] >= 1) & (clipped[:, 3] - clipped[:, 1] >= 1)
+    clipped = clip_boxes_to_image(boxes, (height, width))
+    keep = torch.zeros(len(boxes), dtype=torch.bool)
+    keep[remove_small_boxes(clipped, MIN_BOX_SIDE)] = True
     n_clipped = int(((clipped != boxes).any(1) & keep).sum())
     return clipped[keep], keep, n_clipped
 
@@ -837,7 +840,7 @@ AUGMENT = v2.Compose([  # on the resized image, at training time only
     v2.RandomAffine(degrees=0, translate=(0.1, 0.1), scale=(0.75, 1.25)),  # scale + crop
     v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3),
     v2.ClampBoundingBoxes(),
-    v2.SanitizeBoundingBoxes(min_size=2),  # boxes pushed out of the frame go
+    v2.SanitizeBoundingBoxes(min_size=MIN_BOX_SIDE),  # boxes pushed out of the frame go
 ])
 CACHE_BYTES = 2 * 2**30  # a split whose resized images fit in this many bytes is decoded once and kept
 
