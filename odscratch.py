@@ -69,6 +69,7 @@ from torchvision import tv_tensors
 from torchvision.ops import (batched_nms, box_convert, box_iou, clip_boxes_to_image,
                              generalized_box_iou_loss, remove_small_boxes)
 from torchvision.transforms import v2
+from torchvision.utils import make_grid
 
 console = Console()
 datasets.disable_progress_bars()
@@ -1293,12 +1294,9 @@ def draw_objectness(image, objectness):
 
 
 def tile_images(images, columns=4):
-    """Pictures -> one grid of TILE x TILE tiles."""
-    rows = (len(images) + columns - 1) // columns
-    grid = PIL.Image.new("RGB", (columns * TILE, rows * TILE), "white")
-    for i, image in enumerate(images):
-        grid.paste(image.resize((TILE, TILE)), (i % columns * TILE, i // columns * TILE))
-    return grid
+    """Pictures -> one grid of TILE x TILE tiles, white where the last row is short."""
+    tiles = [v2.functional.pil_to_tensor(image.resize((TILE, TILE))) for image in images]
+    return v2.functional.to_pil_image(make_grid(tiles, nrow=columns, padding=0, pad_value=255))
 
 
 def plot_lines(title, lines, x, y_range=None, size=(320, 220)):
