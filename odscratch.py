@@ -261,11 +261,12 @@ def without_unreadable_images(ds, name, keep=None):
     return ds.select([i for i in range(len(ds)) if i not in bad])
 
 
-MIN_BOX_SIDE = 1  # pixels: a box narrower or lower than this holds nothing to learn, and is dropped
+MIN_BOX_SIDE = 2  # pixels: a box narrower or lower than this holds nothing to learn, and is dropped
 
 
 def clip_and_drop(boxes, width, height):
-    """Boxes partly outside the image are clipped to it; boxes with no area left are dropped."""
+    """Boxes partly outside the image are clipped to it; boxes left (almost) without area, under
+    MIN_BOX_SIDE pixels wide or high, are dropped."""
     clipped = clip_boxes_to_image(boxes, (height, width))
     keep = torch.zeros(len(boxes), dtype=torch.bool)
     keep[remove_small_boxes(clipped, MIN_BOX_SIDE)] = True
@@ -1471,7 +1472,7 @@ class StopRequest:
         console.print("Ctrl-C: stopping at the end of this step (press again to stop at once)")
 
 
-def train_epoch(model, loader, batches, compute_loss, optimizer, cfg, budget, run, stop, title):
+def train_epoch(model, data, collate, batches, compute_loss, optimizer, cfg, budget, run, stop, title):
     """Train on `batches` (lists of dataset indices) from run["step"] on, until they end, the budget runs
     out, or a stop is asked for. `run` holds the place in the epoch and the running sums, so that an
     epoch stopped half-way is resumed exactly. Returns True when stopped by Ctrl-C."""
@@ -1484,7 +1485,7 @@ def train_epoch(model, loader, batches, compute_loss, optimizer, cfg, budget, ru
     with Progress(*columns, console=console) as bar:
         task = bar.add_task(title, total=len(batches), completed=run["step"], info="")
         for indices in batches[run["step"]:]:
-            images, targets = loader.collate_fn([loader.dataset[i] for i in indices])
+            images, targets = collate([data[i] for i in indices])
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, budget.progress())
             parts, lost = compute_loss(run_model(model, images, bf16), targets)
@@ -1527,23 +1528,29 @@ def new_epoch(epoch, order):
             "bad_in_a_row": 0}
 
 
-def fit(model, loader, compute_loss, validate, cfg, run_dir, meta, best_metric, resume=None):
-    """Train `model`; after each epoch `validate(model)` -> metrics. Writes last.pt (with what --resume
+def fit(model, data, collate, batches, compute_loss, validate, cfg, run_dir, meta, best_metric,
+        resume=None):
+    """Train `model` on `data` in `batches` (a BatchSampler of a seeded RandomSampler, or of a
+    DistributedSampler under torchrun; no DataLoader: a resumed epoch must be cut exactly as before,
+    from the shuffle's saved state); after each epoch `validate(model)` -> metrics. Writes last.pt (with what --resume
     needs), best.pt (highest `best_metric`) and results.csv (one row per epoch) to run_dir. Returns the
     best metrics. `resume`: a last.pt's "resume" entry, to continue that run exactly where it stopped.
     Under torchrun, `model` is wrapped in DistributedDataParallel and only rank 0 validates and writes."""
     model.to(memory_format=MEMORY_FORMAT)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    budget, best, shown = Budget(cfg, len(loader)), None, ""
+    budget, best, shown = Budget(cfg, len(batches)), None, ""
     inner = getattr(model, "module", model)  # the model inside DistributedDataParallel
     main = not dist.is_initialized() or dist.get_rank() == 0
-    run = new_epoch(1, loader.generator.get_state())
+    sampler = batches.sampler
+    distributed = isinstance(sampler, DistributedSampler)  # it shuffles by seed and epoch itself
+    shuffle_state = (lambda: None) if distributed else sampler.generator.get_state
+    run = new_epoch(1, shuffle_state())
     if resume:
         optimizer.load_state_dict(resume["optimizer"])
         run, best, budget.steps = resume["run"], resume["best"], resume["steps"]
         budget.start -= resume["elapsed_s"]  # a --time budget goes on where it stopped
         torch.set_rng_state(resume["rng"])
-        console.print(f"resuming {run_dir} at epoch {run['epoch']}, step {run['step']} of {len(loader)}")
+        console.print(f"resuming {run_dir} at epoch {run['epoch']}, step {run['step']} of {len(batches)}")
 
     def checkpoint(metrics, resumable=True):
         state = {**meta, "model": inner.state_dict(), "config": asdict(cfg), "epoch": run["epoch"] - 1,  # finished
@@ -1563,17 +1570,19 @@ def fit(model, loader, compute_loss, validate, cfg, run_dir, meta, best_metric, 
     try:
         with StopRequest() as stop:
             while budget.progress() < 1:
-                if isinstance(loader.sampler, DistributedSampler):
-                    loader.sampler.set_epoch(run["epoch"])  # a new shuffle each epoch, the same in every process
-                loader.generator.set_state(run["order"])  # the order is drawn afresh from the epoch's start state
-                batches = list(loader.batch_sampler)       # this epoch's batches of dataset indices
+                if distributed:
+                    sampler.set_epoch(run["epoch"])  # a new shuffle each epoch, the same in every process
+                else:
+                    sampler.generator.set_state(run["order"])  # drawn afresh from the epoch's start state
+                epoch_batches = list(batches)  # this epoch's batches of dataset indices
                 title = f"epoch {run['epoch']}{shown}"
-                if train_epoch(model, loader, batches, compute_loss, optimizer, cfg, budget, run, stop, title):
+                if train_epoch(model, data, collate, epoch_batches, compute_loss, optimizer, cfg, budget, run,
+                               stop, title):
                     if main:
                         save_checkpoint(run_dir / "last.pt", checkpoint(best))
-                    raise UserError(f"stopped in epoch {run['epoch']} at step {run['step']} of {len(batches)}; "
+                    raise UserError(f"stopped in epoch {run['epoch']} at step {run['step']} of {len(epoch_batches)}; "
                                     f"continue exactly from there with: {resume_command}")
-                finished, run = run, new_epoch(run["epoch"] + 1, loader.generator.get_state())
+                finished, run = run, new_epoch(run["epoch"] + 1, shuffle_state())
                 run["bad_in_a_row"] = finished["bad_in_a_row"]  # NaN steps in a row may span two epochs
                 if not main:
                     continue
@@ -1729,13 +1738,13 @@ def train_detector(cfg, name, backbone=None, resume=None):
     bf16 = use_bf16(device, cfg.fp32)
     model = model.to(device, memory_format=MEMORY_FORMAT)
     generator = torch.Generator().manual_seed(cfg.seed)  # fixes the data order
-    sampler = DistributedSampler(train_data, seed=cfg.seed, drop_last=True) if processes > 1 else None
-    loader = torch.utils.data.DataLoader(train_data, batch_size=cfg.batch // processes, shuffle=sampler is None,
-                                         sampler=sampler, drop_last=True, collate_fn=collate, generator=generator)
+    sampler = (DistributedSampler(train_data, seed=cfg.seed, drop_last=True) if processes > 1
+               else torch.utils.data.RandomSampler(train_data, generator=generator))
+    batches = torch.utils.data.BatchSampler(sampler, cfg.batch // processes, drop_last=True)
     if processes > 1:  # gradients are averaged across processes after each backward pass
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    best = fit(model, loader, lambda outputs, targets: detection_loss(*outputs, targets, cfg.img_size,
-                                                                      cfg.assign_radius),
+    best = fit(model, train_data, collate, batches,
+               lambda outputs, targets: detection_loss(*outputs, targets, cfg.img_size, cfg.assign_radius),
                lambda m: validate_detector(m, val_data, len(classes), cfg, bf16), cfg, run_dir,
                {"kind": "detector", "classes": classes, "backbone": checkpoint["backbone"] if checkpoint else
                 str(backbone or "")}, best_metric="map", resume=checkpoint and checkpoint["resume"])
@@ -1821,10 +1830,11 @@ def pretrain_backbone(cfg, name, mask_crop, resume=None):
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
     generator = torch.Generator().manual_seed(cfg.seed)
-    loader = torch.utils.data.DataLoader(train_data, batch_size=cfg.batch, shuffle=True, drop_last=True,
-                                         collate_fn=collate_pairs, generator=generator)
-    best = fit(model, loader, lambda outputs, targets: detection_loss(*outputs, targets, cfg.img_size,
-                                                                      model.detector.radius),
+    batches = torch.utils.data.BatchSampler(
+        torch.utils.data.RandomSampler(train_data, generator=generator), cfg.batch, drop_last=True)
+    best = fit(model, train_data, collate_pairs, batches,
+               lambda outputs, targets: detection_loss(*outputs, targets, cfg.img_size,
+                                                       model.detector.radius),
                lambda m: validate_ltd(m, val_data, cfg.batch, bf16), cfg, run_dir,
                {"kind": "ltd", "mask_crop": mask_crop}, best_metric="iou", resume=checkpoint and checkpoint["resume"])
     model.load_state_dict(torch.load(run_dir / "best.pt", map_location=device, weights_only=True)["model"])
