@@ -43,7 +43,7 @@ import signal
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from xml.etree import ElementTree
@@ -1473,38 +1473,38 @@ class StopRequest:
 
 
 def train_epoch(model, data, collate, batches, compute_loss, optimizer, cfg, budget, run, stop, title):
-    """Train on `batches` (lists of dataset indices) from run["step"] on, until they end, the budget runs
+    """Train on `batches` (lists of dataset indices) from run.step on, until they end, the budget runs
     out, or a stop is asked for. `run` holds the place in the epoch and the running sums, so that an
     epoch stopped half-way is resumed exactly. Returns True when stopped by Ctrl-C."""
     device = next(model.parameters()).device
     bf16 = use_bf16(device, cfg.fp32)
     model.train()
-    start, seen_before = time.time(), run["seen"]
+    start, seen_before = time.time(), run.seen
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console) as bar:
-        task = bar.add_task(title, total=len(batches), completed=run["step"], info="")
-        for indices in batches[run["step"]:]:
+        task = bar.add_task(title, total=len(batches), completed=run.step, info="")
+        for indices in batches[run.step:]:
             images, targets = collate([data[i] for i in indices])
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, budget.progress())
             parts, lost = compute_loss(run_model(model, images, bf16), targets)
             if max_over_processes(not torch.isfinite(parts["loss"]).item()):  # a bad step is skipped, not learnt
-                run["skipped"], run["bad_in_a_row"] = run["skipped"] + 1, run["bad_in_a_row"] + 1
-                if run["bad_in_a_row"] >= NONFINITE_LIMIT:
+                run.skipped, run.bad_in_a_row = run.skipped + 1, run.bad_in_a_row + 1
+                if run.bad_in_a_row >= NONFINITE_LIMIT:
                     raise FloatingPointError(f"the loss was NaN or inf for {NONFINITE_LIMIT} steps in a row")
             else:
                 optimizer.zero_grad(set_to_none=True)
                 parts["loss"].backward()
                 nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
                 optimizer.step()
-                run["bad_in_a_row"] = 0
-                run["seen"], run["collisions"] = run["seen"] + len(targets), run["collisions"] + lost
+                run.bad_in_a_row = 0
+                run.seen, run.collisions = run.seen + len(targets), run.collisions + lost
                 for name, value in parts.items():
-                    run["sums"][name] = run["sums"].get(name, 0.0) + value.item() * len(targets)
-            budget.steps, run["step"] = budget.steps + 1, run["step"] + 1
-            info = " ".join(f"{n} {v / max(run['seen'], 1):.3f}" for n, v in run["sums"].items())
-            speed = (run["seen"] - seen_before) / (time.time() - start)
+                    run.sums[name] = run.sums.get(name, 0.0) + value.item() * len(targets)
+            budget.steps, run.step = budget.steps + 1, run.step + 1
+            info = " ".join(f"{n} {v / max(run.seen, 1):.3f}" for n, v in run.sums.items())
+            speed = (run.seen - seen_before) / (time.time() - start)
             bar.update(task, advance=1, info=f"{info} | {speed:.1f} img/s")
             if budget.progress() >= 1:
                 return False
@@ -1522,10 +1522,18 @@ def append_row(path, row):
         writer.writerow(row)
 
 
-def new_epoch(epoch, order):
-    """The place in the training run that last.pt records: epoch, step in it, running sums, random state."""
-    return {"epoch": epoch, "step": 0, "order": order, "sums": {}, "seen": 0, "collisions": 0, "skipped": 0,
-            "bad_in_a_row": 0}
+@dataclass
+class RunState:
+    """The place in a training run that last.pt records, so that --resume goes on exactly: the epoch,
+    the shuffle's state when it began (None under torchrun), the step in it and its running sums."""
+    epoch: int
+    order: torch.Tensor | None
+    step: int = 0
+    sums: dict = field(default_factory=dict)  # loss part -> sum over the images seen
+    seen: int = 0
+    collisions: int = 0
+    skipped: int = 0
+    bad_in_a_row: int = 0  # non-finite steps in a row, across epochs
 
 
 def fit(model, data, collate, batches, compute_loss, validate, cfg, run_dir, meta, best_metric,
@@ -1544,19 +1552,19 @@ def fit(model, data, collate, batches, compute_loss, validate, cfg, run_dir, met
     sampler = batches.sampler
     distributed = isinstance(sampler, DistributedSampler)  # it shuffles by seed and epoch itself
     shuffle_state = (lambda: None) if distributed else sampler.generator.get_state
-    run = new_epoch(1, shuffle_state())
+    run = RunState(1, shuffle_state())
     if resume:
         optimizer.load_state_dict(resume["optimizer"])
-        run, best, budget.steps = resume["run"], resume["best"], resume["steps"]
+        run, best, budget.steps = RunState(**resume["run"]), resume["best"], resume["steps"]
         budget.start -= resume["elapsed_s"]  # a --time budget goes on where it stopped
         torch.set_rng_state(resume["rng"])
-        console.print(f"resuming {run_dir} at epoch {run['epoch']}, step {run['step']} of {len(batches)}")
+        console.print(f"resuming {run_dir} at epoch {run.epoch}, step {run.step} of {len(batches)}")
 
     def checkpoint(metrics, resumable=True):
-        state = {**meta, "model": inner.state_dict(), "config": asdict(cfg), "epoch": run["epoch"] - 1,  # finished
+        state = {**meta, "model": inner.state_dict(), "config": asdict(cfg), "epoch": run.epoch - 1,  # finished
                  "metrics": metrics}
         if resumable:  # best.pt is for using the model; last.pt is for going on with training
-            state["resume"] = {"optimizer": optimizer.state_dict(), "run": run, "best": best, "steps": budget.steps,
+            state["resume"] = {"optimizer": optimizer.state_dict(), "run": asdict(run), "best": best, "steps": budget.steps,
                                "elapsed_s": time.time() - budget.start, "rng": torch.get_rng_state()}
         return state
 
@@ -1571,41 +1579,41 @@ def fit(model, data, collate, batches, compute_loss, validate, cfg, run_dir, met
         with StopRequest() as stop:
             while budget.progress() < 1:
                 if distributed:
-                    sampler.set_epoch(run["epoch"])  # a new shuffle each epoch, the same in every process
+                    sampler.set_epoch(run.epoch)  # a new shuffle each epoch, the same in every process
                 else:
-                    sampler.generator.set_state(run["order"])  # drawn afresh from the epoch's start state
+                    sampler.generator.set_state(run.order)  # drawn afresh from the epoch's start state
                 epoch_batches = list(batches)  # this epoch's batches of dataset indices
-                title = f"epoch {run['epoch']}{shown}"
+                title = f"epoch {run.epoch}{shown}"
                 if train_epoch(model, data, collate, epoch_batches, compute_loss, optimizer, cfg, budget, run,
                                stop, title):
                     if main:
                         save_checkpoint(run_dir / "last.pt", checkpoint(best))
-                    raise UserError(f"stopped in epoch {run['epoch']} at step {run['step']} of {len(epoch_batches)}; "
+                    raise UserError(f"stopped in epoch {run.epoch} at step {run.step} of {len(epoch_batches)}; "
                                     f"continue exactly from there with: {resume_command}")
-                finished, run = run, new_epoch(run["epoch"] + 1, shuffle_state())
-                run["bad_in_a_row"] = finished["bad_in_a_row"]  # NaN steps in a row may span two epochs
+                finished = run
+                run = RunState(run.epoch + 1, shuffle_state(), bad_in_a_row=finished.bad_in_a_row)
                 if not main:
                     continue
                 metrics = validate(inner)
                 scalars = {n: round(v, 5) for n, v in metrics.items() if isinstance(v, float)}
                 shown = " | val " + " ".join(f"{n} {v:.2f}" for n, v in scalars.items())  # in the next epoch's bar
-                losses = {n: round(v / max(finished["seen"], 1), 5) for n, v in finished["sums"].items()}
-                append_row(run_dir / "results.csv", {"epoch": finished["epoch"],
+                losses = {n: round(v / max(finished.seen, 1), 5) for n, v in finished.sums.items()}
+                append_row(run_dir / "results.csv", {"epoch": finished.epoch,
                                                      "elapsed_s": round(time.time() - budget.start, 1), **losses,
-                                                     "collisions": finished["collisions"],
-                                                     "skipped_steps": finished["skipped"], **scalars})
-                lost, skipped = finished["collisions"], finished["skipped"]
-                console.print(f"epoch {finished['epoch']}: " + " ".join(f"{n} {v:.3f}" for n, v in scalars.items())
+                                                     "collisions": finished.collisions,
+                                                     "skipped_steps": finished.skipped, **scalars})
+                lost, skipped = finished.collisions, finished.skipped
+                console.print(f"epoch {finished.epoch}: " + " ".join(f"{n} {v:.3f}" for n, v in scalars.items())
                               + (f" | {lost} boxes lost to shared cells" if lost else "")
                               + (f" | {skipped} steps skipped: loss NaN or inf" if skipped else ""))
                 if best is None or metrics[best_metric] > best[best_metric]:
-                    best = {**metrics, "epoch": finished["epoch"]}
+                    best = {**metrics, "epoch": finished.epoch}
                     save_checkpoint(run_dir / "best.pt", checkpoint(metrics, resumable=False))
                 save_checkpoint(run_dir / "last.pt", checkpoint(metrics))
     except KeyboardInterrupt:
-        raise UserError(f"interrupted at once in epoch {run['epoch']}; {what_is_saved()}") from None
+        raise UserError(f"interrupted at once in epoch {run.epoch}; {what_is_saved()}") from None
     except FloatingPointError as e:
-        raise UserError(f"{e} in epoch {run['epoch']}: stopped (try a lower --lr, or check the data's boxes); "
+        raise UserError(f"{e} in epoch {run.epoch}: stopped (try a lower --lr, or check the data's boxes); "
                         f"{what_is_saved()}") from None
     return best
 
