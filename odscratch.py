@@ -937,15 +937,15 @@ def log_uniform(low, high):
     return math.exp(torch.empty(()).uniform_(math.log(low), math.log(high)).item())
 
 
-def sample_ltd_crop(R, jitter=LTD_JITTER):
-    """R [3, H, W] in [0, 1] -> S [3, LTD_CROP_SIZE, LTD_CROP_SIZE], S's box in R [4] (xyxy, R's pixels).
-    Random from torch's generator, so --seed fixes it; tests pass jitter=nn.Identity() to see S's raw pixels."""
+def sample_ltd_crop(R):
+    """R [3, H, W] in [0, 1] -> S [3, LTD_CROP_SIZE, LTD_CROP_SIZE], S's box in R [4] (xyxy, R's
+    pixels). Random from torch's generator, so --seed fixes it. S's colours are jittered after."""
     _, height, width = R.shape
     area, aspect = log_uniform(*LTD_AREA) * height * width, log_uniform(*LTD_ASPECT)
     w, h = min(round(math.sqrt(area * aspect)), width), min(round(math.sqrt(area / aspect)), height)
     x, y = torch.randint(0, width - w + 1, ()).item(), torch.randint(0, height - h + 1, ()).item()
     S = v2.functional.resized_crop(R, y, x, h, w, [LTD_CROP_SIZE, LTD_CROP_SIZE], antialias=True)
-    return jitter(S), torch.tensor([x, y, x + w, y + h], dtype=torch.float32)
+    return S, torch.tensor([x, y, x + w, y + h], dtype=torch.float32)
 
 
 class LTDDataset(torch.utils.data.Dataset):
@@ -963,6 +963,7 @@ class LTDDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         R = self.transform(open_image(self.ds[i]["image"]).convert("RGB"))
         S, box = sample_ltd_crop(R)
+        S = LTD_JITTER(S)
         if self.mask_crop:
             x1, y1, x2, y2 = box.int().tolist()
             R[:, y1:y2, x1:x2] = MASK_GREY  # S was already cut from the intact R
