@@ -1473,12 +1473,11 @@ class StopRequest:
         console.print("Ctrl-C: stopping at the end of this step (press again to stop at once)")
 
 
-def train_epoch(model, data, collate, batches, compute_loss, optimizer, cfg, budget, run, stop, title):
+def train_epoch(model, data, collate, batches, compute_loss, optimizer, cfg, bf16, budget, run, stop,
+                title):
     """Train on `batches` (lists of dataset indices) from run.step on, until they end, the budget runs
     out, or a stop is asked for. `run` holds the place in the epoch and the running sums, so that an
     epoch stopped half-way is resumed exactly. Returns True when stopped by Ctrl-C."""
-    device = next(model.parameters()).device
-    bf16 = use_bf16(device, cfg.fp32)
     model.train()
     start, seen_before = time.time(), run.seen
     columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
@@ -1537,14 +1536,15 @@ class RunState:
     bad_in_a_row: int = 0  # non-finite steps in a row, across epochs
 
 
-def fit(model, data, collate, batches, compute_loss, validate, cfg, run_dir, meta, best_metric,
+def fit(model, data, collate, batches, compute_loss, validate, cfg, bf16, run_dir, meta, best_metric,
         resume=None):
     """Train `model` on `data` in `batches` (a BatchSampler of a seeded RandomSampler, or of a
-    DistributedSampler under torchrun; no DataLoader: a resumed epoch must be cut exactly as before,
-    from the shuffle's saved state); after each epoch `validate(model)` -> metrics. Writes last.pt (with what --resume
-    needs), best.pt (highest `best_metric`) and results.csv (one row per epoch) to run_dir. Returns the
-    best metrics. `resume`: a last.pt's "resume" entry, to continue that run exactly where it stopped.
-    Under torchrun, `model` is wrapped in DistributedDataParallel and only rank 0 validates and writes."""
+    DistributedSampler under torchrun; no DataLoader: a resumed epoch must be cut exactly as
+    before, from the shuffle's saved state); after each epoch `validate(model)` -> metrics.
+    Writes last.pt (with what --resume needs), best.pt (highest `best_metric`) and results.csv
+    (one row per epoch) to run_dir. Returns the best metrics. `resume`: a last.pt's "resume"
+    entry, to continue that run exactly where it stopped. Under torchrun, `model` is wrapped in
+    DistributedDataParallel and only rank 0 validates and writes."""
     model.to(memory_format=MEMORY_FORMAT)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     budget, best, shown = Budget(cfg, len(batches)), None, ""
@@ -1585,8 +1585,8 @@ def fit(model, data, collate, batches, compute_loss, validate, cfg, run_dir, met
                     sampler.generator.set_state(run.order)  # drawn afresh from the epoch's start state
                 epoch_batches = list(batches)  # this epoch's batches of dataset indices
                 title = f"epoch {run.epoch}{shown}"
-                if train_epoch(model, data, collate, epoch_batches, compute_loss, optimizer, cfg, budget, run,
-                               stop, title):
+                if train_epoch(model, data, collate, epoch_batches, compute_loss, optimizer, cfg, bf16,
+                               budget, run, stop, title):
                     if main:
                         save_checkpoint(run_dir / "last.pt", checkpoint(best))
                     raise UserError(f"stopped in epoch {run.epoch} at step {run.step} of {len(epoch_batches)}; "
@@ -1726,6 +1726,7 @@ def train_detector(cfg, name, backbone=None, resume=None):
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if device.type == "cuda" else device
         if cfg.batch % processes:
             raise UserError(f"--batch {cfg.batch} does not split evenly over {processes} processes")
+    bf16 = use_bf16(device, cfg.fp32)
     train_ds = load_split(cfg.data, "train", cfg.bbox_format)
     classes = category_feature(train_ds).names
     train_data = DetectionDataset(train_ds, cfg.img_size, train=True, name=f"{cfg.data} train")
@@ -1734,7 +1735,7 @@ def train_detector(cfg, name, backbone=None, resume=None):
     run_dir = Path(resume).parent if resume else new_run_dir("train", name) if rank == 0 else None  # rank 0 writes
     console.print(f"training on {cfg.data}: {len(train_data)} train / {len(val_data)} validation images, "
                   f"classes {classes}, {device}{f' x {processes} processes' if processes > 1 else ''}, "
-                  f"{'bf16' if use_bf16(device, cfg.fp32) else 'float32'} -> {run_dir}")
+                  f"{'bf16' if bf16 else 'float32'} -> {run_dir}")
     if len(train_data) < cfg.batch:
         raise UserError(f"the train split has {len(train_data)} images, fewer than --batch {cfg.batch}")
     model = GridDetector(len(classes), cfg.stride, cfg.assign_radius)
@@ -1744,7 +1745,6 @@ def train_detector(cfg, name, backbone=None, resume=None):
     if checkpoint:
         check_same_classes(checkpoint["classes"], classes, resume, cfg.data)
         model.load_state_dict(checkpoint["model"])
-    bf16 = use_bf16(device, cfg.fp32)
     model = model.to(device, memory_format=MEMORY_FORMAT)
     generator = torch.Generator().manual_seed(cfg.seed)  # fixes the data order
     sampler = (DistributedSampler(train_data, seed=cfg.seed, drop_last=True) if processes > 1
@@ -1754,7 +1754,7 @@ def train_detector(cfg, name, backbone=None, resume=None):
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     best = fit(model, train_data, collate, batches,
                lambda outputs, targets: detection_loss(*outputs, targets, cfg.img_size, cfg.assign_radius),
-               lambda m: validate_detector(m, val_data, len(classes), cfg, bf16), cfg, run_dir,
+               lambda m: validate_detector(m, val_data, len(classes), cfg, bf16), cfg, bf16, run_dir,
                {"kind": "detector", "classes": classes, "backbone": checkpoint["backbone"] if checkpoint else
                 str(backbone or "")}, best_metric="map", resume=checkpoint and checkpoint["resume"])
     if rank == 0:  # the pictures show the best epoch's model
@@ -1844,7 +1844,7 @@ def pretrain_backbone(cfg, name, mask_crop, resume=None):
     best = fit(model, train_data, collate_pairs, batches,
                lambda outputs, targets: detection_loss(*outputs, targets, cfg.img_size,
                                                        model.detector.radius),
-               lambda m: validate_ltd(m, val_data, cfg.batch, bf16), cfg, run_dir,
+               lambda m: validate_ltd(m, val_data, cfg.batch, bf16), cfg, bf16, run_dir,
                {"kind": "ltd", "mask_crop": mask_crop}, best_metric="iou", resume=checkpoint and checkpoint["resume"])
     model.load_state_dict(torch.load(run_dir / "best.pt", map_location=device, weights_only=True)["model"])
     save_checkpoint(run_dir / "backbone.pt", {"kind": "backbone", "stride": cfg.stride, "mask_crop": mask_crop,
