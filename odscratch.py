@@ -44,6 +44,7 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Annotated
 from functools import lru_cache
 from pathlib import Path
 from xml.etree import ElementTree
@@ -2096,13 +2097,21 @@ def bench_detectors(detectors, image, batch, rounds, calls):
 # -----------------------------------------------------------------------------
 # Command line: pretrain, train, eval, detect, export, bench. Every command runs offline with no arguments.
 
-FP32_HELP = "float32 even where the hardware has bf16"
-ASSIGN_RADIUS_HELP = ("a box trains the cells within this many cells of its centre; 0.5: only the cell "
-                      "its centre falls in")
 DATA_HELP = ("'synthetic' (built in); a dataset folder or file: YOLO (data.yaml), COCO (.json), "
              "Pascal VOC (.xml) or Hugging Face (parquet, imagefolder); or a Hugging Face hub name")
-BBOX_FORMAT_HELP = ("how Hugging Face data stores boxes: xyxy, xywh, or auto (xyxy unless only "
-                    "xywh fits the images; YOLO, COCO and VOC data say it themselves)")
+# The options several commands share, declared once; their defaults are Config's
+Data = Annotated[str, typer.Option(help=DATA_HELP)]
+BboxFormat = Annotated[str, typer.Option(help="how Hugging Face data stores boxes: xyxy, xywh, or "
+                                         "auto (xyxy unless only xywh fits the images; YOLO, COCO and "
+                                         "VOC data say it themselves)")]
+Stride = Annotated[int, typer.Option(help="pixels per grid cell: 8, 16 or 32; pretrain and train "
+                                     "with the same")]
+AssignRadius = Annotated[float, typer.Option(help="a box trains the cells within this many cells of "
+                                             "its centre; 0.5: only the cell its centre falls in")]
+TimeBudget = Annotated[float, typer.Option("--time", help="minutes; overrides --epochs")]
+Seed = Annotated[int, typer.Option(help="fixes init, data order and augmentation (LTD: the crops)")]
+Fp32 = Annotated[bool, typer.Option("--fp32", help="float32 even where the hardware has bf16")]
+Device = Annotated[str, typer.Option(help="auto, cpu or cuda")]
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                   help="odscratch: a small object detector you can read, train on a CPU, and ship.")
@@ -2167,17 +2176,17 @@ def metrics_table(title, metrics, classes):
 def pretrain(
     data: str = typer.Option(Config.data, help=DATA_HELP + "; or a plain folder of images"),
     img_size: int = typer.Option(Config.img_size, help="R is resized to img_size x img_size"),
-    stride: int = typer.Option(Config.stride, help="pixels per grid cell: 8, 16 or 32; train with the same"),
-    epochs: int = typer.Option(Config.epochs),
-    time_budget: float = typer.Option(Config.time, "--time", help="minutes; overrides --epochs"),
-    batch: int = typer.Option(LTD_BATCH),
-    lr: float = typer.Option(Config.lr),
-    seed: int = typer.Option(Config.seed, help="fixes init, data order and crops"),
+    stride: Stride = Config.stride,
+    epochs: int = Config.epochs,
+    time_budget: TimeBudget = Config.time,
+    batch: int = LTD_BATCH,
+    lr: float = Config.lr,
+    seed: Seed = Config.seed,
     mask_crop: bool = typer.Option(False, "--mask-crop",
                                    help="grey out S's region in R (to measure how it gives S away)"),
     resume: str = typer.Option(None, help="a last.pt: go on with that run where it stopped (its own settings)"),
-    fp32: bool = typer.Option(Config.fp32, "--fp32", help=FP32_HELP),
-    device: str = typer.Option(Config.device, help="auto, cpu or cuda"),
+    fp32: Fp32 = False,
+    device: Device = Config.device,
     name: str = typer.Option("exp", help="run folder under runs/pretrain/"),
 ):
     """LTD self-supervised pretraining; writes runs/pretrain/<name>/{backbone.pt,ltd_samples.jpg,results.csv}."""
@@ -2193,21 +2202,21 @@ def pretrain(
 
 @app.command()
 def train(
-    data: str = typer.Option(Config.data, help=DATA_HELP),
-    bbox_format: str = typer.Option(Config.bbox_format, help=BBOX_FORMAT_HELP),
+    data: Data = Config.data,
+    bbox_format: BboxFormat = Config.bbox_format,
     img_size: int = typer.Option(Config.img_size, help="train and detect at img_size x img_size"),
-    stride: int = typer.Option(Config.stride, help="pixels per grid cell: 8, 16 or 32"),
-    assign_radius: float = typer.Option(Config.assign_radius, help=ASSIGN_RADIUS_HELP),
-    epochs: int = typer.Option(Config.epochs),
-    time_budget: float = typer.Option(Config.time, "--time", help="minutes; overrides --epochs"),
-    batch: int = typer.Option(Config.batch),
-    lr: float = typer.Option(Config.lr),
-    seed: int = typer.Option(Config.seed, help="fixes init, data order and augmentation"),
+    stride: Stride = Config.stride,
+    assign_radius: AssignRadius = Config.assign_radius,
+    epochs: int = Config.epochs,
+    time_budget: TimeBudget = Config.time,
+    batch: int = Config.batch,
+    lr: float = Config.lr,
+    seed: Seed = Config.seed,
     backbone: str = typer.Option(None, help="start from a backbone.pt that `odscratch pretrain` wrote"),
     resume: str = typer.Option(None, help="a last.pt: go on with that run exactly where it stopped (its own "
                                           "settings)"),
-    fp32: bool = typer.Option(Config.fp32, "--fp32", help=FP32_HELP),
-    device: str = typer.Option(Config.device, help="auto, cpu or cuda"),
+    fp32: Fp32 = False,
+    device: Device = Config.device,
     name: str = typer.Option("exp", help="run folder under runs/train/"),
 ):
     """Train a detector; writes runs/train/<name>/{best.pt,last.pt,results.csv}. Also under torchrun."""
@@ -2238,8 +2247,8 @@ def evaluate_command(
     data: str = typer.Option(None, help="default: the data the model was trained on"),
     split: str = typer.Option("test", help="train, validation (or val, valid) or test"),
     batch: int = typer.Option(Config.batch),
-    fp32: bool = typer.Option(False, "--fp32", help=FP32_HELP),
-    device: str = typer.Option(Config.device, help="auto, cpu or cuda"),
+    fp32: Fp32 = False,
+    device: Device = Config.device,
 ):
     """COCO mAP of a trained model on a split, overall and per class."""
     with user_errors():
@@ -2266,10 +2275,10 @@ def box_sides(data):
 
 @app.command("data")
 def data_command(
-    data: str = typer.Option(Config.data, help=DATA_HELP),
-    bbox_format: str = typer.Option(Config.bbox_format, help=BBOX_FORMAT_HELP),
+    data: Data = Config.data,
+    bbox_format: BboxFormat = Config.bbox_format,
     img_size: int = typer.Option(Config.img_size, help="the --img-size you would train at"),
-    assign_radius: float = typer.Option(Config.assign_radius, help=ASSIGN_RADIUS_HELP),
+    assign_radius: AssignRadius = Config.assign_radius,
 ):
     """A dataset before training: its layout, splits, classes, box sizes, and which --stride."""
     with user_errors():
@@ -2376,8 +2385,8 @@ def detect(
     json_output: bool = typer.Option(False, "--json", help="write detections.json in COCO's results format"),
     save_txt: bool = typer.Option(False, "--save-txt", help="write labels/<image>.txt in YOLO's format"),
     show_grid: bool = typer.Option(False, "--show-grid", help="also write <image>_grid.jpg: each cell's objectness"),
-    fp32: bool = typer.Option(False, "--fp32", help=FP32_HELP + " (a best.pt)"),
-    device: str = typer.Option(Config.device, help="auto, cpu or cuda"),
+    fp32: Fp32 = False,
+    device: Device = Config.device,
     name: str = typer.Option("exp", help="run folder under runs/detect/"),
 ):
     """Detect objects; prints a table and writes annotated images to runs/detect/<name>/."""
@@ -2467,7 +2476,7 @@ def bench(
     threads: int = typer.Option(None, help="CPU threads for PyTorch and onnxruntime; default: PyTorch's"),
     data: str = typer.Option(None, help="scored on, int8 calibrated on; default: the model's own"),
     split: str = typer.Option("test", help="the split each runtime's mAP is measured on"),
-    device: str = typer.Option(Config.device, help="auto, cpu or cuda"),
+    device: Device = Config.device,
 ):
     """Speed and mAP of the model in each runtime: PyTorch float32 and bf16, onnxruntime float32
     and int8."""
