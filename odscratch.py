@@ -1217,11 +1217,6 @@ def precision_curve(hits, num_true):
     return np.append(precision, 0)[at]  # recall points never reached count as precision 0
 
 
-def average_precision(hits, num_true):
-    """hits [D] in descending score order -> area under COCO's 101-point interpolated PR curve."""
-    return precision_curve(hits, num_true).mean()
-
-
 def evaluate(predictions, targets, num_classes):
     """COCO-style mAP. predictions / targets: one dict per image, `boxes` [N, 4] xyxy pixels,
     `labels` [N] (and `scores` [N] in predictions). Classes with no ground truth are left out of
@@ -1243,7 +1238,8 @@ def evaluate(predictions, targets, num_classes):
     for k in np.flatnonzero(num_true):
         order = np.argsort(-np.concatenate(scores[k]), kind="mergesort")
         class_hits = np.concatenate(hits[k], axis=1)[:, order]
-        ap[:, k] = [average_precision(h, num_true[k]) for h in class_hits]
+        # AP: the area under the curve, its mean over the 101 recall points
+        ap[:, k] = [precision_curve(h, num_true[k]).mean() for h in class_hits]
         pr50[k] = precision_curve(class_hits[0], num_true[k]).tolist()
 
     def mean(rows):
