@@ -90,7 +90,7 @@ class Config:
     assign_radius: float = 1.0      # 0.5: a box trains only the cell its centre is in; 1: also nearby cells inside it
     epochs: int = 4
     time: float = 0.0               # minutes; when set, the schedule ends at this budget
-    batch: int = 8                  # for detection (README: measured); pretrain keeps 16
+    batch: int = 8                  # for detection (docs/yolo11n.md measures it); pretrain keeps 16
     lr: float = 2e-3
     weight_decay: float = 5e-4
     seed: int = 0
@@ -852,10 +852,10 @@ class DetectionDataset(torch.utils.data.Dataset):
     """A load_split dataset as tensors: (image [3, img_size, img_size] in [0, 1], {boxes [N, 4] xyxy in those
     pixels, labels [N]}).
 
-    Boxes are read, checked and stored once here. When the whole split fits in CACHE_BYTES (README:
-    measured), each image is decoded once, by the readability check, and kept resized; otherwise it
-    is decoded when used. `targets[i]` keeps the boxes in the original image's pixels: that is what
-    the evaluator compares against.
+    Boxes are read, checked and stored once here. When the whole split fits in CACHE_BYTES
+    (docs/design.md measures it), each image is decoded once, by the readability check, and kept
+    resized; otherwise it is decoded when used. `targets[i]` keeps the boxes in the original
+    image's pixels: that is what the evaluator compares against.
     """
 
     def __init__(self, ds, img_size, train, name="data"):
@@ -926,7 +926,7 @@ def collate(batch):
 # needs what a detector needs: features that say what is where, at any scale. R is left intact:
 # greying out S's hole would give the answer away (`--mask-crop` does it, to measure that).
 
-LTD_AREA = (0.04, 0.4)   # S's area as a fraction of R's, log-uniform (README: measured choice)
+LTD_AREA = (0.04, 0.4)   # S's area as a fraction of R's, log-uniform (docs/ltd.md)
 LTD_ASPECT = (0.5, 2.0)  # S's width / height, log-uniform
 LTD_CROP_SIZE = 96       # S is resized to a fixed size: its scale in R must be inferred, not read off
 LTD_JITTER = v2.Compose([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.05),
@@ -992,8 +992,10 @@ def resnet18_backbone(stride):
 
 def cells_to_boxes(raw, h, w, radius):
     """Raw head outputs [B, h*w, 4] -> boxes (cx, cy, w, h) relative to the image. A cell's centre
-    prediction reaches `radius` cells from the cell's centre: as far as the cells it learns from (see Loss)."""
-    rows, cols = torch.meshgrid(torch.arange(h, device=raw.device), torch.arange(w, device=raw.device), indexing="ij")
+    prediction reaches `radius` cells from the cell's centre: as far as the cells it learns from
+    (see Loss)."""
+    rows, cols = torch.meshgrid(torch.arange(h, device=raw.device),
+                                torch.arange(w, device=raw.device), indexing="ij")
     cx = (cols.flatten() + 0.5 + radius * (2 * raw[..., 0].sigmoid() - 1)) / w
     cy = (rows.flatten() + 0.5 + radius * (2 * raw[..., 1].sigmoid() - 1)) / h
     return torch.stack([cx, cy, raw[..., 2].sigmoid(), raw[..., 3].sigmoid()], -1)
@@ -1001,14 +1003,15 @@ def cells_to_boxes(raw, h, w, radius):
 
 class GridDetector(nn.Module):
     """The detector: images [B, 3, S, S] in [0, 1] -> per cell of the (S/stride)^2 grid a box
-    [B, h*w, 4] (cx, cy, w, h relative to the image) and K + 1 class logits [B, h*w, K + 1], the last
-    one background. `features` and `cells` are its two halves, which LTDNet calls apart."""
+    [B, h*w, 4] (cx, cy, w, h relative to the image) and K + 1 class logits [B, h*w, K + 1], the
+    last one background. `features` and `cells` are its two halves, which LTDNet calls apart."""
 
     def __init__(self, num_classes, stride, radius=0.5):
         super().__init__()
         self.radius = radius
         self.backbone = resnet18_backbone(stride)
-        self.head = nn.Linear(BACKBONE_CHANNELS[stride], 4 + num_classes + 1)  # box + K classes + background
+        # per cell: a box, K class logits and background's
+        self.head = nn.Linear(BACKBONE_CHANNELS[stride], 4 + num_classes + 1)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 
@@ -1025,8 +1028,9 @@ class GridDetector(nn.Module):
 
 
 def fold_batchnorm(model):
-    """An inference copy of `model`: after training, a BatchNorm is a fixed per-channel scale and shift,
-    so it folds into the weights of the convolution before it, and the network has half the layers to run."""
+    """An inference copy of `model`: after training, a BatchNorm is a fixed per-channel scale and
+    shift, so it folds into the weights of the convolution before it, and the network has half the
+    layers to run."""
     model = copy.deepcopy(model).eval()
     for parent in list(model.modules()):
         children = list(parent.named_children())
@@ -1040,17 +1044,19 @@ def fold_batchnorm(model):
 class LTDNet(nn.Module):
     """Where in R is S? One GridDetector with one class sees both images. S's pooled features scale
     R's channels, so a cell's linear head sees the product of what is there and what is sought:
-    a learned correlation (README: measured against alternatives). Its backbone then starts a detector."""
+    a learned correlation (measured against alternatives: docs/ltd.md). Its backbone then starts a
+    detector."""
 
     def __init__(self, stride):
         super().__init__()
         self.detector = GridDetector(num_classes=1, stride=stride)
 
     def forward(self, pair):
-        R, S = pair                        # [B, 3, img_size, img_size], [B, 3, LTD_CROP_SIZE, LTD_CROP_SIZE]
+        R, S = pair  # [B, 3, img_size, img_size], [B, 3, LTD_CROP_SIZE, LTD_CROP_SIZE]
         features = self.detector.features(R)                   # [B, C, h, w]
         # S is normalised with R's running batch-norm statistics, in training as at test: batches of
-        # zoomed-in crops have other statistics, and mixing them in made the held-out metric collapse
+        # zoomed-in crops have other statistics, and mixing them in made the held-out metric
+        # collapse
         self.detector.backbone.train(False)
         query = self.detector.features(S).mean((2, 3))         # [B, C]
         self.detector.backbone.train(self.training)
@@ -1079,10 +1085,12 @@ def run_model(model, images, bf16):
 
 # -----------------------------------------------------------------------------
 # Loss: the centre-cell rule gives each ground-truth box to the one cell its centre falls in; the
-# default --assign-radius 1 adds the nearest cells inside the box (measured better: README). Every
-# cell learns its class (background when it owns no box); cells that own a box also learn the box.
+# default --assign-radius 1 adds the nearest cells inside the box (measured better:
+# docs/yolo11n.md). Every cell learns its class (background when it owns no box); cells that own a
+# box also learn the box.
 
-BACKGROUND_WEIGHT = 0.1  # most cells are background: down-weighted, so the few object cells are heard (README)
+# most cells are background: down-weighted, so that the few object cells are heard (docs/design.md)
+BACKGROUND_WEIGHT = 0.1
 
 
 def assign_boxes_to_cells(boxes, labels, h, w, background, radius):
@@ -1090,25 +1098,26 @@ def assign_boxes_to_cells(boxes, labels, h, w, background, radius):
 
     A box always trains the cell its centre falls in (the centre-cell rule, radius 0.5). A larger
     radius also trains the cells within `radius` cells of its centre (in x and in y) whose own
-    centres lie inside the box: radius 1 gives a large box the 2 x 2 cells around its centre, while a
-    box smaller than a cell keeps one cell (a neighbour would learn a copy of it shifted by a cell,
-    too far off for NMS to merge; README: measured). A cell claimed by several boxes goes to the box
-    whose centre it holds, then to the largest box (it dominates the cell's features); a box left
-    with no cell is lost for this image: a collision.
+    centres lie inside the box: radius 1 gives a large box the 2 x 2 cells around its centre,
+    while a box smaller than a cell keeps one cell (a neighbour would learn a copy of it shifted by
+    a cell, too far off for NMS to merge; measured in docs/yolo11n.md). A cell claimed by several
+    boxes goes to the box whose centre it holds, then to the largest box (it dominates the cell's
+    features); a box left with no cell is lost for this image: a collision.
     """
     classes = torch.full((h * w,), background, dtype=torch.long)
     targets = torch.zeros(h * w, 4)
     if len(boxes) == 0:
         return classes, targets, 0
-    cell_x = (torch.arange(w) + 0.5).repeat(h)                          # [h*w] cell centres, in cells
+    cell_x = (torch.arange(w) + 0.5).repeat(h)  # [h*w] cell centres, in cells
     cell_y = (torch.arange(h) + 0.5).repeat_interleave(w)
-    dx = cell_x - (boxes[:, 0:1] * w).clamp(max=w - 1e-4)               # [N, h*w]
+    dx = cell_x - (boxes[:, 0:1] * w).clamp(max=w - 1e-4)  # [N, h*w]
     dy = cell_y - (boxes[:, 1:2] * h).clamp(max=h - 1e-4)
     holds_centre = (dx > -0.5) & (dx <= 0.5) & (dy > -0.5) & (dy <= 0.5)
     inside = (dx.abs() < boxes[:, 2:3] * w / 2) & (dy.abs() < boxes[:, 3:4] * h / 2)
-    claims = holds_centre | (inside & (dx > -radius) & (dx <= radius) & (dy > -radius) & (dy <= radius))
+    near = (dx > -radius) & (dx <= radius) & (dy > -radius) & (dy <= radius)
+    claims = holds_centre | (inside & near)
     priority = claims * (1 + holds_centre + boxes[:, 2:3] * boxes[:, 3:4])  # 0 = no claim; area < 1
-    best, owner = priority.max(0)                                       # [h*w]
+    best, owner = priority.max(0)  # [h*w]
     owned = best > 0
     classes[owned], targets[owned] = labels[owner[owned]], boxes[owner[owned]]
     return classes, targets, len(boxes) - len(owner[owned].unique())
@@ -1116,23 +1125,26 @@ def assign_boxes_to_cells(boxes, labels, h, w, background, radius):
 
 def collisions_per_stride(data, img_size, radius):
     """A DetectionDataset -> {stride: share of its boxes that the assignment at `radius` loses to
-    collisions}: the design's limit, measured on the user's own data (`odscratch data` prints it)."""
+    collisions}: the design's limit, measured on the user's own data (`odscratch data` says it)."""
     lost = {stride: 0 for stride in BACKBONE_CHANNELS}
     for target, (height, width) in zip(data.targets, data.sizes):
-        boxes = box_convert(target["boxes"] / torch.tensor([width, height, width, height]), "xyxy", "cxcywh")
+        size = torch.tensor([width, height, width, height])
+        boxes = box_convert(target["boxes"] / size, "xyxy", "cxcywh")
         for stride in lost:
             grid = img_size // stride
-            lost[stride] += assign_boxes_to_cells(boxes, target["labels"], grid, grid, -1, radius)[2]
+            _, _, n = assign_boxes_to_cells(boxes, target["labels"], grid, grid, -1, radius)
+            lost[stride] += n
     total = sum(len(t["boxes"]) for t in data.targets)
     return {stride: n / max(total, 1) for stride, n in lost.items()}
 
 
 def detection_loss(boxes, logits, targets, img_size, radius):
-    """boxes [B, h*w, 4], logits [B, h*w, K+1], targets with boxes in img_size pixels -> loss parts."""
+    """boxes [B, h*w, 4], logits [B, h*w, K+1], targets (boxes in img_size pixels) -> loss parts
+    and the number of boxes lost to collisions."""
     grid = math.isqrt(boxes.shape[1])  # images are square, so is the grid
     background = logits.shape[-1] - 1
-    assigned = [assign_boxes_to_cells(box_convert(t["boxes"] / img_size, "xyxy", "cxcywh"), t["labels"],
-                                      grid, grid, background, radius) for t in targets]
+    assigned = [assign_boxes_to_cells(box_convert(t["boxes"] / img_size, "xyxy", "cxcywh"),
+                                      t["labels"], grid, grid, background, radius) for t in targets]
     classes = torch.stack([a[0] for a in assigned]).to(logits.device)  # [B, h*w]
     target_boxes = torch.stack([a[1] for a in assigned]).to(boxes.device)  # [B, h*w, 4]
     weight = torch.ones(background + 1, device=logits.device)
@@ -1142,15 +1154,17 @@ def detection_loss(boxes, logits, targets, img_size, radius):
     pred, true = boxes[positive], target_boxes[positive]  # [P, 4]
     if len(pred):
         box = F.smooth_l1_loss(pred * grid, true * grid)  # in cell units, so errors are O(1)
-        giou = generalized_box_iou_loss(box_convert(pred, "cxcywh", "xyxy"), box_convert(true, "cxcywh", "xyxy"),
-                                        reduction="mean")
+        giou = generalized_box_iou_loss(box_convert(pred, "cxcywh", "xyxy"),
+                                        box_convert(true, "cxcywh", "xyxy"), reduction="mean")
     else:
         box = giou = boxes.sum() * 0
-    return {"loss": cls + box + giou, "cls": cls, "box": box, "giou": giou}, sum(a[2] for a in assigned)
+    lost = sum(a[2] for a in assigned)
+    return {"loss": cls + box + giou, "cls": cls, "box": box, "giou": giou}, lost
 
 
 # -----------------------------------------------------------------------------
-# Decoding: from per-cell outputs to a short list of boxes per image, in the original image's pixels.
+# Decoding: from per-cell outputs to a short list of boxes per image, in the original image's
+# pixels.
 # Two steps: score_cells keeps every cell (fixed shapes, so it goes inside the exported ONNX graph);
 # select_detections keeps a different number of boxes per image (threshold + NMS), after the graph.
 
@@ -1161,14 +1175,16 @@ EVAL_CONF = 0.001  # evaluation keeps low-confidence boxes: they extend the PR c
 
 
 def score_cells(boxes, logits):
-    """boxes [B, h*w, 4] (cx, cy, w, h), logits [B, h*w, K+1] -> boxes [B, h*w, 4] (x1, y1, x2, y2), both
-    relative to the image, and class probabilities [B, h*w, K] (background's share left out)."""
+    """boxes [B, h*w, 4] (cx, cy, w, h), logits [B, h*w, K+1] -> boxes [B, h*w, 4] (x1, y1, x2, y2),
+    both relative to the image, and class probabilities [B, h*w, K] (background's share left
+    out)."""
     return box_convert(boxes, "cxcywh", "xyxy"), logits.softmax(-1)[..., :-1]
 
 
 def select_detections(boxes, scores, sizes, conf, iou, max_det=MAX_DETECTIONS):
-    """score_cells' output, sizes [(height, width)] -> per image {boxes [N, 4] xyxy pixels, scores [N], labels [N]}:
-    each cell's best class, scores above conf, per-class NMS, the max_det best."""
+    """score_cells' output, sizes [(height, width)] -> per image {boxes [N, 4] xyxy pixels,
+    scores [N], labels [N]}: each cell's best class, scores above conf, per-class NMS, the max_det
+    best."""
     scores, labels = scores.max(-1)  # [B, h*w]
     results = []
     for b, (height, width) in enumerate(sizes):
@@ -1201,19 +1217,22 @@ def match_detections(pred_boxes, true_boxes):
         for d in range(len(pred_boxes)):
             free = np.flatnonzero(~taken & (ious[d] >= min(threshold, 1 - 1e-10)))
             if len(free):
-                best = free[ious[d, free] == ious[d, free].max()][-1]  # COCO keeps the last of equals
+                # COCO keeps the last of equals
+                best = free[ious[d, free] == ious[d, free].max()][-1]
                 taken[best] = hit[t, d] = True
     return hit
 
 
 def precision_curve(hits, num_true):
-    """hits [D] in descending score order -> COCO's interpolated precision at the 101 RECALL_POINTS."""
+    """hits [D] in descending score order -> COCO's interpolated precision at the 101
+    RECALL_POINTS."""
     tp = np.cumsum(hits).astype(float)
     fp = np.cumsum(~hits).astype(float)
     recall = tp / num_true
     precision = tp / (tp + fp + np.spacing(1))
-    precision = np.maximum.accumulate(precision[::-1])[::-1]  # best precision at this recall or beyond
-    at = np.searchsorted(recall, RECALL_POINTS, side="left")  # first detection reaching each recall point
+    # the best precision at this recall or beyond; the first detection reaching each recall point
+    precision = np.maximum.accumulate(precision[::-1])[::-1]
+    at = np.searchsorted(recall, RECALL_POINTS, side="left")
     return np.append(precision, 0)[at]  # recall points never reached count as precision 0
 
 
@@ -1229,7 +1248,8 @@ def evaluate(predictions, targets, num_classes):
             true_boxes = true["boxes"][true["labels"] == k].double()
             mine = pred["labels"] == k
             score = pred["scores"][mine].double().numpy()
-            order = np.argsort(-score, kind="mergesort")[:MAX_DETECTIONS]  # per image and class, as COCO
+            # at most MAX_DETECTIONS per image and class, as COCO
+            order = np.argsort(-score, kind="mergesort")[:MAX_DETECTIONS]
             num_true[k] += len(true_boxes)
             scores[k].append(score[order])
             hits[k].append(match_detections(pred["boxes"][mine].double()[order], true_boxes))
@@ -1247,9 +1267,10 @@ def evaluate(predictions, targets, num_classes):
         return float(valid.mean()) if valid.size else -1.0
 
     at = {round(t * 100): i for i, t in enumerate(IOU_THRESHOLDS)}
-    return {"map": mean(slice(None)), "map50": mean([at[50]]), "map75": mean([at[75]]), "map90": mean([at[90]]),
-            "ap50_per_class": ap[at[50]].tolist(), "pr50_per_class": pr50,
-            "ap_per_class": [float(ap[:, k].mean()) if num_true[k] else -1.0 for k in range(num_classes)]}
+    return {"map": mean(slice(None)), "map50": mean([at[50]]), "map75": mean([at[75]]),
+            "map90": mean([at[90]]), "ap50_per_class": ap[at[50]].tolist(), "pr50_per_class": pr50,
+            "ap_per_class": [float(ap[:, k].mean()) if num_true[k] else -1.0
+                             for k in range(num_classes)]}
 
 
 # -----------------------------------------------------------------------------
@@ -1390,8 +1411,8 @@ def pick_device(name):
 
 
 def use_bf16(device, fp32):
-    # Measured on a 2-core AVX-512-bf16 CPU: ResNet-18 trains ~2x faster (see README). Without bf16
-    # hardware the emulation is slower than float32, so we stay in float32 there.
+    # Measured on a 2-core AVX-512-bf16 CPU: ResNet-18 trains ~2x faster (docs/speed.md). Without
+    # bf16 hardware the emulation is slower than float32, so we stay in float32 there.
     if fp32:
         return False
     if device.type == "cuda":
@@ -1764,7 +1785,8 @@ def train_detector(cfg, name, backbone=None, resume=None):
 # LTD pretraining: the same loss and loop as detection, on (R, S) pairs with one box each.
 LTD_HELD_OUT_SEED = 0  # held-out crops come from their own seed: the same crops every epoch, so epochs compare
 LTD_SAMPLES = 8        # pairs drawn in ltd_samples.jpg
-LTD_BATCH = 16         # pretrain's --batch: LTD was measured at 16 (README), detection trains best at 8
+# pretrain's --batch: LTD was measured at 16 (docs/ltd.md); detection trains best at 8
+LTD_BATCH = 16
 
 
 @torch.no_grad()
@@ -1928,8 +1950,8 @@ def calibration_images(cfg, data, img_size):
 
 def quantize_onnx(path, int8_path, calibration):
     """model.onnx -> model_int8.onnx: onnxruntime's static int8 quantisation, calibrated on the
-    images of a DetectionDataset. Each choice measured on BCCD (README, Ship on a CPU): uint8
-    activations and per-channel int8 weights make every convolution and residual add an int8
+    images of a DetectionDataset. Each choice measured on BCCD (docs/shipping.md, Ship on a CPU):
+    uint8 activations and per-channel int8 weights make every convolution and residual add an int8
     kernel; the QDQ format runs as fast as the QOperator one and OpenVINO reads it too; the head
     and what follows it stay float (quantised: -0.03 mAP50-95). Weights use 7 of the 8 bits: CPUs
     without VNNI add two uint8 x int8 products in 16 bits, which full 8-bit weights can overflow."""
