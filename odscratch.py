@@ -1278,7 +1278,8 @@ def evaluate(predictions, targets, num_classes):
 # the objectness grid (how sure each cell is that it holds an object),
 # loss and mAP curves, precision-recall curves. Pillow alone draws them.
 
-BOX_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
+BOX_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231",
+               "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
 TILE = 256          # pixels per image side in a grid of pictures
 PICTURE_IMAGES = 8  # validation images in val_pred.jpg and objectness.jpg
 
@@ -1289,27 +1290,32 @@ def draw_detections(image, found, classes, true_boxes=()):
     draw = PIL.ImageDraw.Draw(image)
     for box in true_boxes:
         draw.rectangle(list(box), outline="white", width=1)
-    for box, score, label in zip(found["boxes"].tolist(), found["scores"].tolist(), found["labels"].tolist()):
+    boxes, scores, labels = (found[k].tolist() for k in ("boxes", "scores", "labels"))
+    for box, score, label in zip(boxes, scores, labels):
         colour = BOX_COLOURS[label % len(BOX_COLOURS)]
         draw.rectangle(box, outline=colour, width=2)
         tag = f"{classes[label]} {score:.2f}"
         tag_box = draw.textbbox((box[0] + 2, box[1] + 1), tag)
-        draw.rectangle(tag_box, fill=colour)  # a solid tag stays readable on any background
+        # a solid tag stays readable on any background
+        draw.rectangle(tag_box, fill=colour)
         draw.text(tag_box[:2], tag, fill="white")
     return image
 
 
 def objectness_grid(scores):
-    """score_cells' class probabilities [B, h*w, K] -> objectness [B, h, w]: 1 - p(background) per cell."""
+    """score_cells' class probabilities [B, h*w, K] -> objectness [B, h, w]: 1 - p(background)
+    per cell."""
     side = math.isqrt(scores.shape[1])  # images are square, so is the grid
     return scores.sum(-1).reshape(-1, side, side)
 
 
 def draw_objectness(image, objectness):
-    """The image under a heat map with one square per cell: dark = background, yellow = an object."""
+    """The image under a heat map, one square per cell: dark = background, yellow = an object."""
     heat = objectness.float().clamp(0, 1).numpy()                       # [h, w]
-    colours = np.stack([np.clip(2 * heat, 0, 1), np.clip(2 * heat - 1, 0, 1), np.zeros_like(heat)], -1)
-    overlay = PIL.Image.fromarray((colours * 255).astype(np.uint8)).resize(image.size, PIL.Image.NEAREST)
+    red, green = np.clip(2 * heat, 0, 1), np.clip(2 * heat - 1, 0, 1)
+    colours = np.stack([red, green, np.zeros_like(heat)], -1)
+    overlay = PIL.Image.fromarray((colours * 255).astype(np.uint8))
+    overlay = overlay.resize(image.size, PIL.Image.NEAREST)
     return PIL.Image.blend(image.convert("RGB"), overlay, 0.55)
 
 
@@ -1336,12 +1342,13 @@ def plot_lines(title, lines, x, y_range=None, size=(320, 220)):
     for i, (label, ys) in enumerate(lines.items()):
         colour = BOX_COLOURS[i % len(BOX_COLOURS)]
         span = (x[-1] - x[0]) or 1
-        points = [(left + (right - left) * (xi - x[0]) / span, bottom - (bottom - top) * (y - low) / (high - low))
-                  for xi, y in zip(x, ys)]
+        points = [(left + (right - left) * (xi - x[0]) / span,
+                   bottom - (bottom - top) * (y - low) / (high - low)) for xi, y in zip(x, ys)]
         if len(points) > 1:
             draw.line(points, fill=colour, width=2)
         else:  # one epoch: a dot
-            draw.ellipse((points[0][0] - 2, points[0][1] - 2, points[0][0] + 2, points[0][1] + 2), fill=colour)
+            px, py = points[0]
+            draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=colour)
         if len(lines) > 1:
             draw.text((right - 110, top + 4 + 12 * i), label, fill=colour)
     return image
@@ -1354,8 +1361,8 @@ def plot_results(results_csv, path):
     epochs = [int(row["epoch"]) for row in rows]
     charts = [plot_lines(name, {name: [float(row[name]) for row in rows]}, epochs)
               for name in ["loss", "cls", "box", "giou"]]
-    charts += [plot_lines(f"validation {name}", {name: [float(row[key]) for row in rows]}, epochs, (0, 1))
-               for name, key in [("mAP50", "map50"), ("mAP50-95", "map")]]
+    charts += [plot_lines(f"validation {name}", {name: [float(row[key]) for row in rows]}, epochs,
+                          (0, 1)) for name, key in [("mAP50", "map50"), ("mAP50-95", "map")]]
     grid = PIL.Image.new("RGB", (3 * charts[0].width, 2 * charts[0].height), "white")
     for i, chart in enumerate(charts):
         grid.paste(chart, (i % 3 * chart.width, i // 3 * chart.height))
@@ -1366,7 +1373,9 @@ def plot_pr_curves(metrics, classes, path):
     """pr_curve.png: precision against recall at IoU 0.5, one line per class, AP50 in the legend."""
     lines = {f"{name} {ap:.3f}": curve for name, ap, curve in
              zip(classes, metrics["ap50_per_class"], metrics["pr50_per_class"]) if curve}
-    plot_lines("precision vs recall, IoU 0.5", lines, RECALL_POINTS.tolist(), (0, 1), size=(480, 360)).save(path)
+    chart = plot_lines("precision vs recall, IoU 0.5", lines, RECALL_POINTS.tolist(), (0, 1),
+                       size=(480, 360))
+    chart.save(path)
 
 
 @torch.no_grad()
@@ -1377,11 +1386,14 @@ def draw_validation_pictures(model, data, classes, metrics, run_dir, bf16):
     images, _ = collate([data[i] for i in range(n)])
     boxes, scores = score_cells(*run_model(model, images, bf16))
     originals = [open_image(data.ds[i]["image"]).convert("RGB") for i in range(n)]
-    found = select_detections(boxes, scores, [data.sizes[i] for i in range(n)], DETECT_CONF, NMS_IOU)
-    tile_images([draw_detections(image, f, classes, data.targets[i]["boxes"].tolist())
-                 for i, (image, f) in enumerate(zip(originals, found))]).save(run_dir / "val_pred.jpg")
-    tile_images([draw_objectness(image, grid) for image, grid in zip(originals, objectness_grid(scores.cpu()))]
-                ).save(run_dir / "objectness.jpg")
+    sizes = [data.sizes[i] for i in range(n)]
+    found = select_detections(boxes, scores, sizes, DETECT_CONF, NMS_IOU)
+    pictures = [draw_detections(image, f, classes, data.targets[i]["boxes"].tolist())
+                for i, (image, f) in enumerate(zip(originals, found))]
+    tile_images(pictures).save(run_dir / "val_pred.jpg")
+    grids = objectness_grid(scores.cpu())
+    pictures = [draw_objectness(image, grid) for image, grid in zip(originals, grids)]
+    tile_images(pictures).save(run_dir / "objectness.jpg")
     plot_pr_curves(metrics, classes, run_dir / "pr_curve.png")
     plot_results(run_dir / "results.csv", run_dir / "results.png")
 
@@ -1874,14 +1886,16 @@ def pretrain_backbone(cfg, name, mask_crop, resume=None):
 
 
 # -----------------------------------------------------------------------------
-# Shipping: a trained model as a Python object (`Detector`, which `detect` uses too), as an ONNX file
-# (`export`) that onnxruntime or another runtime can run, in float32 or int8 (`export --int8`), and
-# how fast and how accurate each one is (`bench`).
+# Shipping: a trained model as a Python object (`Detector`, which `detect` uses too), as an ONNX
+# file (`export`) that onnxruntime or another runtime can run, in float32 or int8 (`export --int8`),
+# and how fast and how accurate each one is (`bench`).
 
 def load_detector(path, device, fold=True):
-    """A best.pt -> the model for inference (BatchNorm folded unless fold=False), its Config, class names."""
+    """A best.pt -> the model for inference (BatchNorm folded unless fold=False), its Config, class
+    names."""
     checkpoint = read_checkpoint(path, "detector")
-    cfg = Config(**{"assign_radius": 0.5, **checkpoint["config"]})  # checkpoints from before --assign-radius: 0.5
+    # checkpoints from before --assign-radius trained with 0.5
+    cfg = Config(**{"assign_radius": 0.5, **checkpoint["config"]})
     model = GridDetector(len(checkpoint["classes"]), cfg.stride, cfg.assign_radius)
     model.load_state_dict(checkpoint["model"])
     model = fold_batchnorm(model) if fold else model.eval()
@@ -1905,8 +1919,9 @@ def read_image(path):
 
 
 class ScoredCells(nn.Module):
-    """What `export` writes: GridDetector + score_cells, so an ONNX user gets boxes and class scores per
-    cell, [B, h*w, 4] (x1, y1, x2, y2 relative to the image) and [B, h*w, K]; threshold + NMS are theirs."""
+    """What `export` writes: GridDetector + score_cells, so an ONNX user gets boxes and class scores
+    per cell, [B, h*w, 4] (x1, y1, x2, y2 relative to the image) and [B, h*w, K]; threshold + NMS
+    are theirs."""
 
     def __init__(self, detector):
         super().__init__()
@@ -1920,13 +1935,15 @@ ONNX_MISSING = "this needs the onnx extra: pip install 'odscratch[onnx]'"
 
 
 def export_onnx(weights, path, img_size=None):
-    """best.pt -> one self-contained model.onnx for any batch size, class names and img_size in its metadata."""
+    """best.pt -> one self-contained model.onnx for any batch size, class names and img_size in its
+    metadata."""
     if importlib.util.find_spec("onnxscript") is None:  # torch.onnx's exporter is built on it
         raise UserError(ONNX_MISSING)
     model, cfg, classes = load_detector(weights, torch.device("cpu"))
     img_size = img_size or cfg.img_size
     check_grid(Config(img_size=img_size, stride=cfg.stride))
-    example = torch.rand(2, 3, img_size, img_size)  # a batch of 2: a batch of 1 would be fixed into the graph
+    # a batch of 2: a batch of 1 would be fixed into the graph
+    example = torch.rand(2, 3, img_size, img_size)
     model = ScoredCells(model.float().to(memory_format=torch.contiguous_format)).eval()
     program = torch.onnx.export(model, (example,),
                                 input_names=["images"], output_names=["boxes", "scores"],
@@ -1992,12 +2009,14 @@ def onnx_network(path):
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     try:
-        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(str(path), options,
+                                               providers=["CPUExecutionProvider"])
     except Exception as e:
         raise UserError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from None
     metadata = session.get_modelmeta().custom_metadata_map
     if "classes" not in metadata:
-        raise UserError(f"{path} has no class names in its metadata: export it with `odscratch export`")
+        raise UserError(f"{path} has no class names in its metadata: "
+                        "export it with `odscratch export`")
 
     def network(images):
         boxes, scores = session.run(["boxes", "scores"], {"images": images.numpy()})
@@ -2033,7 +2052,7 @@ class Detector:
 
         detector = Detector.load("runs/train/exp/best.pt")
         for found in detector(["a.jpg", "b.jpg"]):  # paths or PIL images, or just one
-            print(found["names"], found["boxes"], found["scores"])  # boxes [N, 4]: x1, y1, x2, y2 in pixels
+            print(found["names"], found["boxes"], found["scores"])  # boxes: xyxy pixels
 
     `network` maps a batch [B, 3, img_size, img_size] in [0, 1] to score_cells' output: PyTorch
     (bf16 where the hardware has it, unless fp32=True) or onnxruntime (model.onnx, model_int8.onnx).
@@ -2069,7 +2088,8 @@ class Detector:
                  "objectness": grid} for f, grid in zip(found, objectness_grid(scores.cpu()))]
 
     def evaluate(self, data, batch):
-        """COCO mAP on a DetectionDataset (resized to img_size), whichever runtime runs the network."""
+        """COCO mAP on a DetectionDataset (resized to img_size), whichever runtime runs the
+        network."""
         with self.threads():
             found = predict(self.network, data, batch, EVAL_CONF, NMS_IOU)
         return evaluate(found, data.targets, len(self.classes))
