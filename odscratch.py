@@ -84,10 +84,10 @@ class UserError(Exception):
 @dataclass
 class Config:
     data: str = "synthetic"         # or a YOLO, COCO, VOC or Hugging Face dataset (or hub name)
-    bbox_format: str = "auto"       # Hugging Face boxes: xyxy, xywh or auto (YOLO, COCO, VOC: theirs)
+    bbox_format: str = "auto"       # Hugging Face boxes: xyxy, xywh or auto (others say theirs)
     img_size: int = 160             # images are resized to img_size x img_size
     stride: int = 16                # pixels per grid cell: 8, 16 or 32 (where ResNet-18 is cut)
-    assign_radius: float = 1.0      # 0.5: a box trains only the cell its centre is in; 1: also nearby cells inside it
+    assign_radius: float = 1.0      # 0.5: a box trains its centre's cell; 1: also nearby cells
     epochs: int = 4
     time: float = 0.0               # minutes; when set, the schedule ends at this budget
     batch: int = 8                  # for detection (docs/yolo11n.md measures it); pretrain keeps 16
@@ -122,7 +122,8 @@ def synthetic_background(rng):
     draw = PIL.ImageDraw.Draw(img)
     for _ in range(rng.integers(0, 6)):
         x0, y0, x1, y1 = rng.uniform(0, SYNTHETIC_SIZE, 4)
-        draw.line((x0, y0, x1, y1), fill=tuple(rng.integers(0, 256, 3).tolist()), width=int(rng.integers(1, 4)))
+        colour, width = tuple(rng.integers(0, 256, 3).tolist()), int(rng.integers(1, 4))
+        draw.line((x0, y0, x1, y1), fill=colour, width=width)
     noise = rng.integers(-16, 17, (SYNTHETIC_SIZE, SYNTHETIC_SIZE, 1))
     return PIL.Image.fromarray(np.clip(np.asarray(img, np.int16) + noise, 0, 255).astype(np.uint8))
 
@@ -156,7 +157,8 @@ def synthetic_example(rng):
         box = [x0, y0, x0 + w, y0 + h]
         if boxes:  # some overlap is wanted, a shape hidden behind another is not
             inter = box_intersections(torch.tensor([box]), torch.tensor(boxes))
-            if (inter / torch.tensor([(b[2] - b[0]) * (b[3] - b[1]) for b in boxes])).max() > SYNTHETIC_MAX_COVER:
+            areas = torch.tensor([(b[2] - b[0]) * (b[3] - b[1]) for b in boxes])
+            if (inter / areas).max() > SYNTHETIC_MAX_COVER:
                 continue
         category = int(rng.integers(len(SYNTHETIC_CLASSES)))
         draw_shape(draw, category, box, tuple(rng.integers(0, 256, 3).tolist()))
@@ -254,8 +256,10 @@ def without_unreadable_images(ds, name, keep=None):
             keep(i - len(bad), image)
     if not bad:
         return ds
-    named = [f"{ds[i]['image']['path'] or f'image {i}'} ({problem})" for i, problem in list(bad.items())[:3]]
-    console.print(f"{name}: skipped {len(bad)} unreadable image(s): {'; '.join(named)}{' ...' if len(bad) > 3 else ''}",
+    named = [f"{ds[i]['image']['path'] or f'image {i}'} ({problem})"
+             for i, problem in list(bad.items())[:3]]
+    more = " ..." if len(bad) > 3 else ""
+    console.print(f"{name}: skipped {len(bad)} unreadable image(s): {'; '.join(named)}{more}",
                   soft_wrap=True)
     if len(bad) == len(ds):
         raise UserError(f"{name}: none of its {len(ds)} images can be read")
@@ -275,14 +279,14 @@ def clip_and_drop(boxes, width, height):
     return clipped[keep], keep, n_clipped
 
 
-IMPOSSIBLE_SHARE = 0.1  # more impossible boxes than this in a split: the data is not in --bbox-format
+IMPOSSIBLE_SHARE = 0.1  # more impossible boxes than this in a split: the wrong --bbox-format
 FAR_OUTSIDE = 0.25      # a box reaching this share of the image size past its edge is impossible
 
 
 def impossible_boxes(boxes, width, height):
-    """How many xyxy boxes no annotation tool draws: max < min, or far past the image's edge. A few are
-    noise (clipped or dropped); many mean the boxes are in the other format (xywh read as xyxy: max < min;
-    xyxy read as xywh: far past the right and bottom edges)."""
+    """How many xyxy boxes no annotation tool draws: max < min, or far past the image's edge. A few
+    are noise (clipped or dropped); many mean the boxes are in the other format (xywh read as xyxy:
+    max < min; xyxy read as xywh: far past the right and bottom edges)."""
     size = torch.tensor([width, height, width, height])
     inverted = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
     outside = ((boxes < -FAR_OUTSIDE * size) | (boxes > (1 + FAR_OUTSIDE) * size)).any(1)
@@ -504,9 +508,11 @@ def read_coco(files, root, bbox_format):
             if a.get("iscrowd"):
                 crowd += 1
             elif a.get("image_id") not in objects:
-                skipped.append((split, "box", "boxes of an image id not in `images`", f"id {a.get('id')}"))
+                skipped.append((split, "box", "boxes of an image id not in `images`",
+                                f"id {a.get('id')}"))
             elif a.get("category_id") not in names:
-                skipped.append((split, "box", "category ids not in `categories`", f"id {a.get('id')}"))
+                skipped.append((split, "box", "category ids not in `categories`",
+                                f"id {a.get('id')}"))
             elif not (isinstance(box, list) and len(box) == 4
                       and all(isinstance(v, (int, float)) for v in box)):
                 skipped.append((split, "box", "bboxes that are not 4 numbers", f"id {a.get('id')}"))
@@ -560,7 +566,8 @@ def read_voc_xml(path):
         except (AttributeError, TypeError, ValueError):
             broken += 1
             continue
-        box[0], box[1] = box[0] - 1, box[1] - 1  # pixels x_min..x_max counted from 1: [x_min - 1, x_max]
+        # pixels x_min..x_max counted from 1 cover [x_min - 1, x_max]
+        box[0], box[1] = box[0] - 1, box[1] - 1
         name = str(obj.findtext("name", "")).strip()
         objects.append((name, box, obj.findtext("difficult") == "1"))
     return annotation.findtext("filename", path.stem).strip(), objects, broken
@@ -845,12 +852,12 @@ AUGMENT = v2.Compose([  # on the resized image, at training time only
     v2.ClampBoundingBoxes(),
     v2.SanitizeBoundingBoxes(min_size=MIN_BOX_SIDE),  # boxes pushed out of the frame go
 ])
-CACHE_BYTES = 2 * 2**30  # a split whose resized images fit in this many bytes is decoded once and kept
+CACHE_BYTES = 2 * 2**30  # a split whose resized images fit in this is decoded once and kept
 
 
 class DetectionDataset(torch.utils.data.Dataset):
-    """A load_split dataset as tensors: (image [3, img_size, img_size] in [0, 1], {boxes [N, 4] xyxy in those
-    pixels, labels [N]}).
+    """A load_split dataset as tensors: (image [3, img_size, img_size] in [0, 1], {boxes [N, 4]
+    xyxy in those pixels, labels [N]}).
 
     Boxes are read, checked and stored once here. When the whole split fits in CACHE_BYTES
     (docs/design.md measures it), each image is decoded once, by the readability check, and kept
@@ -860,7 +867,8 @@ class DetectionDataset(torch.utils.data.Dataset):
 
     def __init__(self, ds, img_size, train, name="data"):
         self.train, self.img_size, self.name = train, img_size, name
-        self.resize, self.to_float = resize_transform(img_size), v2.ToDtype(torch.float32, scale=True)
+        self.resize = resize_transform(img_size)
+        self.to_float = v2.ToDtype(torch.float32, scale=True)
         self.cache = {} if len(ds) * 3 * img_size**2 <= CACHE_BYTES else None
         keep = self.remember if self.cache is not None else None
         self.ds = without_unreadable_images(ds, name, keep)
@@ -872,9 +880,10 @@ class DetectionDataset(torch.utils.data.Dataset):
             boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
             labels = torch.tensor(cats, dtype=torch.long)
             if len(labels) and not 0 <= labels.min() <= labels.max() < len(classes):
-                raise UserError(f"{name}: category {labels.max() if labels.max() >= len(classes) else labels.min()}"
-                                f" is not in its class list {classes}")
-            n_boxes, n_impossible = n_boxes + len(boxes), n_impossible + impossible_boxes(boxes, width, height)
+                wrong = labels.max() if labels.max() >= len(classes) else labels.min()
+                raise UserError(f"{name}: category {wrong} is not in its class list {classes}")
+            n_boxes += len(boxes)
+            n_impossible += impossible_boxes(boxes, width, height)
             boxes, keep, clipped = clip_and_drop(boxes, width, height)
             n_clipped, n_dropped = n_clipped + clipped, n_dropped + int((~keep).sum())
             self.sizes.append((height, width))
@@ -883,11 +892,13 @@ class DetectionDataset(torch.utils.data.Dataset):
             raise UserError(f"{name}: none of its {len(self.ds)} images has a box, so there is "
                             "nothing to learn from")
         if n_impossible > IMPOSSIBLE_SHARE * n_boxes:
-            raise UserError(f"{name}: {n_impossible} of {n_boxes} boxes are impossible as [x_min, y_min, x_max, y_max]"
-                            " (max < min, or far outside the image): is --bbox-format right? xyxy is [x_min, y_min,"
-                            " x_max, y_max], xywh is [x, y, width, height]")
+            raise UserError(f"{name}: {n_impossible} of {n_boxes} boxes are impossible as "
+                            "[x_min, y_min, x_max, y_max] (max < min, or far outside the image): "
+                            "is --bbox-format right? xyxy is [x_min, y_min, x_max, y_max], "
+                            "xywh is [x, y, width, height]")
         if n_clipped or n_dropped:
-            console.print(f"{name}: {n_clipped} boxes clipped to their image, {n_dropped} with no area dropped")
+            console.print(f"{name}: {n_clipped} boxes clipped to their image, "
+                          f"{n_dropped} with no area dropped")
 
     def __len__(self):
         return len(self.ds)
@@ -928,7 +939,7 @@ def collate(batch):
 
 LTD_AREA = (0.04, 0.4)   # S's area as a fraction of R's, log-uniform (docs/ltd.md)
 LTD_ASPECT = (0.5, 2.0)  # S's width / height, log-uniform
-LTD_CROP_SIZE = 96       # S is resized to a fixed size: its scale in R must be inferred, not read off
+LTD_CROP_SIZE = 96       # S's fixed size: its scale in R must be inferred, not read off
 LTD_JITTER = v2.Compose([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.05),
                          v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 2.0))], p=0.5)])
 MASK_GREY = 0.5
@@ -950,13 +961,15 @@ def sample_ltd_crop(R):
 
 
 class LTDDataset(torch.utils.data.Dataset):
-    """Any split's images (labels ignored) -> ((R [3, img_size, img_size], S [3, LTD_CROP_SIZE, LTD_CROP_SIZE]),
-    {boxes [1, 4], labels [1]}): one object per image, S, in detection's target format. A new S every epoch."""
+    """Any split's images (labels ignored) -> ((R [3, img_size, img_size],
+    S [3, LTD_CROP_SIZE, LTD_CROP_SIZE]), {boxes [1, 4], labels [1]}): one object per image, S, in
+    detection's target format. A new S every epoch."""
 
     def __init__(self, ds, img_size, mask_crop, name="data"):
         self.ds = without_unreadable_images(ds.select_columns(["image"]), name)
         self.img_size, self.mask_crop = img_size, mask_crop
-        self.transform = inference_transform(img_size)  # R is only resized: the crop is the augmentation
+        # R is only resized: the crop is the augmentation
+        self.transform = inference_transform(img_size)
 
     def __len__(self):
         return len(self.ds)
