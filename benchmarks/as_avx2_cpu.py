@@ -14,9 +14,10 @@ never taken (onnxruntime 1.32.0 for x86-64 Linux; any other build is refused rat
 at); PyTorch is told the CPU has no bf16, so odscratch trains and runs in float32 as there. The
 script can be a file, a command such as `"$(which odscratch)" train`, or pytest (`as_avx2_cpu.py
 pytest`); child processes are held too. Then it checks: Linux says, per thread, when AVX-512
-registers were last in use (/proc/<pid>/task/<tid>/arch_status), and the run fails if any thread
-used them after it started. What it cannot change is the core, its caches and memory: an older AVX2
-CPU is slower at everything, so compare runtimes by their ratios, not by milliseconds.
+registers were last in use (/proc/<pid>/task/<tid>/arch_status), and the run fails if any thread of
+the benchmark's process used them after it started (child processes are held by the same switches
+but not watched). What it cannot change is the core, its caches and memory: an older AVX2 CPU is
+slower at everything, so compare runtimes by their ratios, not by milliseconds.
 """
 import importlib.metadata
 import importlib.util
