@@ -2557,8 +2557,8 @@ def bench(
             else:
                 console.print(f"onnxruntime left out: {ONNX_MISSING}")
             timings = bench_detectors(detectors, sample, batch, rounds, calls)
-            metrics = {name: d.evaluate(scored, batch) for name, d in detectors.items()
-                       if scored is not None}
+            metrics = ({name: d.evaluate(scored, batch) for name, d in detectors.items()}
+                       if scored is not None else {})
         where = f"cpu ({cpu_kind()})" if device.type == "cpu" else str(device)
         table = Table(title=f"{weights}: {cfg.img_size} px, {where}, {threads} threads, "
                             f"median (min-max) of {rounds} rounds",

@@ -128,8 +128,8 @@ def main():
                 print(f"seed {seed} {name}: "
                       f"mAP50 {metrics['map50']:.4f} mAP50-95 {metrics['map']:.4f}")
             detectors = detectors or runtimes  # the seed-0 models are timed
-        for weights_also in args.also:
-            folder = Path(tmp) / f"also{len(scores)}"
+        for i, weights_also in enumerate(args.also):
+            folder = Path(tmp) / f"also{i}"
             folder.mkdir()
             _, cfg, _ = ods.load_detector(weights_also, torch.device("cpu"))
             out = folder / "model_int8.onnx"
