@@ -1,32 +1,30 @@
 """
 odscratch: an object detector built from scratch, in one file you can read top to bottom.
 
-The recipe:
+Part 1, the recipe:
 1. A ResNet-18 (random init) turns an image into a grid of cells, one cell every `stride` pixels.
 2. One linear layer maps each cell's C features to a box (cx, cy, w, h) and K+1 class logits,
    the last logit being "background" (so 1 - p(background) is the cell's objectness).
 3. Training: each ground-truth box belongs to the cell its centre falls in (and, by default, to the
-   nearest cells inside it). Cross-entropy on every cell's class, SmoothL1 + GIoU on the boxes of the
-   cells that own a ground-truth box.
+   nearest cells inside it). Cross-entropy on every cell's class, SmoothL1 + GIoU on the boxes of
+   the cells that own a ground-truth box.
 4. Inference: softmax, a confidence threshold, per-class NMS, boxes scaled back to the image.
-5. Evaluation: COCO's mAP, written out below and tested against pycocotools.
-Optionally first, without labels: Learn To Detect (LTD). Cut a sub-image S out of an image R and train
-the same network to find S's box in R; its backbone then starts the detector.
+5. Evaluation: COCO's mAP, written out here and tested against pycocotools.
+6. Optionally first, without labels: Learn To Detect (LTD). Cut a sub-image S out of an image R and
+   train the same network to find S's box in R; its backbone then starts the detector.
 
-Run it (offline, on built-in synthetic shapes unless --data says otherwise):
-    odscratch data                                    # the dataset before training: boxes, sizes, --stride
-    odscratch train                                   # -> runs/train/exp/best.pt + pictures of the run
-    odscratch eval                                    # newest best.pt, test split, AP table
-    odscratch detect photo.jpg --show-grid            # boxes table + runs/detect/exp/photo.jpg, photo_grid.jpg
-    odscratch train --data my_export --time 15        # yours: YOLO, COCO, Pascal VOC, Hugging Face
-    odscratch train --resume runs/train/exp/last.pt   # after Ctrl-C: goes on exactly where it stopped
-    odscratch pretrain                                # LTD -> runs/pretrain/exp/backbone.pt
-    odscratch train --backbone runs/pretrain/exp/backbone.pt
-    odscratch export --int8                           # -> runs/export/exp/model.onnx, model_int8.onnx
-    odscratch bench                                   # ms per image and mAP in each runtime
-    torchrun --nproc-per-node 2 -m odscratch train    # DistributedDataParallel, one process per GPU
-From Python: `Detector.load("runs/train/exp/best.pt")("photo.jpg")` -> boxes, scores, labels, names.
+Run it (offline, on built-in synthetic shapes unless --data names yours):
+    odscratch train                # -> runs/train/exp/best.pt and pictures of the run
+    odscratch eval                 # the newest best.pt on the test split: mAP per class
+    odscratch detect photo.jpg     # a table of boxes, and runs/detect/exp/photo.jpg
+
+Part 2, the product, is what a user's data and a shipped model need and a learner can skip: the
+layouts labelling tools export (YOLO, COCO, Pascal VOC, Hugging Face) and their checks; training
+that loses nothing (atomic checkpoints, Ctrl-C and --resume, NaN steps, torchrun); pictures of a
+run; `Detector` for Python, ONNX and int8 export, `bench`; the command line (`odscratch --help`).
+Part 1 calls into it in a few places, each marked `Part 2`.
 """
+
 
 import contextlib
 import copy
@@ -98,12 +96,13 @@ class Config:
     device: str = "auto"
 
 
-# -----------------------------------------------------------------------------
-# Data: every source becomes one format, the schema of detection-datasets/fashionpedia:
-# a datasets.Dataset with `image` and `objects` = {bbox: [[x_min, y_min, x_max, y_max]] in pixels,
-# category: ClassLabel}. The built-in synthetic set is generated in-process, so that everything
-# runs offline; anything else goes through datasets.load_dataset. Messy data is checked once, here:
-# unreadable images are skipped, stray boxes clipped or dropped, a wrong box format caught.
+# =============================================================================================
+# PART 1: THE RECIPE
+# =============================================================================================
+# Data: every source becomes one format, the schema of detection-datasets/fashionpedia: a
+# datasets.Dataset with `image` and `objects` = {bbox: [[x_min, y_min, x_max, y_max]] in pixels,
+# category: ClassLabel}. The built-in synthetic shapes are drawn in-process, so everything runs
+# offline; other sources (YOLO, COCO, VOC, Hugging Face) are read and checked in Part 2.
 
 SYNTHETIC_CLASSES = ["ellipse", "rectangle", "triangle"]
 SYNTHETIC_SPLITS = {"train": 2000, "validation": 200, "test": 200}  # images per split
@@ -111,7 +110,8 @@ SYNTHETIC_SIZE = 320                 # pixels per side
 SYNTHETIC_OBJECT_SIDE = (0.1, 0.5)   # object side as a fraction of the image side, log-uniform
 SYNTHETIC_MAX_COVER = 0.5            # an object may hide at most this much of an earlier one
 SYNTHETIC_JPEG_QUALITY = 95
-VALIDATION_FRACTION = 0.15           # carved from train when a dataset has no validation split
+
+
 SPLIT_SEED = 0                       # the carve is fixed, so train and eval agree on it
 
 
@@ -204,6 +204,521 @@ def synthetic_split(split):
                                            gen_kwargs={"split": split, "recipe": recipe})
 
 
+def load_split(data, split, bbox_format="auto", labels=True):
+    """--data's split (train, validation, test) -> a datasets.Dataset in the one schema.
+    labels=False: any images, with or without boxes (for LTD)."""
+    if data == "synthetic" and split in SYNTHETIC_SPLITS:
+        return synthetic_split(split)
+    return read_split(data, split, bbox_format, labels)  # your data, read and checked: Part 2
+
+
+def open_image(record):
+    # record is datasets' undecoded image: {"bytes": ..., "path": ...}
+    return PIL.Image.open(io.BytesIO(record["bytes"]) if record["bytes"] else record["path"])
+
+
+def resize_transform(img_size):
+    # Resize first: every later step then works on the small image.
+    return v2.Compose([v2.ToImage(), v2.Resize((img_size, img_size), antialias=True)])
+
+
+def inference_transform(img_size):
+    """A PIL image -> what the network sees: [3, img_size, img_size] floats in [0, 1]."""
+    return v2.Compose([resize_transform(img_size), v2.ToDtype(torch.float32, scale=True)])
+
+
+MIN_BOX_SIDE = 2  # pixels: a box narrower or lower than this holds nothing to learn, and is dropped
+AUGMENT = v2.Compose([  # on the resized image, at training time only
+    v2.RandomHorizontalFlip(),
+    v2.RandomAffine(degrees=0, translate=(0.1, 0.1), scale=(0.75, 1.25)),  # scale + crop
+    v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3),
+    v2.ClampBoundingBoxes(),
+    v2.SanitizeBoundingBoxes(min_size=MIN_BOX_SIDE),  # boxes pushed out of the frame go
+])
+CACHE_BYTES = 2 * 2**30  # a split whose resized images fit in this is decoded once and kept
+
+
+class DetectionDataset(torch.utils.data.Dataset):
+    """A load_split dataset as tensors: (image [3, img_size, img_size] in [0, 1], {boxes [N, 4]
+    xyxy in those pixels, labels [N]}). `targets[i]` keeps image i's boxes in its original
+    pixels and `sizes[i]` its (height, width): what the evaluator compares against."""
+
+    def __init__(self, ds, img_size, train, name="data"):
+        self.train, self.img_size, self.name = train, img_size, name
+        self.resize = resize_transform(img_size)
+        # a small split is decoded once, by the readability check, and kept resized
+        self.cache = {} if len(ds) * 3 * img_size**2 <= CACHE_BYTES else None
+        keep = self.remember if self.cache is not None else None
+        self.ds = without_unreadable_images(ds, name, keep)  # checks: Part 2
+        # boxes are read once: clipped to their image, checked for the wrong format (Part 2)
+        self.sizes, self.targets = read_targets(self.ds, name, train)
+
+    def __len__(self):
+        return len(self.ds)
+
+    def remember(self, i, image):
+        self.cache[i] = self.resize(image)  # [3, img_size, img_size] uint8
+
+    def resized(self, i):
+        """Image i as uint8 [3, img_size, img_size], with its boxes in those pixels."""
+        if self.cache is None:
+            image = self.resize(open_image(self.ds[i]["image"]).convert("RGB"))
+        else:
+            image = self.cache[i]
+        (height, width), target = self.sizes[i], self.targets[i]
+        scale = torch.tensor([self.img_size / width, self.img_size / height] * 2)
+        boxes = tv_tensors.BoundingBoxes(target["boxes"] * scale, format="XYXY",
+                                         canvas_size=image.shape[-2:])
+        return {"image": image, "boxes": boxes, "labels": target["labels"]}
+
+    def __getitem__(self, i):
+        sample = self.resized(i)
+        if self.train:
+            sample = AUGMENT(sample)
+        image = v2.functional.to_dtype(sample["image"], torch.float32, scale=True)
+        boxes = sample["boxes"].as_subclass(torch.Tensor)
+        return image, {"boxes": boxes, "labels": sample["labels"], "index": i}
+
+    @staticmethod
+    def collate(batch):
+        images, targets = zip(*batch)
+        return torch.stack(images), list(targets)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model: a ResNet-18 cut after the layer whose stride gives the grid we want, and one linear layer
+# applied to every cell. Nothing is downloaded: the weights start random.
+
+BACKBONE_CHANNELS = {8: 128, 16: 256, 32: 512}  # ResNet-18's channels after layer2, layer3, layer4
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def resnet18_backbone(stride):
+    r = torchvision.models.resnet18(weights=None)
+    layers = [r.conv1, r.bn1, r.relu, r.maxpool, r.layer1, r.layer2, r.layer3, r.layer4]
+    return nn.Sequential(*layers[:{8: 6, 16: 7, 32: 8}[stride]])
+
+
+def cells_to_boxes(raw, h, w, radius):
+    """Raw head outputs [B, h*w, 4] -> boxes (cx, cy, w, h) relative to the image. A cell's centre
+    prediction reaches `radius` cells from the cell's centre: as far as the cells it learns from
+    (see Loss)."""
+    rows, cols = torch.meshgrid(torch.arange(h, device=raw.device),
+                                torch.arange(w, device=raw.device), indexing="ij")
+    cx = (cols.flatten() + 0.5 + radius * (2 * raw[..., 0].sigmoid() - 1)) / w
+    cy = (rows.flatten() + 0.5 + radius * (2 * raw[..., 1].sigmoid() - 1)) / h
+    return torch.stack([cx, cy, raw[..., 2].sigmoid(), raw[..., 3].sigmoid()], -1)
+
+
+class GridDetector(nn.Module):
+    """The detector: images [B, 3, S, S] in [0, 1] -> per cell of the (S/stride)^2 grid a box
+    [B, h*w, 4] (cx, cy, w, h relative to the image) and K + 1 class logits [B, h*w, K + 1], the
+    last one background. `features` and `cells` are its two halves, which LTDNet calls apart."""
+
+    def __init__(self, num_classes, stride, radius=0.5):
+        super().__init__()
+        self.radius = radius
+        self.backbone = resnet18_backbone(stride)
+        # per cell: a box, K class logits and background's
+        self.head = nn.Linear(BACKBONE_CHANNELS[stride], 4 + num_classes + 1)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def features(self, images):                              # [B, 3, img_size, img_size] in [0, 1]
+        return self.backbone((images - self.mean) / self.std)  # [B, C, h, w]
+
+    def cells(self, features):
+        _, _, h, w = features.shape
+        out = self.head(features.flatten(2).transpose(1, 2))  # [B, h*w, 4 + K + 1]
+        return cells_to_boxes(out[..., :4].float(), h, w, self.radius), out[..., 4:].float()
+
+    def forward(self, images):
+        return self.cells(self.features(images))
+
+
+# channels_last spares oneDNN's convolutions a layout conversion per layer (docs/speed.md measures):
+# bf16 needs it to be fast; float32 trains 18 % faster with it (6 % with oneDNN limited to AVX2)
+MEMORY_FORMAT = torch.channels_last
+
+
+def to_device(images, device):
+    # a detector's batch is one tensor of images; LTD's is the pair (R, S)
+    if isinstance(images, tuple):
+        return tuple(to_device(x, device) for x in images)
+    return images.to(device, memory_format=MEMORY_FORMAT)
+
+
+def run_model(model, images, bf16):
+    """The one forward pass: images (or LTD's (R, S) pair) moved to the model's device in
+    channels_last, under bf16 autocast where bf16 is on (float32 outputs either way)."""
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        return model(to_device(images, device))
+
+
+# -----------------------------------------------------------------------------
+# Loss: the centre-cell rule gives each ground-truth box to the one cell its centre falls in; the
+# default --assign-radius 1 adds the nearest cells inside the box (measured better:
+# docs/yolo11n.md). Every cell learns its class (background when it owns no box); cells that own a
+# box also learn the box.
+
+# most cells are background: down-weighted, so that the few object cells are heard (docs/design.md)
+BACKGROUND_WEIGHT = 0.1
+
+
+def assign_boxes_to_cells(boxes, labels, h, w, background, radius):
+    """boxes [N, 4] (cx, cy, w, h) relative to the image -> per cell: class [h*w] and box [h*w, 4].
+
+    A box always trains the cell its centre falls in (the centre-cell rule, radius 0.5). A larger
+    radius also trains the cells within `radius` cells of its centre (in x and in y) whose own
+    centres lie inside the box: radius 1 gives a large box the 2 x 2 cells around its centre,
+    while a box smaller than a cell keeps one cell (a neighbour would learn a copy of it shifted by
+    a cell, too far off for NMS to merge; measured in docs/yolo11n.md). A cell claimed by several
+    boxes goes to the box whose centre it holds, then to the largest box (it dominates the cell's
+    features); a box left with no cell is lost for this image: a collision.
+    """
+    classes = torch.full((h * w,), background, dtype=torch.long)
+    targets = torch.zeros(h * w, 4)
+    if len(boxes) == 0:
+        return classes, targets, 0
+    cell_x = (torch.arange(w) + 0.5).repeat(h)  # [h*w] cell centres, in cells
+    cell_y = (torch.arange(h) + 0.5).repeat_interleave(w)
+    dx = cell_x - (boxes[:, 0:1] * w).clamp(max=w - 1e-4)  # [N, h*w]
+    dy = cell_y - (boxes[:, 1:2] * h).clamp(max=h - 1e-4)
+    holds_centre = (dx > -0.5) & (dx <= 0.5) & (dy > -0.5) & (dy <= 0.5)
+    inside = (dx.abs() < boxes[:, 2:3] * w / 2) & (dy.abs() < boxes[:, 3:4] * h / 2)
+    near = (dx > -radius) & (dx <= radius) & (dy > -radius) & (dy <= radius)
+    claims = holds_centre | (inside & near)
+    priority = claims * (1 + holds_centre + boxes[:, 2:3] * boxes[:, 3:4])  # 0 = no claim; area < 1
+    best, owner = priority.max(0)  # [h*w]
+    owned = best > 0
+    classes[owned], targets[owned] = labels[owner[owned]], boxes[owner[owned]]
+    return classes, targets, len(boxes) - len(owner[owned].unique())
+
+
+def detection_loss(boxes, logits, targets, img_size, radius):
+    """boxes [B, h*w, 4], logits [B, h*w, K+1], targets (boxes in img_size pixels) -> loss parts
+    and the number of boxes lost to collisions."""
+    grid = math.isqrt(boxes.shape[1])  # images are square, so is the grid
+    background = logits.shape[-1] - 1
+    assigned = [assign_boxes_to_cells(box_convert(t["boxes"] / img_size, "xyxy", "cxcywh"),
+                                      t["labels"], grid, grid, background, radius) for t in targets]
+    classes = torch.stack([a[0] for a in assigned]).to(logits.device)  # [B, h*w]
+    target_boxes = torch.stack([a[1] for a in assigned]).to(boxes.device)  # [B, h*w, 4]
+    weight = torch.ones(background + 1, device=logits.device)
+    weight[background] = BACKGROUND_WEIGHT
+    cls = F.cross_entropy(logits.flatten(0, 1), classes.flatten(), weight=weight)
+    positive = classes != background
+    pred, true = boxes[positive], target_boxes[positive]  # [P, 4]
+    if len(pred):
+        box = F.smooth_l1_loss(pred * grid, true * grid)  # in cell units, so errors are O(1)
+        giou = generalized_box_iou_loss(box_convert(pred, "cxcywh", "xyxy"),
+                                        box_convert(true, "cxcywh", "xyxy"), reduction="mean")
+    else:
+        box = giou = boxes.sum() * 0
+    lost = sum(a[2] for a in assigned)
+    return {"loss": cls + box + giou, "cls": cls, "box": box, "giou": giou}, lost
+
+
+# -----------------------------------------------------------------------------
+# Decoding: from per-cell outputs to a short list of boxes per image, in the original image's
+# pixels.
+# Two steps: score_cells keeps every cell (fixed shapes, so it goes inside the exported ONNX graph);
+# select_detections keeps a different number of boxes per image (threshold + NMS), after the graph.
+
+MAX_DETECTIONS = 100
+NMS_IOU = 0.5
+DETECT_CONF = 0.25  # a user's default: few, sure boxes
+EVAL_CONF = 0.001  # evaluation keeps low-confidence boxes: they extend the PR curve
+
+
+def score_cells(boxes, logits):
+    """boxes [B, h*w, 4] (cx, cy, w, h), logits [B, h*w, K+1] -> boxes [B, h*w, 4] (x1, y1, x2, y2),
+    both relative to the image, and class probabilities [B, h*w, K] (background's share left
+    out)."""
+    return box_convert(boxes, "cxcywh", "xyxy"), logits.softmax(-1)[..., :-1]
+
+
+def select_detections(boxes, scores, sizes, conf, iou, max_det=MAX_DETECTIONS):
+    """score_cells' output, sizes [(height, width)] -> per image {boxes [N, 4] xyxy pixels,
+    scores [N], labels [N]}: each cell's best class, scores above conf, per-class NMS, the max_det
+    best."""
+    scores, labels = scores.max(-1)  # [B, h*w]
+    results = []
+    for b, (height, width) in enumerate(sizes):
+        keep = scores[b] > conf
+        xyxy = boxes[b, keep] * torch.tensor([width, height, width, height], device=boxes.device)
+        xyxy = clip_boxes_to_image(xyxy, (height, width))
+        kept = batched_nms(xyxy, scores[b, keep], labels[b, keep], iou)[:max_det]
+        results.append({"boxes": xyxy[kept].cpu(), "scores": scores[b, keep][kept].cpu(),
+                        "labels": labels[b, keep][kept].cpu()})
+    return results
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: COCO's mean average precision, written out so the rules can be read (and no
+# pycocotools is needed at run time). For each class: sort all detections by score, walk down
+# the list matching each to the best unmatched ground truth at IoU >= t, and average the
+# precision at 101 recall points. mAP averages over classes and t = 0.50, 0.55, ..., 0.95.
+
+IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
+RECALL_POINTS = np.linspace(0, 1, 101)
+
+
+def match_detections(pred_boxes, true_boxes):
+    """Detections [D, 4] (sorted by score) vs ground truth [G, 4] of one image and class ->
+    [T, D] bool: was detection d a true positive at IoU threshold t?"""
+    ious = box_iou(pred_boxes, true_boxes).numpy()  # [D, G]
+    hit = np.zeros((len(IOU_THRESHOLDS), len(pred_boxes)), bool)
+    for t, threshold in enumerate(IOU_THRESHOLDS):
+        taken = np.zeros(len(true_boxes), bool)
+        for d in range(len(pred_boxes)):
+            free = np.flatnonzero(~taken & (ious[d] >= min(threshold, 1 - 1e-10)))
+            if len(free):
+                # COCO keeps the last of equals
+                best = free[ious[d, free] == ious[d, free].max()][-1]
+                taken[best] = hit[t, d] = True
+    return hit
+
+
+def precision_curve(hits, num_true):
+    """hits [D] in descending score order -> COCO's interpolated precision at the 101
+    RECALL_POINTS."""
+    tp = np.cumsum(hits).astype(float)
+    fp = np.cumsum(~hits).astype(float)
+    recall = tp / num_true
+    precision = tp / (tp + fp + np.spacing(1))
+    # the best precision at this recall or beyond; the first detection reaching each recall point
+    precision = np.maximum.accumulate(precision[::-1])[::-1]
+    at = np.searchsorted(recall, RECALL_POINTS, side="left")
+    return np.append(precision, 0)[at]  # recall points never reached count as precision 0
+
+
+def evaluate(predictions, targets, num_classes):
+    """COCO-style mAP. predictions / targets: one dict per image, `boxes` [N, 4] xyxy pixels,
+    `labels` [N] (and `scores` [N] in predictions). Classes with no ground truth are left out of
+    the means and reported as -1, as COCO does."""
+    scores = [[] for _ in range(num_classes)]
+    hits = [[] for _ in range(num_classes)]
+    num_true = np.zeros(num_classes, int)
+    for pred, true in zip(predictions, targets):
+        for k in range(num_classes):
+            true_boxes = true["boxes"][true["labels"] == k].double()
+            mine = pred["labels"] == k
+            score = pred["scores"][mine].double().numpy()
+            # at most MAX_DETECTIONS per image and class, as COCO
+            order = np.argsort(-score, kind="mergesort")[:MAX_DETECTIONS]
+            num_true[k] += len(true_boxes)
+            scores[k].append(score[order])
+            hits[k].append(match_detections(pred["boxes"][mine].double()[order], true_boxes))
+    ap = -np.ones((len(IOU_THRESHOLDS), num_classes))
+    pr50 = [[] for _ in range(num_classes)]  # the PR curve at IoU 0.5, for pr_curve.png
+    for k in np.flatnonzero(num_true):
+        order = np.argsort(-np.concatenate(scores[k]), kind="mergesort")
+        class_hits = np.concatenate(hits[k], axis=1)[:, order]
+        # AP: the area under the curve, its mean over the 101 recall points
+        ap[:, k] = [precision_curve(h, num_true[k]).mean() for h in class_hits]
+        pr50[k] = precision_curve(class_hits[0], num_true[k]).tolist()
+
+    def mean(rows):
+        valid = ap[rows][:, num_true > 0]
+        return float(valid.mean()) if valid.size else -1.0
+
+    at = {round(t * 100): i for i, t in enumerate(IOU_THRESHOLDS)}
+    return {"map": mean(slice(None)), "map50": mean([at[50]]), "map75": mean([at[75]]),
+            "map90": mean([at[90]]), "ap50_per_class": ap[at[50]].tolist(), "pr50_per_class": pr50,
+            "ap_per_class": [float(ap[:, k].mean()) if num_true[k] else -1.0
+                             for k in range(num_classes)]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: one loop for every model in this file. AdamW; the learning rate warms up, then follows
+# a cosine to zero over the planned run, measured in steps (--epochs) or in wall time (--time), so
+# a time budget gets a full schedule. train_detector (Part 2) builds the data and the model, and
+# runs this loop inside fit, which validates after each epoch and keeps the best checkpoint.
+
+WARMUP_FRACTION = 0.05
+GRAD_CLIP = 10.0
+
+
+def learning_rate(cfg, progress):
+    """progress: the share of the planned run done, 0 to 1."""
+    if progress < WARMUP_FRACTION:
+        return cfg.lr * progress / WARMUP_FRACTION
+    cosine = math.cos(math.pi * (progress - WARMUP_FRACTION) / (1 - WARMUP_FRACTION))
+    return cfg.lr * 0.5 * (1 + cosine)
+
+
+def train_epoch(model, data, batches, compute_loss, optimizer, cfg, bf16, run):
+    """One pass over `batches` (lists of dataset indices) from run.state.step on. `run` (Part 2)
+    keeps the place in the epoch and the running sums, so that a stopped epoch resumes exactly,
+    and says when to stop: the planned run is done, or Ctrl-C was pressed."""
+    model.train()
+    for indices in batches[run.state.step:]:
+        images, targets = data.collate([data[i] for i in indices])
+        # learning rate: warm-up, then a cosine to zero
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, run.progress())
+        # forward: a box and class logits per cell, and the loss of the boxes assigned to cells
+        parts, lost = compute_loss(run_model(model, images, bf16), targets)
+        # a NaN or inf loss is skipped, not learnt (several in a row stop the run: Part 2)
+        if run.finite(parts["loss"]):
+            # backward, clip the gradient's norm, step
+            optimizer.zero_grad(set_to_none=True)
+            parts["loss"].backward()
+            nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+            optimizer.step()
+            run.add(parts, len(targets), lost)
+        # log; end the epoch early when the run is done or Ctrl-C asks (Part 2)
+        if run.end_step():
+            return
+
+
+def model_network(model, bf16):
+    """A GridDetector, set to eval -> its network: images [B, 3, img_size, img_size] in [0, 1] ->
+    score_cells' boxes [B, h*w, 4] and class scores [B, h*w, K]. An exported model is another."""
+    model.eval()
+    return lambda images: score_cells(*run_model(model, images, bf16))
+
+
+@torch.no_grad()
+def predict(network, data, batch, conf, iou):
+    """A DetectionDataset -> one detections dict per image, in original pixels."""
+    loader = torch.utils.data.DataLoader(data, batch_size=batch, collate_fn=data.collate)
+    results = []
+    for images, targets in loader:
+        sizes = [data.sizes[t["index"]] for t in targets]
+        results += select_detections(*network(images), sizes, conf, iou)
+    return results
+
+
+def validate_detector(model, data, num_classes, cfg, bf16):
+    found = predict(model_network(model, bf16), data, cfg.batch, EVAL_CONF, NMS_IOU)
+    return evaluate(found, data.targets, num_classes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Learn To Detect (LTD): pretraining without labels. Cut a random sub-image S out of a reference
+# image R, change its colours and blur it, and ask the network for S's box inside R. To answer, it
+# needs what a detector needs: features that say what is where, at any scale. R is left intact:
+# greying out S's hole would give the answer away (`--mask-crop` does it, to measure that).
+# S is one object of one class in R, so LTD trains with detection's own loss and loop
+# (pretrain_backbone, Part 2); its backbone.pt then starts a detector (`train --backbone`).
+
+LTD_AREA = (0.04, 0.4)   # S's area as a fraction of R's, log-uniform (docs/ltd.md)
+LTD_ASPECT = (0.5, 2.0)  # S's width / height, log-uniform
+LTD_CROP_SIZE = 96       # S's fixed size: its scale in R must be inferred, not read off
+LTD_JITTER = v2.Compose([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.05),
+                         v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 2.0))], p=0.5)])
+MASK_GREY = 0.5
+LTD_BATCH = 16  # pretrain's --batch: LTD was measured at 16 (docs/ltd.md), detection at 8
+LTD_HELD_OUT_SEED = 0  # held-out crops come from their own seed: the same every epoch
+
+
+def log_uniform(low, high):
+    return math.exp(torch.empty(()).uniform_(math.log(low), math.log(high)).item())
+
+
+def sample_ltd_crop(R):
+    """R [3, H, W] in [0, 1] -> S [3, LTD_CROP_SIZE, LTD_CROP_SIZE], S's box in R [4] (xyxy, R's
+    pixels). Random from torch's generator, so --seed fixes it. S's colours are jittered after."""
+    _, height, width = R.shape
+    area, aspect = log_uniform(*LTD_AREA) * height * width, log_uniform(*LTD_ASPECT)
+    w, h = min(round(math.sqrt(area * aspect)), width), min(round(math.sqrt(area / aspect)), height)
+    x, y = torch.randint(0, width - w + 1, ()).item(), torch.randint(0, height - h + 1, ()).item()
+    S = v2.functional.resized_crop(R, y, x, h, w, [LTD_CROP_SIZE, LTD_CROP_SIZE], antialias=True)
+    return S, torch.tensor([x, y, x + w, y + h], dtype=torch.float32)
+
+
+class LTDDataset(torch.utils.data.Dataset):
+    """Any split's images (labels ignored) -> ((R [3, img_size, img_size],
+    S [3, LTD_CROP_SIZE, LTD_CROP_SIZE]), {boxes [1, 4], labels [1]}): one object per image, S, in
+    detection's target format. A new S every epoch."""
+
+    def __init__(self, ds, img_size, mask_crop, name="data"):
+        self.ds = without_unreadable_images(ds.select_columns(["image"]), name)  # Part 2
+        self.img_size, self.mask_crop = img_size, mask_crop
+        # R is only resized: the crop is the augmentation
+        self.transform = inference_transform(img_size)
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        R = self.transform(open_image(self.ds[i]["image"]).convert("RGB"))
+        S, box = sample_ltd_crop(R)
+        S = LTD_JITTER(S)
+        if self.mask_crop:
+            x1, y1, x2, y2 = box.int().tolist()
+            R[:, y1:y2, x1:x2] = MASK_GREY  # S was already cut from the intact R
+        return (R, S), {"boxes": box[None], "labels": torch.zeros(1, dtype=torch.long), "index": i}
+
+    @staticmethod
+    def collate(batch):
+        pairs, targets = zip(*batch)
+        R, S = zip(*pairs)
+        return (torch.stack(R), torch.stack(S)), list(targets)
+
+
+class LTDNet(nn.Module):
+    """Where in R is S? One GridDetector with one class sees both images. S's pooled features scale
+    R's channels, so a cell's linear head sees the product of what is there and what is sought:
+    a learned correlation (measured against alternatives: docs/ltd.md)."""
+
+    def __init__(self, stride):
+        super().__init__()
+        self.detector = GridDetector(num_classes=1, stride=stride)
+
+    def forward(self, pair):
+        R, S = pair  # [B, 3, img_size, img_size], [B, 3, LTD_CROP_SIZE, LTD_CROP_SIZE]
+        features = self.detector.features(R)                   # [B, C, h, w]
+        # S is normalised with R's running batch-norm statistics, in training as at test: batches
+        # of zoomed-in crops have other statistics, and mixing them in made the held-out metric
+        # collapse
+        self.detector.backbone.train(False)
+        query = self.detector.features(S).mean((2, 3))         # [B, C]
+        self.detector.backbone.train(self.training)
+        return self.detector.cells(features * query[:, :, None, None])
+
+
+@torch.no_grad()
+def locate_crops(model, data, n, batch, bf16):
+    """The first n held-out pairs -> predicted and true S boxes [n, 4] in R's pixels. The
+    prediction is the box of the cell most sure that it holds S."""
+    model.eval()
+    predicted, true = [], []
+    # no DataLoader: it would draw from the generator too
+    with torch.random.fork_rng():
+        torch.manual_seed(LTD_HELD_OUT_SEED)
+        for start in range(0, n, batch):
+            pairs, targets = data.collate([data[i] for i in range(start, min(start + batch, n))])
+            boxes, logits = run_model(model, pairs, bf16)  # [b, h*w, 4], [b, h*w, 2]
+            best = logits.softmax(-1)[..., 0].argmax(1)     # [b]
+            found = box_convert(boxes[torch.arange(len(best)), best], "cxcywh", "xyxy")
+            predicted.append(found.cpu() * data.img_size)
+            true.append(torch.cat([t["boxes"] for t in targets]))
+    return torch.cat(predicted), torch.cat(true)
+
+
+def validate_ltd(model, data, batch, bf16):
+    """The LTD metric: mean IoU of the predicted S box, and the share of pairs with IoU >= 0.5."""
+    iou = box_iou(*locate_crops(model, data, len(data), batch, bf16)).diagonal()
+    return {"iou": iou.mean().item(), "hit50": (iou >= 0.5).float().mean().item()}
+
+
+# =============================================================================================
+# PART 2: THE PRODUCT
+# =============================================================================================
+
+# -----------------------------------------------------------------------------
+# Your own data, as labelling tools export it (CVAT, Label Studio, Roboflow, LabelImg, ...): YOLO
+# txt files with a data.yaml, COCO json, Pascal VOC xml, or anything Hugging Face datasets reads.
+# A reader walks the annotation files once and gives, per split, one row per image: the image's
+# path, its boxes in xyxy pixels, their class indices. datasets writes the rows to its cache (the
+# images stay on disk and are read when used). Broken annotations are skipped, counted and named;
+# a split that is mostly broken is refused.
+
+
 def objects_columns(objects):
     # datasets stores `objects` either as a dict of lists or as a list of dicts; the class is
     # `category` (fashionpedia) or `categories` (Hugging Face AutoTrain's layout)
@@ -221,11 +736,6 @@ def category_feature(ds):
     objects = objects_feature(ds)
     category = objects["category"] if "category" in objects else objects["categories"]
     return getattr(category, "feature", category)
-
-
-def open_image(record):
-    # record is datasets' undecoded image: {"bytes": ..., "path": ...}
-    return PIL.Image.open(io.BytesIO(record["bytes"]) if record["bytes"] else record["path"])
 
 
 UNREADABLE = (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError)  # what PIL raises
@@ -266,9 +776,6 @@ def without_unreadable_images(ds, name, keep=None):
     return ds.select([i for i in range(len(ds)) if i not in bad])
 
 
-MIN_BOX_SIDE = 2  # pixels: a box narrower or lower than this holds nothing to learn, and is dropped
-
-
 def clip_and_drop(boxes, width, height):
     """Boxes partly outside the image are clipped to it; boxes left (almost) without area, under
     MIN_BOX_SIDE pixels wide or high, are dropped."""
@@ -292,14 +799,6 @@ def impossible_boxes(boxes, width, height):
     outside = ((boxes < -FAR_OUTSIDE * size) | (boxes > (1 + FAR_OUTSIDE) * size)).any(1)
     return int((inverted | outside).sum())
 
-
-# -----------------------------------------------------------------------------
-# Your own data, as labelling tools export it (CVAT, Label Studio, Roboflow, LabelImg, ...): YOLO
-# txt files with a data.yaml, COCO json, Pascal VOC xml, or anything Hugging Face datasets reads.
-# A reader walks the annotation files once and gives, per split, one row per image: the image's
-# path, its boxes in xyxy pixels, their class indices. datasets writes the rows to its cache (the
-# images stay on disk and are read when used). Broken annotations are skipped, counted and named;
-# a split that is mostly broken is refused.
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 SPLIT_WORDS = {"train": "train", "training": "train", "val": "validation", "valid": "validation",
@@ -789,6 +1288,9 @@ def find_annotations(path, bbox_format):
     return read_yolo(names, path) if names else None
 
 
+VALIDATION_FRACTION = 0.15           # carved from train when a dataset has no validation split
+
+
 @lru_cache(maxsize=None)
 def read_dataset(data, bbox_format, path):
     """--data (a folder or file in any layout above, or a hub name) -> {split: Dataset}, said in one
@@ -814,9 +1316,10 @@ def read_dataset(data, bbox_format, path):
     return splits
 
 
-def load_split(data, split, bbox_format="auto", labels=True):
-    """Any source -> a datasets.Dataset with the fashionpedia schema (xyxy pixels, ClassLabel);
-    labels=False: any images, with or without boxes (for LTD pretraining)."""
+def read_split(data, split, bbox_format, labels):
+    """load_split for any --data: a split of the synthetic set by another name (val), or of a
+    dataset read from a folder or the hub, checked: it exists, has images, and has boxes unless
+    labels=False."""
     split = SPLIT_WORDS.get(split, split)
     if bbox_format not in ("auto", "xyxy", "xywh"):
         raise UserError(f"--bbox-format must be auto, xyxy or xywh, not {bbox_format!r}")
@@ -835,455 +1338,471 @@ def load_split(data, split, bbox_format="auto", labels=True):
     return splits[split]
 
 
-def resize_transform(img_size):
-    # Resize first: every later step then works on the small image.
-    return v2.Compose([v2.ToImage(), v2.Resize((img_size, img_size), antialias=True)])
+def read_targets(ds, name, train):
+    """A split's boxes, read row by row (a large dataset's images never sit in memory together)
+    -> image sizes [(height, width)] and targets [{boxes [N, 4] xyxy pixels, labels [N]}]. Boxes
+    partly outside their image are clipped, boxes without area dropped, both counted; a split
+    where many boxes are impossible has the wrong --bbox-format, and is refused."""
+    classes = category_feature(ds).names
+    sizes, targets, n_boxes, n_impossible, n_clipped, n_dropped = [], [], 0, 0, 0, 0
+    for row in ds:
+        width, height = open_image(row["image"]).size  # reads the header only
+        boxes, cats = objects_columns(row["objects"])
+        boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        labels = torch.tensor(cats, dtype=torch.long)
+        if len(labels) and not 0 <= labels.min() <= labels.max() < len(classes):
+            wrong = labels.max() if labels.max() >= len(classes) else labels.min()
+            raise UserError(f"{name}: category {wrong} is not in its class list {classes}")
+        n_boxes += len(boxes)
+        n_impossible += impossible_boxes(boxes, width, height)
+        boxes, keep, clipped = clip_and_drop(boxes, width, height)
+        n_clipped, n_dropped = n_clipped + clipped, n_dropped + int((~keep).sum())
+        sizes.append((height, width))
+        targets.append({"boxes": boxes, "labels": labels[keep]})
+    if train and n_boxes == 0:
+        raise UserError(f"{name}: none of its {len(ds)} images has a box, so there is nothing to "
+                        "learn from")
+    if n_impossible > IMPOSSIBLE_SHARE * n_boxes:
+        raise UserError(f"{name}: {n_impossible} of {n_boxes} boxes are impossible as "
+                        "[x_min, y_min, x_max, y_max] (max < min, or far outside the image): "
+                        "is --bbox-format right? xyxy is [x_min, y_min, x_max, y_max], "
+                        "xywh is [x, y, width, height]")
+    if n_clipped or n_dropped:
+        console.print(f"{name}: {n_clipped} boxes clipped to their image, "
+                      f"{n_dropped} with no area dropped")
+    return sizes, targets
 
 
-def inference_transform(img_size):
-    """A PIL image -> what the network sees: [3, img_size, img_size] floats in [0, 1]."""
-    return v2.Compose([resize_transform(img_size), v2.ToDtype(torch.float32, scale=True)])
+# ---------------------------------------------------------------------------------------------
+# Safe training: nothing is lost. fit runs train_epoch epoch after epoch, validates, and writes
+# best.pt and last.pt atomically; last.pt holds the optimizer, the place in the epoch and the
+# random state, so --resume goes on exactly. A NaN step is skipped, Ctrl-C stops at a step's end,
+# and under torchrun every process takes the same decisions. bf16 autocast where the hardware has
+# bf16.
+
+NONFINITE_LIMIT = 5  # steps in a row with a NaN or inf loss before training gives up
 
 
-AUGMENT = v2.Compose([  # on the resized image, at training time only
-    v2.RandomHorizontalFlip(),
-    v2.RandomAffine(degrees=0, translate=(0.1, 0.1), scale=(0.75, 1.25)),  # scale + crop
-    v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3),
-    v2.ClampBoundingBoxes(),
-    v2.SanitizeBoundingBoxes(min_size=MIN_BOX_SIDE),  # boxes pushed out of the frame go
-])
-CACHE_BYTES = 2 * 2**30  # a split whose resized images fit in this is decoded once and kept
+def pick_device(name):
+    """--device: auto (the GPU when torch sees one), cpu, cuda or cuda:N (or a torch.device)."""
+    name = str(name)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, not {name!r}")
+    if kind == "cuda" and int(index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}, but torch sees {torch.cuda.device_count()} GPUs here; "
+                        "use --device cpu")
+    return torch.device(name)
 
 
-class DetectionDataset(torch.utils.data.Dataset):
-    """A load_split dataset as tensors: (image [3, img_size, img_size] in [0, 1], {boxes [N, 4]
-    xyxy in those pixels, labels [N]}).
-
-    Boxes are read, checked and stored once here. When the whole split fits in CACHE_BYTES
-    (docs/design.md measures it), each image is decoded once, by the readability check, and kept
-    resized; otherwise it is decoded when used. `targets[i]` keeps the boxes in the original
-    image's pixels: that is what the evaluator compares against.
-    """
-
-    def __init__(self, ds, img_size, train, name="data"):
-        self.train, self.img_size, self.name = train, img_size, name
-        self.resize = resize_transform(img_size)
-        self.to_float = v2.ToDtype(torch.float32, scale=True)
-        self.cache = {} if len(ds) * 3 * img_size**2 <= CACHE_BYTES else None
-        keep = self.remember if self.cache is not None else None
-        self.ds = without_unreadable_images(ds, name, keep)
-        classes = category_feature(ds).names
-        self.sizes, self.targets, n_boxes, n_impossible, n_clipped, n_dropped = [], [], 0, 0, 0, 0
-        for row in self.ds:  # row by row: a large dataset's images never sit in memory together
-            width, height = open_image(row["image"]).size  # reads the header only
-            boxes, cats = objects_columns(row["objects"])
-            boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-            labels = torch.tensor(cats, dtype=torch.long)
-            if len(labels) and not 0 <= labels.min() <= labels.max() < len(classes):
-                wrong = labels.max() if labels.max() >= len(classes) else labels.min()
-                raise UserError(f"{name}: category {wrong} is not in its class list {classes}")
-            n_boxes += len(boxes)
-            n_impossible += impossible_boxes(boxes, width, height)
-            boxes, keep, clipped = clip_and_drop(boxes, width, height)
-            n_clipped, n_dropped = n_clipped + clipped, n_dropped + int((~keep).sum())
-            self.sizes.append((height, width))
-            self.targets.append({"boxes": boxes, "labels": labels[keep]})
-        if train and n_boxes == 0:
-            raise UserError(f"{name}: none of its {len(self.ds)} images has a box, so there is "
-                            "nothing to learn from")
-        if n_impossible > IMPOSSIBLE_SHARE * n_boxes:
-            raise UserError(f"{name}: {n_impossible} of {n_boxes} boxes are impossible as "
-                            "[x_min, y_min, x_max, y_max] (max < min, or far outside the image): "
-                            "is --bbox-format right? xyxy is [x_min, y_min, x_max, y_max], "
-                            "xywh is [x, y, width, height]")
-        if n_clipped or n_dropped:
-            console.print(f"{name}: {n_clipped} boxes clipped to their image, "
-                          f"{n_dropped} with no area dropped")
-
-    def __len__(self):
-        return len(self.ds)
-
-    def remember(self, i, image):
-        self.cache[i] = self.resize(image)  # [3, img_size, img_size] uint8
-
-    def resized(self, i):
-        """Image i as uint8 [3, img_size, img_size], with its boxes in those pixels."""
-        if self.cache is None:
-            image = self.resize(open_image(self.ds[i]["image"]).convert("RGB"))
-        else:
-            image = self.cache[i]
-        (height, width), target = self.sizes[i], self.targets[i]
-        scale = torch.tensor([self.img_size / width, self.img_size / height] * 2)
-        boxes = tv_tensors.BoundingBoxes(target["boxes"] * scale, format="XYXY",
-                                         canvas_size=image.shape[-2:])
-        return {"image": image, "boxes": boxes, "labels": target["labels"]}
-
-    def __getitem__(self, i):
-        sample = self.resized(i)
-        if self.train:
-            sample = AUGMENT(sample)
-        return self.to_float(sample["image"]), {"boxes": sample["boxes"].as_subclass(torch.Tensor),
-                                                "labels": sample["labels"], "index": i}
+def use_bf16(device, fp32):
+    # Measured on a 2-core AVX-512-bf16 CPU: ResNet-18 trains ~2x faster (docs/speed.md). Without
+    # bf16 hardware the emulation is slower than float32, so we stay in float32 there.
+    if fp32:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
 
 
-def collate(batch):
-    images, targets = zip(*batch)
-    return torch.stack(images), list(targets)
+def write_atomically(path, write):
+    """temp file + rename: a crash or a full disk mid-write never leaves a half-written best.pt,
+    last.pt or model.onnx; the previous one stays as it was."""
+    tmp = path.with_suffix(".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        kept = "the previous one is intact" if path.exists() else "nothing was written"
+        raise UserError(f"cannot write {path} ({e.strerror or e}); {kept}") from None
 
 
-# -----------------------------------------------------------------------------
-# Learn To Detect (LTD): pretraining without labels. Cut a random sub-image S out of a reference
-# image R, change its colours and blur it, and ask the network for S's box inside R. To answer, it
-# needs what a detector needs: features that say what is where, at any scale. R is left intact:
-# greying out S's hole would give the answer away (`--mask-crop` does it, to measure that).
-
-LTD_AREA = (0.04, 0.4)   # S's area as a fraction of R's, log-uniform (docs/ltd.md)
-LTD_ASPECT = (0.5, 2.0)  # S's width / height, log-uniform
-LTD_CROP_SIZE = 96       # S's fixed size: its scale in R must be inferred, not read off
-LTD_JITTER = v2.Compose([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.05),
-                         v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 2.0))], p=0.5)])
-MASK_GREY = 0.5
+def save_checkpoint(path, checkpoint):
+    write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
-def log_uniform(low, high):
-    return math.exp(torch.empty(()).uniform_(math.log(low), math.log(high)).item())
+def max_over_processes(value):
+    """Under torchrun: the largest `value` among the processes, so that all take the same
+    branch."""
+    if not dist.is_initialized():
+        return value
+    value = torch.tensor(float(value))
+    dist.all_reduce(value, dist.ReduceOp.MAX)
+    return value.item()
 
 
-def sample_ltd_crop(R):
-    """R [3, H, W] in [0, 1] -> S [3, LTD_CROP_SIZE, LTD_CROP_SIZE], S's box in R [4] (xyxy, R's
-    pixels). Random from torch's generator, so --seed fixes it. S's colours are jittered after."""
-    _, height, width = R.shape
-    area, aspect = log_uniform(*LTD_AREA) * height * width, log_uniform(*LTD_ASPECT)
-    w, h = min(round(math.sqrt(area * aspect)), width), min(round(math.sqrt(area / aspect)), height)
-    x, y = torch.randint(0, width - w + 1, ()).item(), torch.randint(0, height - h + 1, ()).item()
-    S = v2.functional.resized_crop(R, y, x, h, w, [LTD_CROP_SIZE, LTD_CROP_SIZE], antialias=True)
-    return S, torch.tensor([x, y, x + w, y + h], dtype=torch.float32)
+@dataclass
+class RunState:
+    """The place in a training run that last.pt records, so that --resume goes on exactly: the
+    epoch, the shuffle's state when it began (None under torchrun), the step in it, its sums."""
+    epoch: int
+    order: torch.Tensor | None
+    step: int = 0
+    sums: dict = field(default_factory=dict)  # loss part -> sum over the images seen
+    seen: int = 0
+    collisions: int = 0
+    skipped: int = 0
+    bad_in_a_row: int = 0  # non-finite steps in a row, across epochs
 
 
-class LTDDataset(torch.utils.data.Dataset):
-    """Any split's images (labels ignored) -> ((R [3, img_size, img_size],
-    S [3, LTD_CROP_SIZE, LTD_CROP_SIZE]), {boxes [1, 4], labels [1]}): one object per image, S, in
-    detection's target format. A new S every epoch."""
+class TrainingRun:
+    """What train_epoch asks at each step: how much of the planned run is done (0 to 1: by wall
+    time with --time, else by steps), whether a loss can be learnt from, and whether to stop.
+    While it is entered, Ctrl-C asks for a stop at the end of the current step, so that last.pt
+    holds a consistent state that --resume continues exactly; a second Ctrl-C stops at once."""
 
-    def __init__(self, ds, img_size, mask_crop, name="data"):
-        self.ds = without_unreadable_images(ds.select_columns(["image"]), name)
-        self.img_size, self.mask_crop = img_size, mask_crop
-        # R is only resized: the crop is the augmentation
-        self.transform = inference_transform(img_size)
+    def __init__(self, cfg, steps_per_epoch, state):
+        self.minutes, self.total_steps = cfg.time, cfg.epochs * steps_per_epoch
+        self.start, self.steps, self.state = time.time(), 0, state
+        self.requested = self.stopped = False
 
-    def __len__(self):
-        return len(self.ds)
+    def progress(self):
+        if not self.minutes:
+            return self.steps / self.total_steps
+        # under torchrun every process must stop at the same step: the slowest clock decides
+        return max_over_processes(min((time.time() - self.start) / (self.minutes * 60), 1.0))
 
-    def __getitem__(self, i):
-        R = self.transform(open_image(self.ds[i]["image"]).convert("RGB"))
-        S, box = sample_ltd_crop(R)
-        S = LTD_JITTER(S)
-        if self.mask_crop:
-            x1, y1, x2, y2 = box.int().tolist()
-            R[:, y1:y2, x1:x2] = MASK_GREY  # S was already cut from the intact R
-        return (R, S), {"boxes": box[None], "labels": torch.zeros(1, dtype=torch.long), "index": i}
+    def finite(self, loss):
+        state = self.state
+        if not max_over_processes(not torch.isfinite(loss).item()):
+            state.bad_in_a_row = 0
+            return True
+        state.skipped, state.bad_in_a_row = state.skipped + 1, state.bad_in_a_row + 1
+        if state.bad_in_a_row >= NONFINITE_LIMIT:
+            raise FloatingPointError(f"the loss was NaN or inf for {NONFINITE_LIMIT} steps in a "
+                                     "row")
+        return False
 
+    def add(self, parts, images, lost):
+        state = self.state
+        state.seen, state.collisions = state.seen + images, state.collisions + lost
+        for name, value in parts.items():
+            state.sums[name] = state.sums.get(name, 0.0) + value.item() * images
 
-def collate_pairs(batch):
-    pairs, targets = zip(*batch)
-    return (torch.stack([R for R, _ in pairs]), torch.stack([S for _, S in pairs])), list(targets)
+    def end_step(self):
+        """Counts the step and shows it; True when the epoch ends here."""
+        state = self.state
+        self.steps, state.step = self.steps + 1, state.step + 1
+        info = " ".join(f"{n} {v / max(state.seen, 1):.3f}" for n, v in state.sums.items())
+        speed = (state.seen - self.bar_seen) / (time.time() - self.bar_start)
+        self.bar.update(self.task, advance=1, info=f"{info} | {speed:.1f} img/s")
+        if self.progress() >= 1:
+            return True
+        self.stopped = bool(max_over_processes(self.requested))
+        return self.stopped
 
+    @contextlib.contextmanager
+    def epoch_bar(self, title, steps):
+        columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                   TimeElapsedColumn(), TimeRemainingColumn()]
+        self.bar_start, self.bar_seen = time.time(), self.state.seen
+        with Progress(*columns, console=console) as self.bar:
+            self.task = self.bar.add_task(title, total=steps, completed=self.state.step, info="")
+            yield
 
-# -----------------------------------------------------------------------------
-# Model: a ResNet-18 cut after the layer whose stride gives the grid we want, and one linear layer
-# applied to every cell. Nothing is downloaded: the weights start random.
+    def __enter__(self):
+        self.previous = None
+        # Python lets only the main thread handle signals
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self.request_stop)
+        return self
 
-BACKBONE_CHANNELS = {8: 128, 16: 256, 32: 512}  # ResNet-18's channels after layer2, layer3, layer4
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
 
-
-def resnet18_backbone(stride):
-    r = torchvision.models.resnet18(weights=None)
-    layers = [r.conv1, r.bn1, r.relu, r.maxpool, r.layer1, r.layer2, r.layer3, r.layer4]
-    return nn.Sequential(*layers[:{8: 6, 16: 7, 32: 8}[stride]])
-
-
-def cells_to_boxes(raw, h, w, radius):
-    """Raw head outputs [B, h*w, 4] -> boxes (cx, cy, w, h) relative to the image. A cell's centre
-    prediction reaches `radius` cells from the cell's centre: as far as the cells it learns from
-    (see Loss)."""
-    rows, cols = torch.meshgrid(torch.arange(h, device=raw.device),
-                                torch.arange(w, device=raw.device), indexing="ij")
-    cx = (cols.flatten() + 0.5 + radius * (2 * raw[..., 0].sigmoid() - 1)) / w
-    cy = (rows.flatten() + 0.5 + radius * (2 * raw[..., 1].sigmoid() - 1)) / h
-    return torch.stack([cx, cy, raw[..., 2].sigmoid(), raw[..., 3].sigmoid()], -1)
-
-
-class GridDetector(nn.Module):
-    """The detector: images [B, 3, S, S] in [0, 1] -> per cell of the (S/stride)^2 grid a box
-    [B, h*w, 4] (cx, cy, w, h relative to the image) and K + 1 class logits [B, h*w, K + 1], the
-    last one background. `features` and `cells` are its two halves, which LTDNet calls apart."""
-
-    def __init__(self, num_classes, stride, radius=0.5):
-        super().__init__()
-        self.radius = radius
-        self.backbone = resnet18_backbone(stride)
-        # per cell: a box, K class logits and background's
-        self.head = nn.Linear(BACKBONE_CHANNELS[stride], 4 + num_classes + 1)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
-
-    def features(self, images):                              # [B, 3, img_size, img_size] in [0, 1]
-        return self.backbone((images - self.mean) / self.std)  # [B, C, h, w]
-
-    def cells(self, features):
-        _, _, h, w = features.shape
-        out = self.head(features.flatten(2).transpose(1, 2))  # [B, h*w, 4 + K + 1]
-        return cells_to_boxes(out[..., :4].float(), h, w, self.radius), out[..., 4:].float()
-
-    def forward(self, images):
-        return self.cells(self.features(images))
+    def request_stop(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        console.print("Ctrl-C: stopping at the end of this step (press again to stop at once)")
 
 
-def fold_batchnorm(model):
-    """An inference copy of `model`: after training, a BatchNorm is a fixed per-channel scale and
-    shift, so it folds into the weights of the convolution before it, and the network has half the
-    layers to run."""
-    model = copy.deepcopy(model).eval()
-    for parent in list(model.modules()):
-        children = list(parent.named_children())
-        for (name, conv), (bn_name, bn) in zip(children, children[1:]):
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
-                setattr(parent, name, torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn))
-                setattr(parent, bn_name, nn.Identity())
-    return model
+def log_epoch(run_dir, state, elapsed, scalars):
+    """A finished epoch: one row of results.csv, one line on the console."""
+    losses = {n: round(v / max(state.seen, 1), 5) for n, v in state.sums.items()}
+    row = {"epoch": state.epoch, "elapsed_s": round(elapsed, 1), **losses,
+           "collisions": state.collisions, "skipped_steps": state.skipped, **scalars}
+    path = run_dir / "results.csv"
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+    lost, skipped = state.collisions, state.skipped
+    console.print(f"epoch {state.epoch}: " + " ".join(f"{n} {v:.3f}" for n, v in scalars.items())
+                  + (f" | {lost} boxes lost to shared cells" if lost else "")
+                  + (f" | {skipped} steps skipped: loss NaN or inf" if skipped else ""))
 
 
-class LTDNet(nn.Module):
-    """Where in R is S? One GridDetector with one class sees both images. S's pooled features scale
-    R's channels, so a cell's linear head sees the product of what is there and what is sought:
-    a learned correlation (measured against alternatives: docs/ltd.md). Its backbone then starts a
-    detector."""
+def fit(model, data, batches, compute_loss, validate, cfg, bf16, run_dir, meta, best_metric,
+        resume=None):
+    """Train `model` on `data` in `batches` (a BatchSampler of a seeded RandomSampler, or of a
+    DistributedSampler under torchrun; no DataLoader: a resumed epoch must be cut exactly as
+    before, from the shuffle's saved state); after each epoch `validate(model)` -> metrics.
+    Writes last.pt (with what --resume needs), best.pt (highest `best_metric`) and results.csv to
+    run_dir; returns the best metrics. `resume`: a last.pt's "resume" entry, to go on with that
+    run. Under torchrun `model` is in DistributedDataParallel; rank 0 validates and writes."""
+    model.to(memory_format=MEMORY_FORMAT)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    inner = getattr(model, "module", model)  # the model inside DistributedDataParallel
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    sampler = batches.sampler
+    distributed = isinstance(sampler, DistributedSampler)  # it shuffles by seed and epoch itself
+    shuffle_state = (lambda: None) if distributed else sampler.generator.get_state
+    run, best, shown = TrainingRun(cfg, len(batches), RunState(1, shuffle_state())), None, ""
+    if resume:
+        optimizer.load_state_dict(resume["optimizer"])
+        run.state, best, run.steps = RunState(**resume["run"]), resume["best"], resume["steps"]
+        run.start -= resume["elapsed_s"]  # a --time budget goes on where it stopped
+        torch.set_rng_state(resume["rng"])
+        console.print(f"resuming {run_dir} at epoch {run.state.epoch}, step {run.state.step} of "
+                      f"{len(batches)}")
 
-    def __init__(self, stride):
-        super().__init__()
-        self.detector = GridDetector(num_classes=1, stride=stride)
+    def checkpoint(metrics, resumable=True):
+        state = {**meta, "model": inner.state_dict(), "config": asdict(cfg),
+                 "epoch": run.state.epoch - 1, "metrics": metrics}  # the last finished epoch
+        # best.pt is for using the model; last.pt is for going on with training
+        if resumable:
+            state["resume"] = {"optimizer": optimizer.state_dict(), "run": asdict(run.state),
+                               "best": best, "steps": run.steps, "rng": torch.get_rng_state(),
+                               "elapsed_s": time.time() - run.start}
+        return state
 
-    def forward(self, pair):
-        R, S = pair  # [B, 3, img_size, img_size], [B, 3, LTD_CROP_SIZE, LTD_CROP_SIZE]
-        features = self.detector.features(R)                   # [B, C, h, w]
-        # S is normalised with R's running batch-norm statistics, in training as at test: batches of
-        # zoomed-in crops have other statistics, and mixing them in made the held-out metric
-        # collapse
-        self.detector.backbone.train(False)
-        query = self.detector.features(S).mean((2, 3))         # [B, C]
-        self.detector.backbone.train(self.training)
-        return self.detector.cells(features * query[:, :, None, None])
+    command = f"odscratch {'pretrain' if meta['kind'] == 'ltd' else 'train'} --resume " \
+              f"{run_dir}/last.pt"
 
+    def what_is_saved():
+        if not (run_dir / "last.pt").exists():
+            return "no epoch had finished, so nothing was saved"
+        return f"{run_dir}/last.pt holds the last finished epoch; continue from it with: {command}"
 
-# channels_last spares oneDNN's convolutions a layout conversion per layer (docs/speed.md measures):
-# bf16 needs it to be fast; float32 trains 18 % faster with it (6 % with oneDNN limited to AVX2)
-MEMORY_FORMAT = torch.channels_last
-
-
-def to_device(images, device):
-    # a detector's batch is one tensor of images; LTD's is the pair (R, S)
-    if isinstance(images, tuple):
-        return tuple(to_device(x, device) for x in images)
-    return images.to(device, memory_format=MEMORY_FORMAT)
-
-
-def run_model(model, images, bf16):
-    """The one forward pass: images (or LTD's (R, S) pair) moved to the model's device in
-    channels_last, under bf16 autocast where bf16 is on (float32 outputs either way)."""
-    device = next(model.parameters()).device
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        return model(to_device(images, device))
-
-
-# -----------------------------------------------------------------------------
-# Loss: the centre-cell rule gives each ground-truth box to the one cell its centre falls in; the
-# default --assign-radius 1 adds the nearest cells inside the box (measured better:
-# docs/yolo11n.md). Every cell learns its class (background when it owns no box); cells that own a
-# box also learn the box.
-
-# most cells are background: down-weighted, so that the few object cells are heard (docs/design.md)
-BACKGROUND_WEIGHT = 0.1
-
-
-def assign_boxes_to_cells(boxes, labels, h, w, background, radius):
-    """boxes [N, 4] (cx, cy, w, h) relative to the image -> per cell: class [h*w] and box [h*w, 4].
-
-    A box always trains the cell its centre falls in (the centre-cell rule, radius 0.5). A larger
-    radius also trains the cells within `radius` cells of its centre (in x and in y) whose own
-    centres lie inside the box: radius 1 gives a large box the 2 x 2 cells around its centre,
-    while a box smaller than a cell keeps one cell (a neighbour would learn a copy of it shifted by
-    a cell, too far off for NMS to merge; measured in docs/yolo11n.md). A cell claimed by several
-    boxes goes to the box whose centre it holds, then to the largest box (it dominates the cell's
-    features); a box left with no cell is lost for this image: a collision.
-    """
-    classes = torch.full((h * w,), background, dtype=torch.long)
-    targets = torch.zeros(h * w, 4)
-    if len(boxes) == 0:
-        return classes, targets, 0
-    cell_x = (torch.arange(w) + 0.5).repeat(h)  # [h*w] cell centres, in cells
-    cell_y = (torch.arange(h) + 0.5).repeat_interleave(w)
-    dx = cell_x - (boxes[:, 0:1] * w).clamp(max=w - 1e-4)  # [N, h*w]
-    dy = cell_y - (boxes[:, 1:2] * h).clamp(max=h - 1e-4)
-    holds_centre = (dx > -0.5) & (dx <= 0.5) & (dy > -0.5) & (dy <= 0.5)
-    inside = (dx.abs() < boxes[:, 2:3] * w / 2) & (dy.abs() < boxes[:, 3:4] * h / 2)
-    near = (dx > -radius) & (dx <= radius) & (dy > -radius) & (dy <= radius)
-    claims = holds_centre | (inside & near)
-    priority = claims * (1 + holds_centre + boxes[:, 2:3] * boxes[:, 3:4])  # 0 = no claim; area < 1
-    best, owner = priority.max(0)  # [h*w]
-    owned = best > 0
-    classes[owned], targets[owned] = labels[owner[owned]], boxes[owner[owned]]
-    return classes, targets, len(boxes) - len(owner[owned].unique())
+    try:
+        with run:
+            while run.progress() < 1:
+                if distributed:  # a new shuffle each epoch, the same in every process
+                    sampler.set_epoch(run.state.epoch)
+                else:  # drawn afresh from the epoch's start state
+                    sampler.generator.set_state(run.state.order)
+                epoch_batches = list(batches)  # this epoch's batches of dataset indices
+                with run.epoch_bar(f"epoch {run.state.epoch}{shown}", len(epoch_batches)):
+                    train_epoch(model, data, epoch_batches, compute_loss, optimizer, cfg, bf16, run)
+                if run.stopped:
+                    if main:
+                        save_checkpoint(run_dir / "last.pt", checkpoint(best))
+                    raise UserError(f"stopped in epoch {run.state.epoch} at step {run.state.step} "
+                                    f"of {len(epoch_batches)}; continue exactly from there with: "
+                                    f"{command}")
+                finished = run.state
+                run.state = RunState(finished.epoch + 1, shuffle_state(),
+                                     bad_in_a_row=finished.bad_in_a_row)
+                if not main:
+                    continue
+                metrics = validate(inner)
+                scalars = {n: round(v, 5) for n, v in metrics.items() if isinstance(v, float)}
+                log_epoch(run_dir, finished, time.time() - run.start, scalars)
+                shown = " | val " + " ".join(f"{n} {v:.2f}" for n, v in scalars.items())
+                if best is None or metrics[best_metric] > best[best_metric]:
+                    best = {**metrics, "epoch": finished.epoch}
+                    save_checkpoint(run_dir / "best.pt", checkpoint(metrics, resumable=False))
+                save_checkpoint(run_dir / "last.pt", checkpoint(metrics))
+    except KeyboardInterrupt:
+        raise UserError(f"interrupted at once in epoch {run.state.epoch}; {what_is_saved()}") \
+            from None
+    except FloatingPointError as e:
+        raise UserError(f"{e} in epoch {run.state.epoch}: stopped (try a lower --lr, or check the "
+                        f"data's boxes); {what_is_saved()}") from None
+    return best
 
 
-def collisions_per_stride(data, img_size, radius):
-    """A DetectionDataset -> {stride: share of its boxes that the assignment at `radius` loses to
-    collisions}: the design's limit, measured on the user's own data (`odscratch data` says it)."""
-    lost = {stride: 0 for stride in BACKBONE_CHANNELS}
-    for target, (height, width) in zip(data.targets, data.sizes):
-        size = torch.tensor([width, height, width, height])
-        boxes = box_convert(target["boxes"] / size, "xyxy", "cxcywh")
-        for stride in lost:
-            grid = img_size // stride
-            _, _, n = assign_boxes_to_cells(boxes, target["labels"], grid, grid, -1, radius)
-            lost[stride] += n
-    total = sum(len(t["boxes"]) for t in data.targets)
-    return {stride: n / max(total, 1) for stride, n in lost.items()}
+def seed_everything(seed):
+    torch.manual_seed(seed)
+    np.random.seed(seed)
 
 
-def detection_loss(boxes, logits, targets, img_size, radius):
-    """boxes [B, h*w, 4], logits [B, h*w, K+1], targets (boxes in img_size pixels) -> loss parts
-    and the number of boxes lost to collisions."""
-    grid = math.isqrt(boxes.shape[1])  # images are square, so is the grid
-    background = logits.shape[-1] - 1
-    assigned = [assign_boxes_to_cells(box_convert(t["boxes"] / img_size, "xyxy", "cxcywh"),
-                                      t["labels"], grid, grid, background, radius) for t in targets]
-    classes = torch.stack([a[0] for a in assigned]).to(logits.device)  # [B, h*w]
-    target_boxes = torch.stack([a[1] for a in assigned]).to(boxes.device)  # [B, h*w, 4]
-    weight = torch.ones(background + 1, device=logits.device)
-    weight[background] = BACKGROUND_WEIGHT
-    cls = F.cross_entropy(logits.flatten(0, 1), classes.flatten(), weight=weight)
-    positive = classes != background
-    pred, true = boxes[positive], target_boxes[positive]  # [P, 4]
-    if len(pred):
-        box = F.smooth_l1_loss(pred * grid, true * grid)  # in cell units, so errors are O(1)
-        giou = generalized_box_iou_loss(box_convert(pred, "cxcywh", "xyxy"),
-                                        box_convert(true, "cxcywh", "xyxy"), reduction="mean")
+def new_run_dir(command, name):
+    """runs/<command>/<name>, or <name>2, <name>3, ... : an earlier run is never overwritten."""
+    for i in range(1, 10_000):
+        path = Path("runs") / command / (name if i == 1 else f"{name}{i}")
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+    raise UserError(f"runs/{command}/ has too many runs named {name!r}; pass --name")
+
+
+def check_grid(cfg):
+    if cfg.stride not in BACKBONE_CHANNELS:
+        raise UserError(f"--stride must be one of {sorted(BACKBONE_CHANNELS)}, not {cfg.stride}")
+    if cfg.img_size % cfg.stride:
+        raise UserError(f"--img-size {cfg.img_size} is not a multiple of --stride {cfg.stride}")
+    if cfg.assign_radius < 0.5:
+        raise UserError("--assign-radius must be at least 0.5 (the cell a box's centre falls "
+                        f"in), not {cfg.assign_radius}")
+
+
+CHECKPOINT_KINDS = {
+    "detector": "a detector (`odscratch train` writes it)",
+    "ltd": "a whole LTD network (`odscratch pretrain`'s best.pt / last.pt)",
+    "backbone": "a pretrained backbone (`odscratch pretrain` writes it as backbone.pt)"}
+
+
+def read_checkpoint(path, kind, resumable=False):
+    """Any file -> the checkpoint dict, if it is an odscratch checkpoint of `kind` (with the state
+    that --resume needs, if resumable); else one clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint file not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not an odscratch checkpoint ({type(e).__name__})") from None
+    found = checkpoint.get("kind") if isinstance(checkpoint, dict) else None
+    if found not in CHECKPOINT_KINDS:
+        raise UserError(f"{path} is not an odscratch checkpoint; expected {CHECKPOINT_KINDS[kind]}")
+    if found != kind:
+        raise UserError(f"{path} holds {CHECKPOINT_KINDS[found]}, but this needs "
+                        f"{CHECKPOINT_KINDS[kind]}")
+    if resumable and "resume" not in checkpoint:
+        raise UserError(f"{path} holds no training state (a best.pt?): resume from the run's "
+                        "last.pt")
+    return checkpoint
+
+
+def check_same_classes(model_classes, data_classes, path, data):
+    if model_classes != data_classes:
+        raise UserError(f"{path} was trained on the classes {model_classes}, but {data} has "
+                        f"{data_classes}")
+
+
+def load_backbone(path, stride):
+    """backbone.pt -> the ResNet-18 weights for a detector with this stride."""
+    checkpoint = read_checkpoint(path, "backbone")
+    if checkpoint["stride"] != stride:
+        was = checkpoint["stride"]
+        raise UserError(f"{path} was pretrained with --stride {was}, but this run uses --stride "
+                        f"{stride}: pass --stride {was}, or pretrain with --stride {stride}")
+    return checkpoint["backbone"]
+
+
+def seeded_batches(data, cfg, processes=1):
+    """Batches of dataset indices in an order that --seed fixes (under torchrun, each process's
+    share of the shuffle)."""
+    if processes > 1:
+        sampler = DistributedSampler(data, seed=cfg.seed, drop_last=True)
     else:
-        box = giou = boxes.sum() * 0
-    lost = sum(a[2] for a in assigned)
-    return {"loss": cls + box + giou, "cls": cls, "box": box, "giou": giou}, lost
+        generator = torch.Generator().manual_seed(cfg.seed)
+        sampler = torch.utils.data.RandomSampler(data, generator=generator)
+    if len(data) < cfg.batch:
+        raise UserError(f"the train split has {len(data)} images, fewer than --batch {cfg.batch}")
+    return torch.utils.data.BatchSampler(sampler, cfg.batch // processes, drop_last=True)
 
 
-# -----------------------------------------------------------------------------
-# Decoding: from per-cell outputs to a short list of boxes per image, in the original image's
-# pixels.
-# Two steps: score_cells keeps every cell (fixed shapes, so it goes inside the exported ONNX graph);
-# select_detections keeps a different number of boxes per image (threshold + NMS), after the graph.
-
-MAX_DETECTIONS = 100
-NMS_IOU = 0.5
-DETECT_CONF = 0.25  # a user's default: few, sure boxes
-EVAL_CONF = 0.001  # evaluation keeps low-confidence boxes: they extend the PR curve
+def load_best(model, run_dir, device):
+    best = torch.load(run_dir / "best.pt", map_location=device, weights_only=True)
+    model.load_state_dict(best["model"])
 
 
-def score_cells(boxes, logits):
-    """boxes [B, h*w, 4] (cx, cy, w, h), logits [B, h*w, K+1] -> boxes [B, h*w, 4] (x1, y1, x2, y2),
-    both relative to the image, and class probabilities [B, h*w, K] (background's share left
-    out)."""
-    return box_convert(boxes, "cxcywh", "xyxy"), logits.softmax(-1)[..., :-1]
+def train_detector(cfg, name, backbone=None, resume=None):
+    """Train a detector in runs/train/<name>; or, with resume = a last.pt, go on with that run
+    exactly where it stopped, in its folder, with its settings and weights (cfg and backbone are
+    then ignored)."""
+    checkpoint = read_checkpoint(resume, "detector", resumable=True) if resume else None
+    if checkpoint:
+        cfg, backbone = Config(**checkpoint["config"]), None
+    check_grid(cfg)
+    # a wrong backbone file fails before any work
+    pretrained = load_backbone(backbone, cfg.stride) if backbone else None
+    seed_everything(cfg.seed)
+    device, rank, processes = pick_device(cfg.device), 0, 1
+    # torchrun: one process per GPU (or per share of the CPU); --batch is shared out
+    if dist.is_initialized():
+        rank, processes = dist.get_rank(), dist.get_world_size()
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        if cfg.batch % processes:
+            raise UserError(f"--batch {cfg.batch} does not split evenly over {processes} "
+                            "processes")
+    bf16 = use_bf16(device, cfg.fp32)
+    train_ds = load_split(cfg.data, "train", cfg.bbox_format)
+    classes = category_feature(train_ds).names
+    train_data = DetectionDataset(train_ds, cfg.img_size, train=True, name=f"{cfg.data} train")
+    val_data = DetectionDataset(load_split(cfg.data, "validation", cfg.bbox_format), cfg.img_size,
+                                train=False, name=f"{cfg.data} validation")
+    # rank 0 writes
+    run_dir = Path(resume).parent if resume else new_run_dir("train", name) if rank == 0 else None
+    where = f"{device}{f' x {processes} processes' if processes > 1 else ''}"
+    console.print(f"training on {cfg.data}: {len(train_data)} train / {len(val_data)} validation "
+                  f"images, classes {classes}, {where}, {'bf16' if bf16 else 'float32'} -> "
+                  f"{run_dir}")
+    batches = seeded_batches(train_data, cfg, processes)
+    model = GridDetector(len(classes), cfg.stride, cfg.assign_radius)
+    if pretrained:
+        model.backbone.load_state_dict(pretrained)
+        console.print(f"backbone from {backbone}")
+    if checkpoint:
+        check_same_classes(checkpoint["classes"], classes, resume, cfg.data)
+        model.load_state_dict(checkpoint["model"])
+    model = model.to(device, memory_format=MEMORY_FORMAT)
+    if processes > 1:  # gradients are averaged across processes after each backward pass
+        ids = [device] if device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def loss(outputs, targets):
+        return detection_loss(*outputs, targets, cfg.img_size, cfg.assign_radius)
+
+    meta = {"kind": "detector", "classes": classes,
+            "backbone": checkpoint["backbone"] if checkpoint else str(backbone or "")}
+    best = fit(model, train_data, batches, loss,
+               lambda m: validate_detector(m, val_data, len(classes), cfg, bf16), cfg, bf16,
+               run_dir, meta, best_metric="map", resume=checkpoint and checkpoint["resume"])
+    if rank == 0:  # the pictures show the best epoch's model
+        inner = getattr(model, "module", model)
+        load_best(inner, run_dir, device)
+        draw_validation_pictures(inner, val_data, classes, best, run_dir, bf16)
+    return run_dir, best, classes
 
 
-def select_detections(boxes, scores, sizes, conf, iou, max_det=MAX_DETECTIONS):
-    """score_cells' output, sizes [(height, width)] -> per image {boxes [N, 4] xyxy pixels,
-    scores [N], labels [N]}: each cell's best class, scores above conf, per-class NMS, the max_det
-    best."""
-    scores, labels = scores.max(-1)  # [B, h*w]
-    results = []
-    for b, (height, width) in enumerate(sizes):
-        keep = scores[b] > conf
-        xyxy = boxes[b, keep] * torch.tensor([width, height, width, height], device=boxes.device)
-        xyxy = clip_boxes_to_image(xyxy, (height, width))
-        kept = batched_nms(xyxy, scores[b, keep], labels[b, keep], iou)[:max_det]
-        results.append({"boxes": xyxy[kept].cpu(), "scores": scores[b, keep][kept].cpu(),
-                        "labels": labels[b, keep][kept].cpu()})
-    return results
+def pretrain_backbone(cfg, name, mask_crop, resume=None):
+    """LTD pretraining in runs/pretrain/<name>: detection's loss and fit on LTDDataset's pairs;
+    resume = a last.pt goes on with that run (as in train_detector)."""
+    checkpoint = read_checkpoint(resume, "ltd", resumable=True) if resume else None
+    if checkpoint:
+        cfg, mask_crop = Config(**checkpoint["config"]), checkpoint["mask_crop"]
+    check_grid(cfg)
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    bf16 = use_bf16(device, cfg.fp32)
+    train_data, val_data = (LTDDataset(load_split(cfg.data, split, labels=False), cfg.img_size,
+                                       mask_crop, f"{cfg.data} {split}")
+                            for split in ("train", "validation"))
+    run_dir = Path(resume).parent if resume else new_run_dir("pretrain", name)
+    console.print(f"LTD pretraining on {cfg.data}: {len(train_data)} train / {len(val_data)} "
+                  f"held-out images{', crop hole greyed out' if mask_crop else ''}, {device}, "
+                  f"{'bf16' if bf16 else 'float32'} -> {run_dir}")
+    batches = seeded_batches(train_data, cfg)
+    model = LTDNet(cfg.stride).to(device)
+    if checkpoint:
+        model.load_state_dict(checkpoint["model"])
 
+    def loss(outputs, targets):
+        return detection_loss(*outputs, targets, cfg.img_size, model.detector.radius)
 
-# -----------------------------------------------------------------------------
-# Evaluation: COCO's mean average precision, written out so the rules can be read (and no
-# pycocotools is needed at run time). For each class: sort all detections by score, walk down
-# the list matching each to the best unmatched ground truth at IoU >= t, and average the
-# precision at 101 recall points. mAP averages over classes and t = 0.50, 0.55, ..., 0.95.
-
-IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
-RECALL_POINTS = np.linspace(0, 1, 101)
-
-
-def match_detections(pred_boxes, true_boxes):
-    """Detections [D, 4] (sorted by score) vs ground truth [G, 4] of one image and class ->
-    [T, D] bool: was detection d a true positive at IoU threshold t?"""
-    ious = box_iou(pred_boxes, true_boxes).numpy()  # [D, G]
-    hit = np.zeros((len(IOU_THRESHOLDS), len(pred_boxes)), bool)
-    for t, threshold in enumerate(IOU_THRESHOLDS):
-        taken = np.zeros(len(true_boxes), bool)
-        for d in range(len(pred_boxes)):
-            free = np.flatnonzero(~taken & (ious[d] >= min(threshold, 1 - 1e-10)))
-            if len(free):
-                # COCO keeps the last of equals
-                best = free[ious[d, free] == ious[d, free].max()][-1]
-                taken[best] = hit[t, d] = True
-    return hit
-
-
-def precision_curve(hits, num_true):
-    """hits [D] in descending score order -> COCO's interpolated precision at the 101
-    RECALL_POINTS."""
-    tp = np.cumsum(hits).astype(float)
-    fp = np.cumsum(~hits).astype(float)
-    recall = tp / num_true
-    precision = tp / (tp + fp + np.spacing(1))
-    # the best precision at this recall or beyond; the first detection reaching each recall point
-    precision = np.maximum.accumulate(precision[::-1])[::-1]
-    at = np.searchsorted(recall, RECALL_POINTS, side="left")
-    return np.append(precision, 0)[at]  # recall points never reached count as precision 0
-
-
-def evaluate(predictions, targets, num_classes):
-    """COCO-style mAP. predictions / targets: one dict per image, `boxes` [N, 4] xyxy pixels,
-    `labels` [N] (and `scores` [N] in predictions). Classes with no ground truth are left out of
-    the means and reported as -1, as COCO does."""
-    scores = [[] for _ in range(num_classes)]
-    hits = [[] for _ in range(num_classes)]
-    num_true = np.zeros(num_classes, int)
-    for pred, true in zip(predictions, targets):
-        for k in range(num_classes):
-            true_boxes = true["boxes"][true["labels"] == k].double()
-            mine = pred["labels"] == k
-            score = pred["scores"][mine].double().numpy()
-            # at most MAX_DETECTIONS per image and class, as COCO
-            order = np.argsort(-score, kind="mergesort")[:MAX_DETECTIONS]
-            num_true[k] += len(true_boxes)
-            scores[k].append(score[order])
-            hits[k].append(match_detections(pred["boxes"][mine].double()[order], true_boxes))
-    ap = -np.ones((len(IOU_THRESHOLDS), num_classes))
-    pr50 = [[] for _ in range(num_classes)]  # the PR curve at IoU 0.5, for pr_curve.png
-    for k in np.flatnonzero(num_true):
-        order = np.argsort(-np.concatenate(scores[k]), kind="mergesort")
-        class_hits = np.concatenate(hits[k], axis=1)[:, order]
-        # AP: the area under the curve, its mean over the 101 recall points
-        ap[:, k] = [precision_curve(h, num_true[k]).mean() for h in class_hits]
-        pr50[k] = precision_curve(class_hits[0], num_true[k]).tolist()
-
-    def mean(rows):
-        valid = ap[rows][:, num_true > 0]
-        return float(valid.mean()) if valid.size else -1.0
-
-    at = {round(t * 100): i for i, t in enumerate(IOU_THRESHOLDS)}
-    return {"map": mean(slice(None)), "map50": mean([at[50]]), "map75": mean([at[75]]),
-            "map90": mean([at[90]]), "ap50_per_class": ap[at[50]].tolist(), "pr50_per_class": pr50,
-            "ap_per_class": [float(ap[:, k].mean()) if num_true[k] else -1.0
-                             for k in range(num_classes)]}
+    best = fit(model, train_data, batches, loss,
+               lambda m: validate_ltd(m, val_data, cfg.batch, bf16), cfg, bf16, run_dir,
+               {"kind": "ltd", "mask_crop": mask_crop}, best_metric="iou",
+               resume=checkpoint and checkpoint["resume"])
+    load_best(model, run_dir, device)
+    save_checkpoint(run_dir / "backbone.pt", {
+        "kind": "backbone", "stride": cfg.stride, "mask_crop": mask_crop, "config": asdict(cfg),
+        "metrics": best, "backbone": model.detector.backbone.state_dict()})
+    draw_ltd_samples(model, val_data, cfg.batch, bf16, run_dir / "ltd_samples.jpg")
+    return run_dir, best
 
 
 # -----------------------------------------------------------------------------
@@ -1396,7 +1915,7 @@ def draw_validation_pictures(model, data, classes, metrics, run_dir, bf16):
     """After training: val_pred.jpg, objectness.jpg, pr_curve.png and results.png in run_dir."""
     model.eval()
     n = min(PICTURE_IMAGES, len(data))
-    images, _ = collate([data[i] for i in range(n)])
+    images, _ = data.collate([data[i] for i in range(n)])
     boxes, scores = score_cells(*run_model(model, images, bf16))
     originals = [open_image(data.ds[i]["image"]).convert("RGB") for i in range(n)]
     sizes = [data.sizes[i] for i in range(n)]
@@ -1411,430 +1930,7 @@ def draw_validation_pictures(model, data, classes, metrics, run_dir, bf16):
     plot_results(run_dir / "results.csv", run_dir / "results.png")
 
 
-# -----------------------------------------------------------------------------
-# Training: one loop for every model in this file. AdamW; the learning rate warms up, then follows
-# a cosine to zero over the planned run, measured in steps (--epochs) or in wall time (--time), so a
-# time budget gets a full schedule. bf16 autocast where the hardware has bf16; channels_last always.
-# Nothing is lost: a step with a NaN loss is skipped, Ctrl-C stops at a step's end, and last.pt holds
-# the optimizer, the place in the epoch and the random state, so --resume goes on exactly.
-
-WARMUP_FRACTION = 0.05
-GRAD_CLIP = 10.0
-
-
-def pick_device(name):
-    """--device: auto (the GPU when torch sees one), cpu, cuda or cuda:N (or a torch.device)."""
-    name = str(name)
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    kind, _, index = name.partition(":")
-    if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
-        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, not {name!r}")
-    if kind == "cuda" and int(index or 0) >= torch.cuda.device_count():
-        raise UserError(f"--device {name}, but torch sees {torch.cuda.device_count()} GPUs here; use --device cpu")
-    return torch.device(name)
-
-
-def use_bf16(device, fp32):
-    # Measured on a 2-core AVX-512-bf16 CPU: ResNet-18 trains ~2x faster (docs/speed.md). Without
-    # bf16 hardware the emulation is slower than float32, so we stay in float32 there.
-    if fp32:
-        return False
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-
-
-def learning_rate(cfg, progress):
-    if progress < WARMUP_FRACTION:
-        return cfg.lr * progress / WARMUP_FRACTION
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (progress - WARMUP_FRACTION) / (1 - WARMUP_FRACTION)))
-
-
-def write_atomically(path, write):
-    """temp file + rename: a crash or a full disk mid-write never leaves a half-written best.pt, last.pt
-    or model.onnx; the previous one stays as it was."""
-    tmp = path.with_suffix(".tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path} ({e.strerror or e}); "
-                        f"{'the previous one is intact' if path.exists() else 'nothing was written'}") from None
-
-
-def save_checkpoint(path, checkpoint):
-    write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
-
-
-def max_over_processes(value):
-    """Under torchrun: the largest `value` among the processes, so that all of them take the same branch."""
-    if not dist.is_initialized():
-        return value
-    value = torch.tensor(float(value))
-    dist.all_reduce(value, dist.ReduceOp.MAX)
-    return value.item()
-
-
-class Budget:
-    """How much of the planned run is done, from 0 to 1: by wall time with --time, else by steps."""
-
-    def __init__(self, cfg, steps_per_epoch):
-        self.minutes, self.total_steps = cfg.time, cfg.epochs * steps_per_epoch
-        self.start, self.steps = time.time(), 0
-
-    def progress(self):
-        if not self.minutes:
-            return self.steps / self.total_steps
-        # under torchrun every process must stop at the same step: the slowest clock decides
-        return max_over_processes(min((time.time() - self.start) / (self.minutes * 60), 1.0))
-
-
-NONFINITE_LIMIT = 5  # steps in a row with a NaN or inf loss before training gives up
-
-
-class StopRequest:
-    """Ctrl-C during training asks for a stop at the end of the current step: last.pt then holds a
-    consistent state (weights, optimizer, place in the epoch, random state) that --resume continues
-    exactly. A second Ctrl-C stops at once, and the last finished epoch's last.pt is what remains."""
-
-    def __enter__(self):
-        self.requested, self.previous = False, None
-        if threading.current_thread() is threading.main_thread():  # Python lets only this thread handle signals
-            self.previous = signal.signal(signal.SIGINT, self.request)
-        return self
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-
-    def request(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        console.print("Ctrl-C: stopping at the end of this step (press again to stop at once)")
-
-
-def train_epoch(model, data, collate, batches, compute_loss, optimizer, cfg, bf16, budget, run, stop,
-                title):
-    """Train on `batches` (lists of dataset indices) from run.step on, until they end, the budget runs
-    out, or a stop is asked for. `run` holds the place in the epoch and the running sums, so that an
-    epoch stopped half-way is resumed exactly. Returns True when stopped by Ctrl-C."""
-    model.train()
-    start, seen_before = time.time(), run.seen
-    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-               TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, console=console) as bar:
-        task = bar.add_task(title, total=len(batches), completed=run.step, info="")
-        for indices in batches[run.step:]:
-            images, targets = collate([data[i] for i in indices])
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, budget.progress())
-            parts, lost = compute_loss(run_model(model, images, bf16), targets)
-            if max_over_processes(not torch.isfinite(parts["loss"]).item()):  # a bad step is skipped, not learnt
-                run.skipped, run.bad_in_a_row = run.skipped + 1, run.bad_in_a_row + 1
-                if run.bad_in_a_row >= NONFINITE_LIMIT:
-                    raise FloatingPointError(f"the loss was NaN or inf for {NONFINITE_LIMIT} steps in a row")
-            else:
-                optimizer.zero_grad(set_to_none=True)
-                parts["loss"].backward()
-                nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-                optimizer.step()
-                run.bad_in_a_row = 0
-                run.seen, run.collisions = run.seen + len(targets), run.collisions + lost
-                for name, value in parts.items():
-                    run.sums[name] = run.sums.get(name, 0.0) + value.item() * len(targets)
-            budget.steps, run.step = budget.steps + 1, run.step + 1
-            info = " ".join(f"{n} {v / max(run.seen, 1):.3f}" for n, v in run.sums.items())
-            speed = (run.seen - seen_before) / (time.time() - start)
-            bar.update(task, advance=1, info=f"{info} | {speed:.1f} img/s")
-            if budget.progress() >= 1:
-                return False
-            if max_over_processes(stop.requested):
-                return True
-    return False
-
-
-def append_row(path, row):
-    new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-
-
-@dataclass
-class RunState:
-    """The place in a training run that last.pt records, so that --resume goes on exactly: the epoch,
-    the shuffle's state when it began (None under torchrun), the step in it and its running sums."""
-    epoch: int
-    order: torch.Tensor | None
-    step: int = 0
-    sums: dict = field(default_factory=dict)  # loss part -> sum over the images seen
-    seen: int = 0
-    collisions: int = 0
-    skipped: int = 0
-    bad_in_a_row: int = 0  # non-finite steps in a row, across epochs
-
-
-def fit(model, data, collate, batches, compute_loss, validate, cfg, bf16, run_dir, meta, best_metric,
-        resume=None):
-    """Train `model` on `data` in `batches` (a BatchSampler of a seeded RandomSampler, or of a
-    DistributedSampler under torchrun; no DataLoader: a resumed epoch must be cut exactly as
-    before, from the shuffle's saved state); after each epoch `validate(model)` -> metrics.
-    Writes last.pt (with what --resume needs), best.pt (highest `best_metric`) and results.csv
-    (one row per epoch) to run_dir. Returns the best metrics. `resume`: a last.pt's "resume"
-    entry, to continue that run exactly where it stopped. Under torchrun, `model` is wrapped in
-    DistributedDataParallel and only rank 0 validates and writes."""
-    model.to(memory_format=MEMORY_FORMAT)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    budget, best, shown = Budget(cfg, len(batches)), None, ""
-    inner = getattr(model, "module", model)  # the model inside DistributedDataParallel
-    main = not dist.is_initialized() or dist.get_rank() == 0
-    sampler = batches.sampler
-    distributed = isinstance(sampler, DistributedSampler)  # it shuffles by seed and epoch itself
-    shuffle_state = (lambda: None) if distributed else sampler.generator.get_state
-    run = RunState(1, shuffle_state())
-    if resume:
-        optimizer.load_state_dict(resume["optimizer"])
-        run, best, budget.steps = RunState(**resume["run"]), resume["best"], resume["steps"]
-        budget.start -= resume["elapsed_s"]  # a --time budget goes on where it stopped
-        torch.set_rng_state(resume["rng"])
-        console.print(f"resuming {run_dir} at epoch {run.epoch}, step {run.step} of {len(batches)}")
-
-    def checkpoint(metrics, resumable=True):
-        state = {**meta, "model": inner.state_dict(), "config": asdict(cfg), "epoch": run.epoch - 1,  # finished
-                 "metrics": metrics}
-        if resumable:  # best.pt is for using the model; last.pt is for going on with training
-            state["resume"] = {"optimizer": optimizer.state_dict(), "run": asdict(run), "best": best, "steps": budget.steps,
-                               "elapsed_s": time.time() - budget.start, "rng": torch.get_rng_state()}
-        return state
-
-    resume_command = f"odscratch {'pretrain' if meta['kind'] == 'ltd' else 'train'} --resume {run_dir}/last.pt"
-
-    def what_is_saved():
-        if not (run_dir / "last.pt").exists():
-            return "no epoch had finished, so nothing was saved"
-        return f"{run_dir}/last.pt holds the last finished epoch; continue from it with: {resume_command}"
-
-    try:
-        with StopRequest() as stop:
-            while budget.progress() < 1:
-                if distributed:
-                    sampler.set_epoch(run.epoch)  # a new shuffle each epoch, the same in every process
-                else:
-                    sampler.generator.set_state(run.order)  # drawn afresh from the epoch's start state
-                epoch_batches = list(batches)  # this epoch's batches of dataset indices
-                title = f"epoch {run.epoch}{shown}"
-                if train_epoch(model, data, collate, epoch_batches, compute_loss, optimizer, cfg, bf16,
-                               budget, run, stop, title):
-                    if main:
-                        save_checkpoint(run_dir / "last.pt", checkpoint(best))
-                    raise UserError(f"stopped in epoch {run.epoch} at step {run.step} of {len(epoch_batches)}; "
-                                    f"continue exactly from there with: {resume_command}")
-                finished = run
-                run = RunState(run.epoch + 1, shuffle_state(), bad_in_a_row=finished.bad_in_a_row)
-                if not main:
-                    continue
-                metrics = validate(inner)
-                scalars = {n: round(v, 5) for n, v in metrics.items() if isinstance(v, float)}
-                shown = " | val " + " ".join(f"{n} {v:.2f}" for n, v in scalars.items())  # in the next epoch's bar
-                losses = {n: round(v / max(finished.seen, 1), 5) for n, v in finished.sums.items()}
-                append_row(run_dir / "results.csv", {"epoch": finished.epoch,
-                                                     "elapsed_s": round(time.time() - budget.start, 1), **losses,
-                                                     "collisions": finished.collisions,
-                                                     "skipped_steps": finished.skipped, **scalars})
-                lost, skipped = finished.collisions, finished.skipped
-                console.print(f"epoch {finished.epoch}: " + " ".join(f"{n} {v:.3f}" for n, v in scalars.items())
-                              + (f" | {lost} boxes lost to shared cells" if lost else "")
-                              + (f" | {skipped} steps skipped: loss NaN or inf" if skipped else ""))
-                if best is None or metrics[best_metric] > best[best_metric]:
-                    best = {**metrics, "epoch": finished.epoch}
-                    save_checkpoint(run_dir / "best.pt", checkpoint(metrics, resumable=False))
-                save_checkpoint(run_dir / "last.pt", checkpoint(metrics))
-    except KeyboardInterrupt:
-        raise UserError(f"interrupted at once in epoch {run.epoch}; {what_is_saved()}") from None
-    except FloatingPointError as e:
-        raise UserError(f"{e} in epoch {run.epoch}: stopped (try a lower --lr, or check the data's boxes); "
-                        f"{what_is_saved()}") from None
-    return best
-
-
-def model_network(model, bf16):
-    """A GridDetector, set to eval -> its network: images [B, 3, img_size, img_size] in [0, 1] ->
-    score_cells' boxes [B, h*w, 4] and class scores [B, h*w, K]. An exported model is another."""
-    model.eval()
-    return lambda images: score_cells(*run_model(model, images, bf16))
-
-
-@torch.no_grad()
-def predict(network, data, batch, conf, iou):
-    """A DetectionDataset -> one detections dict per image, in original pixels."""
-    loader = torch.utils.data.DataLoader(data, batch_size=batch, collate_fn=collate)
-    results = []
-    for images, targets in loader:
-        sizes = [data.sizes[t["index"]] for t in targets]
-        results += select_detections(*network(images), sizes, conf, iou)
-    return results
-
-
-def validate_detector(model, data, num_classes, cfg, bf16):
-    found = predict(model_network(model, bf16), data, cfg.batch, EVAL_CONF, NMS_IOU)
-    return evaluate(found, data.targets, num_classes)
-
-
-def seed_everything(seed):
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-
-
-def new_run_dir(command, name):
-    """runs/<command>/<name>, or <name>2, <name>3, ... : an earlier run is never overwritten."""
-    for i in range(1, 10_000):
-        path = Path("runs") / command / (name if i == 1 else f"{name}{i}")
-        try:
-            path.mkdir(parents=True)
-            return path
-        except FileExistsError:
-            continue
-    raise UserError(f"runs/{command}/ has too many runs named {name!r}; pass --name")
-
-
-def check_grid(cfg):
-    if cfg.stride not in BACKBONE_CHANNELS:
-        raise UserError(f"--stride must be one of {sorted(BACKBONE_CHANNELS)}, not {cfg.stride}")
-    if cfg.img_size % cfg.stride:
-        raise UserError(f"--img-size {cfg.img_size} is not a multiple of --stride {cfg.stride}")
-    if cfg.assign_radius < 0.5:
-        raise UserError(f"--assign-radius must be at least 0.5 (the cell a box's centre falls in), not {cfg.assign_radius}")
-
-
-CHECKPOINT_KINDS = {"detector": "a detector (`odscratch train` writes it)",
-                    "ltd": "a whole LTD network (`odscratch pretrain`'s best.pt / last.pt)",
-                    "backbone": "a pretrained backbone (`odscratch pretrain` writes it as backbone.pt)"}
-
-
-def read_checkpoint(path, kind):
-    """Any file -> the checkpoint dict, if it is an odscratch checkpoint of `kind`; else one clear error."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint file not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path} is not an odscratch checkpoint ({type(e).__name__})") from None
-    found = checkpoint.get("kind") if isinstance(checkpoint, dict) else None
-    if found not in CHECKPOINT_KINDS:
-        raise UserError(f"{path} is not an odscratch checkpoint; expected {CHECKPOINT_KINDS[kind]}")
-    if found != kind:
-        raise UserError(f"{path} holds {CHECKPOINT_KINDS[found]}, but this needs {CHECKPOINT_KINDS[kind]}")
-    return checkpoint
-
-
-def read_resumable(path, kind):
-    checkpoint = read_checkpoint(path, kind)
-    if "resume" not in checkpoint:
-        raise UserError(f"{path} holds no training state (a best.pt?): resume from the run's last.pt")
-    return checkpoint
-
-
-def check_same_classes(model_classes, data_classes, path, data):
-    if model_classes != data_classes:
-        raise UserError(f"{path} was trained on the classes {model_classes}, but {data} has {data_classes}")
-
-
-def load_backbone(path, stride):
-    """backbone.pt -> the ResNet-18 weights for a detector with this stride."""
-    checkpoint = read_checkpoint(path, "backbone")
-    if checkpoint["stride"] != stride:
-        raise UserError(f"{path} was pretrained with --stride {checkpoint['stride']}, but this run uses "
-                        f"--stride {stride}: pass --stride {checkpoint['stride']}, or pretrain with --stride {stride}")
-    return checkpoint["backbone"]
-
-
-def train_detector(cfg, name, backbone=None, resume=None):
-    """Train a detector in runs/train/<name>; or, with resume = a last.pt, go on with that run exactly
-    where it stopped, in its folder, with its settings and weights (cfg and backbone are then ignored)."""
-    checkpoint = read_resumable(resume, "detector") if resume else None
-    if checkpoint:
-        cfg, backbone = Config(**checkpoint["config"]), None
-    check_grid(cfg)
-    pretrained = load_backbone(backbone, cfg.stride) if backbone else None  # a wrong file fails before any work
-    seed_everything(cfg.seed)
-    device, rank, processes = pick_device(cfg.device), 0, 1
-    if dist.is_initialized():  # torchrun: one process per GPU (or per share of the CPU); --batch is shared out
-        rank, processes = dist.get_rank(), dist.get_world_size()
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if device.type == "cuda" else device
-        if cfg.batch % processes:
-            raise UserError(f"--batch {cfg.batch} does not split evenly over {processes} processes")
-    bf16 = use_bf16(device, cfg.fp32)
-    train_ds = load_split(cfg.data, "train", cfg.bbox_format)
-    classes = category_feature(train_ds).names
-    train_data = DetectionDataset(train_ds, cfg.img_size, train=True, name=f"{cfg.data} train")
-    val_data = DetectionDataset(load_split(cfg.data, "validation", cfg.bbox_format), cfg.img_size, train=False,
-                                name=f"{cfg.data} validation")
-    run_dir = Path(resume).parent if resume else new_run_dir("train", name) if rank == 0 else None  # rank 0 writes
-    console.print(f"training on {cfg.data}: {len(train_data)} train / {len(val_data)} validation images, "
-                  f"classes {classes}, {device}{f' x {processes} processes' if processes > 1 else ''}, "
-                  f"{'bf16' if bf16 else 'float32'} -> {run_dir}")
-    if len(train_data) < cfg.batch:
-        raise UserError(f"the train split has {len(train_data)} images, fewer than --batch {cfg.batch}")
-    model = GridDetector(len(classes), cfg.stride, cfg.assign_radius)
-    if pretrained:
-        model.backbone.load_state_dict(pretrained)
-        console.print(f"backbone from {backbone}")
-    if checkpoint:
-        check_same_classes(checkpoint["classes"], classes, resume, cfg.data)
-        model.load_state_dict(checkpoint["model"])
-    model = model.to(device, memory_format=MEMORY_FORMAT)
-    generator = torch.Generator().manual_seed(cfg.seed)  # fixes the data order
-    sampler = (DistributedSampler(train_data, seed=cfg.seed, drop_last=True) if processes > 1
-               else torch.utils.data.RandomSampler(train_data, generator=generator))
-    batches = torch.utils.data.BatchSampler(sampler, cfg.batch // processes, drop_last=True)
-    if processes > 1:  # gradients are averaged across processes after each backward pass
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    best = fit(model, train_data, collate, batches,
-               lambda outputs, targets: detection_loss(*outputs, targets, cfg.img_size, cfg.assign_radius),
-               lambda m: validate_detector(m, val_data, len(classes), cfg, bf16), cfg, bf16, run_dir,
-               {"kind": "detector", "classes": classes, "backbone": checkpoint["backbone"] if checkpoint else
-                str(backbone or "")}, best_metric="map", resume=checkpoint and checkpoint["resume"])
-    if rank == 0:  # the pictures show the best epoch's model
-        inner = getattr(model, "module", model)
-        inner.load_state_dict(torch.load(run_dir / "best.pt", map_location=device, weights_only=True)["model"])
-        draw_validation_pictures(inner, val_data, classes, best, run_dir, bf16)
-    return run_dir, best, classes
-
-
-# LTD pretraining: the same loss and loop as detection, on (R, S) pairs with one box each.
-LTD_HELD_OUT_SEED = 0  # held-out crops come from their own seed: the same crops every epoch, so epochs compare
 LTD_SAMPLES = 8        # pairs drawn in ltd_samples.jpg
-# pretrain's --batch: LTD was measured at 16 (docs/ltd.md); detection trains best at 8
-LTD_BATCH = 16
-
-
-@torch.no_grad()
-def locate_crops(model, data, n, batch, bf16):
-    """The first n held-out pairs -> predicted and true S boxes [n, 4] in R's pixels. The prediction
-    is the box of the cell most sure that it holds S. No DataLoader: it would draw from the seed too."""
-    model.eval()
-    predicted, true = [], []
-    with torch.random.fork_rng():
-        torch.manual_seed(LTD_HELD_OUT_SEED)
-        for start in range(0, n, batch):
-            pairs, targets = collate_pairs([data[i] for i in range(start, min(start + batch, n))])
-            boxes, logits = run_model(model, pairs, bf16)  # [b, h*w, 4], [b, h*w, 2]
-            best = logits.softmax(-1)[..., 0].argmax(1)             # [b]
-            predicted.append(box_convert(boxes[torch.arange(len(best)), best], "cxcywh", "xyxy").cpu() * data.img_size)
-            true.append(torch.cat([t["boxes"] for t in targets]))
-    return torch.cat(predicted), torch.cat(true)
-
-
-def validate_ltd(model, data, batch, bf16):
-    """The LTD metric: mean IoU of the predicted S box, and the share of pairs with IoU >= 0.5."""
-    iou = box_iou(*locate_crops(model, data, len(data), batch, bf16)).diagonal()
-    return {"iou": iou.mean().item(), "hit50": (iou >= 0.5).float().mean().item()}
 
 
 def draw_ltd_samples(model, data, batch, bf16, path):
@@ -1860,48 +1956,25 @@ def draw_ltd_samples(model, data, batch, bf16, path):
     grid.save(path)
 
 
-def pretrain_backbone(cfg, name, mask_crop, resume=None):
-    """LTD pretraining in runs/pretrain/<name>; resume = a last.pt goes on with that run (as train_detector)."""
-    checkpoint = read_resumable(resume, "ltd") if resume else None
-    if checkpoint:
-        cfg, mask_crop = Config(**checkpoint["config"]), checkpoint["mask_crop"]
-    check_grid(cfg)
-    seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
-    train_data = LTDDataset(load_split(cfg.data, "train", labels=False), cfg.img_size, mask_crop,
-                            f"{cfg.data} train")
-    val_data = LTDDataset(load_split(cfg.data, "validation", labels=False), cfg.img_size, mask_crop,
-                          f"{cfg.data} validation")
-    run_dir = Path(resume).parent if resume else new_run_dir("pretrain", name)
-    bf16 = use_bf16(device, cfg.fp32)
-    console.print(f"LTD pretraining on {cfg.data}: {len(train_data)} train / {len(val_data)} held-out images"
-                  f"{', crop hole greyed out' if mask_crop else ''}, {device}, "
-                  f"{'bf16' if bf16 else 'float32'} -> {run_dir}")
-    if len(train_data) < cfg.batch:
-        raise UserError(f"the train split has {len(train_data)} images, fewer than --batch {cfg.batch}")
-    model = LTDNet(cfg.stride).to(device)
-    if checkpoint:
-        model.load_state_dict(checkpoint["model"])
-    generator = torch.Generator().manual_seed(cfg.seed)
-    batches = torch.utils.data.BatchSampler(
-        torch.utils.data.RandomSampler(train_data, generator=generator), cfg.batch, drop_last=True)
-    best = fit(model, train_data, collate_pairs, batches,
-               lambda outputs, targets: detection_loss(*outputs, targets, cfg.img_size,
-                                                       model.detector.radius),
-               lambda m: validate_ltd(m, val_data, cfg.batch, bf16), cfg, bf16, run_dir,
-               {"kind": "ltd", "mask_crop": mask_crop}, best_metric="iou", resume=checkpoint and checkpoint["resume"])
-    model.load_state_dict(torch.load(run_dir / "best.pt", map_location=device, weights_only=True)["model"])
-    save_checkpoint(run_dir / "backbone.pt", {"kind": "backbone", "stride": cfg.stride, "mask_crop": mask_crop,
-                                              "config": asdict(cfg), "metrics": best,
-                                              "backbone": model.detector.backbone.state_dict()})
-    draw_ltd_samples(model, val_data, cfg.batch, bf16, run_dir / "ltd_samples.jpg")
-    return run_dir, best
-
-
 # -----------------------------------------------------------------------------
 # Shipping: a trained model as a Python object (`Detector`, which `detect` uses too), as an ONNX
 # file (`export`) that onnxruntime or another runtime can run, in float32 or int8 (`export --int8`),
 # and how fast and how accurate each one is (`bench`).
+
+
+def fold_batchnorm(model):
+    """An inference copy of `model`: after training, a BatchNorm is a fixed per-channel scale and
+    shift, so it folds into the weights of the convolution before it, and the network has half the
+    layers to run."""
+    model = copy.deepcopy(model).eval()
+    for parent in list(model.modules()):
+        children = list(parent.named_children())
+        for (name, conv), (bn_name, bn) in zip(children, children[1:]):
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                setattr(parent, name, torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn))
+                setattr(parent, bn_name, nn.Identity())
+    return model
+
 
 def load_detector(path, device, fold=True):
     """A best.pt -> the model for inference (BatchNorm folded unless fold=False), its Config, class
@@ -2316,6 +2389,21 @@ def evaluate_command(
 
 SIZE_BINS = [0.02, 0.05, 0.1, 0.25, 0.5]  # box side (the square root of its area) over the image's
 COLLISION_TOLERANCE = 0.01  # `data` suggests the coarsest stride that loses fewer boxes than this
+
+
+def collisions_per_stride(data, img_size, radius):
+    """A DetectionDataset -> {stride: share of its boxes that the assignment at `radius` loses to
+    collisions}: the design's limit, measured on the user's own data (`odscratch data` says it)."""
+    lost = {stride: 0 for stride in BACKBONE_CHANNELS}
+    for target, (height, width) in zip(data.targets, data.sizes):
+        size = torch.tensor([width, height, width, height])
+        boxes = box_convert(target["boxes"] / size, "xyxy", "cxcywh")
+        for stride in lost:
+            grid = img_size // stride
+            _, _, n = assign_boxes_to_cells(boxes, target["labels"], grid, grid, -1, radius)
+            lost[stride] += n
+    total = sum(len(t["boxes"]) for t in data.targets)
+    return {stride: n / max(total, 1) for stride, n in lost.items()}
 
 
 def box_sides(data):
