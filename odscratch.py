@@ -18,65 +18,31 @@ Run it (offline, on built-in synthetic shapes unless --data names yours):
     odscratch eval                 # the newest best.pt on the test split: mAP per class
     odscratch detect photo.jpg     # a table of boxes, and runs/detect/exp/photo.jpg
 
-Part 2, the product, is what a user's data and a shipped model need and a learner can skip: the
-layouts labelling tools export (YOLO, COCO, Pascal VOC, Hugging Face) and their checks; training
-that loses nothing (atomic checkpoints, Ctrl-C and --resume, NaN steps, torchrun); pictures of a
-run; `Detector` for Python, ONNX and int8 export, `bench`; the command line (`odscratch --help`).
-Part 1 calls into it in a few places, each marked `Part 2`.
+Part 2, the product, is what real data and a shipped model need, and a learner can skip: the
+layouts labelling tools export and their checks, training that loses nothing (checkpoints, Ctrl-C,
+--resume, torchrun), pictures, `Detector`, ONNX, the command line. Each call into it is marked.
 """
 
 
-import contextlib
-import copy
-import csv
-import glob
 import hashlib
-import importlib.util
 import io
-import json
 import math
-import os
-import re
-import signal
-import tempfile
-import threading
-import time
-from dataclasses import asdict, dataclass, field
-from typing import Annotated
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from xml.etree import ElementTree
 
 import datasets
-import huggingface_hub
 import numpy as np
 import PIL.Image
 import PIL.ImageDraw
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-import typer
-import yaml
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
-from torch.utils.data.distributed import DistributedSampler
 from torchvision import tv_tensors
 from torchvision.ops import (batched_nms, box_convert, box_iou, clip_boxes_to_image,
-                             generalized_box_iou_loss, remove_small_boxes)
+                             generalized_box_iou_loss)
 from torchvision.transforms import v2
-from torchvision.utils import make_grid
-
-console = Console()
-datasets.disable_progress_bars()
-datasets.logging.set_verbosity_error()
-
-
-class UserError(Exception):
-    """A problem with the user's input: shown as one line, never as a traceback."""
 
 
 @dataclass
@@ -96,9 +62,9 @@ class Config:
     device: str = "auto"
 
 
-# =============================================================================================
+# =============================================================================
 # PART 1: THE RECIPE
-# =============================================================================================
+# =============================================================================
 # Data: every source becomes one format, the schema of detection-datasets/fashionpedia: a
 # datasets.Dataset with `image` and `objects` = {bbox: [[x_min, y_min, x_max, y_max]] in pixels,
 # category: ClassLabel}. The built-in synthetic shapes are drawn in-process, so everything runs
@@ -110,9 +76,7 @@ SYNTHETIC_SIZE = 320                 # pixels per side
 SYNTHETIC_OBJECT_SIDE = (0.1, 0.5)   # object side as a fraction of the image side, log-uniform
 SYNTHETIC_MAX_COVER = 0.5            # an object may hide at most this much of an earlier one
 SYNTHETIC_JPEG_QUALITY = 95
-
-
-SPLIT_SEED = 0                       # the carve is fixed, so train and eval agree on it
+SPLIT_SEED = 0                       # fixes the synthetic images (and, in Part 2, carved splits)
 
 
 def synthetic_background(rng):
@@ -126,16 +90,6 @@ def synthetic_background(rng):
         draw.line((x0, y0, x1, y1), fill=colour, width=width)
     noise = rng.integers(-16, 17, (SYNTHETIC_SIZE, SYNTHETIC_SIZE, 1))
     return PIL.Image.fromarray(np.clip(np.asarray(img, np.int16) + noise, 0, 255).astype(np.uint8))
-
-
-def draw_shape(draw, category, box, colour):
-    x0, y0, x1, y1 = box
-    if SYNTHETIC_CLASSES[category] == "ellipse":
-        draw.ellipse(box, fill=colour)
-    elif SYNTHETIC_CLASSES[category] == "rectangle":
-        draw.rectangle(box, fill=colour)
-    else:
-        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=colour)
 
 
 def box_intersections(a, b):
@@ -161,7 +115,11 @@ def synthetic_example(rng):
             if (inter / areas).max() > SYNTHETIC_MAX_COVER:
                 continue
         category = int(rng.integers(len(SYNTHETIC_CLASSES)))
-        draw_shape(draw, category, box, tuple(rng.integers(0, 256, 3).tolist()))
+        shape, colour = SYNTHETIC_CLASSES[category], tuple(rng.integers(0, 256, 3).tolist())
+        if shape == "triangle":
+            draw.polygon([((x0 + box[2]) / 2, y0), tuple(box[2:]), (x0, box[3])], fill=colour)
+        else:  # draw.ellipse or draw.rectangle
+            getattr(draw, shape)(box, fill=colour)
         boxes.append(box)
         categories.append(category)
     return img, boxes, categories
@@ -177,20 +135,16 @@ def detection_features(class_names):
     })
 
 
-def jpeg_bytes(img):
-    # JPEG, not datasets' default PNG: the pixel noise makes PNG 30x slower to write
-    buffer = io.BytesIO()
-    img.save(buffer, "JPEG", quality=SYNTHETIC_JPEG_QUALITY)
-    return buffer.getvalue()
-
-
 def synthetic_rows(split, recipe):
     """The rows of one split, from one seeded numpy generator per split. `recipe` is not used here:
     it is the hash that keys datasets' cache (see synthetic_split)."""
     rng = np.random.default_rng([SPLIT_SEED, list(SYNTHETIC_SPLITS).index(split)])
     for _ in range(SYNTHETIC_SPLITS[split]):
         img, boxes, categories = synthetic_example(rng)
-        yield {"image": {"bytes": jpeg_bytes(img), "path": None},
+        # JPEG, not datasets' default PNG: the pixel noise makes PNG 30x slower to write
+        jpeg = io.BytesIO()
+        img.save(jpeg, "JPEG", quality=SYNTHETIC_JPEG_QUALITY)
+        yield {"image": {"bytes": jpeg.getvalue(), "path": None},
                "objects": {"bbox": boxes, "category": categories}}
 
 
@@ -257,22 +211,19 @@ class DetectionDataset(torch.utils.data.Dataset):
         return len(self.ds)
 
     def remember(self, i, image):
-        self.cache[i] = self.resize(image)  # [3, img_size, img_size] uint8
+        self.cache[i] = self.resize(image)
 
-    def resized(self, i):
-        """Image i as uint8 [3, img_size, img_size], with its boxes in those pixels."""
+    def __getitem__(self, i):
         if self.cache is None:
             image = self.resize(open_image(self.ds[i]["image"]).convert("RGB"))
         else:
-            image = self.cache[i]
+            image = self.cache[i]  # [3, img_size, img_size] uint8
+        # the boxes in the resized image's pixels, as a tv_tensor that AUGMENT moves with it
         (height, width), target = self.sizes[i], self.targets[i]
         scale = torch.tensor([self.img_size / width, self.img_size / height] * 2)
         boxes = tv_tensors.BoundingBoxes(target["boxes"] * scale, format="XYXY",
                                          canvas_size=image.shape[-2:])
-        return {"image": image, "boxes": boxes, "labels": target["labels"]}
-
-    def __getitem__(self, i):
-        sample = self.resized(i)
+        sample = {"image": image, "boxes": boxes, "labels": target["labels"]}
         if self.train:
             sample = AUGMENT(sample)
         image = v2.functional.to_dtype(sample["image"], torch.float32, scale=True)
@@ -285,7 +236,7 @@ class DetectionDataset(torch.utils.data.Dataset):
         return torch.stack(images), list(targets)
 
 
-# ---------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # Model: a ResNet-18 cut after the layer whose stride gives the grid we want, and one linear layer
 # applied to every cell. Nothing is downloaded: the weights start random.
 
@@ -341,26 +292,20 @@ class GridDetector(nn.Module):
 MEMORY_FORMAT = torch.channels_last
 
 
-def to_device(images, device):
-    # a detector's batch is one tensor of images; LTD's is the pair (R, S)
-    if isinstance(images, tuple):
-        return tuple(to_device(x, device) for x in images)
-    return images.to(device, memory_format=MEMORY_FORMAT)
-
-
 def run_model(model, images, bf16):
     """The one forward pass: images (or LTD's (R, S) pair) moved to the model's device in
     channels_last, under bf16 autocast where bf16 is on (float32 outputs either way)."""
     device = next(model.parameters()).device
+    pair = isinstance(images, tuple)  # a detector's batch is one tensor; LTD's is (R, S)
+    moved = [x.to(device, memory_format=MEMORY_FORMAT) for x in (images if pair else [images])]
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        return model(to_device(images, device))
+        return model(tuple(moved) if pair else moved[0])
 
 
 # -----------------------------------------------------------------------------
-# Loss: the centre-cell rule gives each ground-truth box to the one cell its centre falls in; the
-# default --assign-radius 1 adds the nearest cells inside the box (measured better:
-# docs/yolo11n.md). Every cell learns its class (background when it owns no box); cells that own a
-# box also learn the box.
+# Loss: each ground-truth box goes to the cell its centre falls in (and with --assign-radius 1, the
+# default, to the nearest cells inside it). Every cell learns its class (background when it owns
+# no box); cells that own a box also learn the box.
 
 # most cells are background: down-weighted, so that the few object cells are heard (docs/design.md)
 BACKGROUND_WEIGHT = 0.1
@@ -421,10 +366,9 @@ def detection_loss(boxes, logits, targets, img_size, radius):
 
 
 # -----------------------------------------------------------------------------
-# Decoding: from per-cell outputs to a short list of boxes per image, in the original image's
-# pixels.
-# Two steps: score_cells keeps every cell (fixed shapes, so it goes inside the exported ONNX graph);
-# select_detections keeps a different number of boxes per image (threshold + NMS), after the graph.
+# Decoding: per-cell outputs -> a short list of boxes per image, in the original image's pixels.
+# score_cells keeps every cell (fixed shapes: it goes inside the exported ONNX graph);
+# select_detections keeps a different number of boxes per image (threshold + NMS), after it.
 
 MAX_DETECTIONS = 100
 NMS_IOU = 0.5
@@ -433,9 +377,8 @@ EVAL_CONF = 0.001  # evaluation keeps low-confidence boxes: they extend the PR c
 
 
 def score_cells(boxes, logits):
-    """boxes [B, h*w, 4] (cx, cy, w, h), logits [B, h*w, K+1] -> boxes [B, h*w, 4] (x1, y1, x2, y2),
-    both relative to the image, and class probabilities [B, h*w, K] (background's share left
-    out)."""
+    """boxes [B, h*w, 4] (cx, cy, w, h), logits [B, h*w, K+1] -> boxes [B, h*w, 4] xyxy relative
+    to the image, and class probabilities [B, h*w, K] (background's share left out)."""
     return box_convert(boxes, "cxcywh", "xyxy"), logits.softmax(-1)[..., :-1]
 
 
@@ -531,11 +474,10 @@ def evaluate(predictions, targets, num_classes):
                              for k in range(num_classes)]}
 
 
-# ---------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # Training: one loop for every model in this file. AdamW; the learning rate warms up, then follows
-# a cosine to zero over the planned run, measured in steps (--epochs) or in wall time (--time), so
-# a time budget gets a full schedule. train_detector (Part 2) builds the data and the model, and
-# runs this loop inside fit, which validates after each epoch and keeps the best checkpoint.
+# a cosine to zero over the planned run (--epochs, or minutes with --time: a full schedule in any
+# budget). fit (Part 2) runs it epoch after epoch, validates, and keeps the best checkpoint.
 
 WARMUP_FRACTION = 0.05
 GRAD_CLIP = 10.0
@@ -575,8 +517,8 @@ def train_epoch(model, data, batches, compute_loss, optimizer, cfg, bf16, run):
 
 
 def model_network(model, bf16):
-    """A GridDetector, set to eval -> its network: images [B, 3, img_size, img_size] in [0, 1] ->
-    score_cells' boxes [B, h*w, 4] and class scores [B, h*w, K]. An exported model is another."""
+    """A GridDetector, set to eval -> its network: images [B, 3, S, S] in [0, 1] -> score_cells'
+    boxes and class scores. (An exported model is another network: Part 2.)"""
     model.eval()
     return lambda images: score_cells(*run_model(model, images, bf16))
 
@@ -597,13 +539,12 @@ def validate_detector(model, data, num_classes, cfg, bf16):
     return evaluate(found, data.targets, num_classes)
 
 
-# ---------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # Learn To Detect (LTD): pretraining without labels. Cut a random sub-image S out of a reference
 # image R, change its colours and blur it, and ask the network for S's box inside R. To answer, it
-# needs what a detector needs: features that say what is where, at any scale. R is left intact:
-# greying out S's hole would give the answer away (`--mask-crop` does it, to measure that).
-# S is one object of one class in R, so LTD trains with detection's own loss and loop
-# (pretrain_backbone, Part 2); its backbone.pt then starts a detector (`train --backbone`).
+# needs what a detector needs: features that say what is where, at any scale. R is left intact
+# (greying out S's hole gives the answer away: --mask-crop measures it). S is one object of one
+# class, so LTD trains with detection's loss and loop; its backbone then starts a detector.
 
 LTD_AREA = (0.04, 0.4)   # S's area as a fraction of R's, log-uniform (docs/ltd.md)
 LTD_ASPECT = (0.5, 2.0)  # S's width / height, log-uniform
@@ -611,7 +552,6 @@ LTD_CROP_SIZE = 96       # S's fixed size: its scale in R must be inferred, not 
 LTD_JITTER = v2.Compose([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.05),
                          v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 2.0))], p=0.5)])
 MASK_GREY = 0.5
-LTD_BATCH = 16  # pretrain's --batch: LTD was measured at 16 (docs/ltd.md), detection at 8
 LTD_HELD_OUT_SEED = 0  # held-out crops come from their own seed: the same every epoch
 
 
@@ -672,9 +612,8 @@ class LTDNet(nn.Module):
     def forward(self, pair):
         R, S = pair  # [B, 3, img_size, img_size], [B, 3, LTD_CROP_SIZE, LTD_CROP_SIZE]
         features = self.detector.features(R)                   # [B, C, h, w]
-        # S is normalised with R's running batch-norm statistics, in training as at test: batches
-        # of zoomed-in crops have other statistics, and mixing them in made the held-out metric
-        # collapse
+        # S is normalised with R's running batch-norm statistics, in training as at test: mixing
+        # in the other statistics of zoomed-in crops made the held-out metric collapse
         self.detector.backbone.train(False)
         query = self.detector.features(S).mean((2, 3))         # [B, C]
         self.detector.backbone.train(self.training)
@@ -706,9 +645,47 @@ def validate_ltd(model, data, batch, bf16):
     return {"iou": iou.mean().item(), "hit50": (iou >= 0.5).float().mean().item()}
 
 
-# =============================================================================================
+# =============================================================================
 # PART 2: THE PRODUCT
-# =============================================================================================
+# =============================================================================
+# Part 2's own imports: the recipe above needs none of them.
+import contextlib
+import copy
+import csv
+import glob
+import importlib.util
+import json
+import os
+import re
+import signal
+import tempfile
+import threading
+import time
+from dataclasses import asdict, field
+from typing import Annotated
+from xml.etree import ElementTree
+
+import huggingface_hub
+import torch.distributed as dist
+import typer
+import yaml
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from torch.utils.data.distributed import DistributedSampler
+from torchvision.ops import remove_small_boxes
+from torchvision.utils import make_grid
+
+console = Console()
+datasets.disable_progress_bars()
+datasets.logging.set_verbosity_error()
+
+
+class UserError(Exception):
+    """A problem with the user's input: shown as one line, never as a traceback."""
+
+
 
 # -----------------------------------------------------------------------------
 # Your own data, as labelling tools export it (CVAT, Label Studio, Roboflow, LabelImg, ...): YOLO
@@ -1373,7 +1350,7 @@ def read_targets(ds, name, train):
     return sizes, targets
 
 
-# ---------------------------------------------------------------------------------------------
+# -----------------------------------------------------------------------------
 # Safe training: nothing is lost. fit runs train_epoch epoch after epoch, validates, and writes
 # best.pt and last.pt atomically; last.pt holds the optimizer, the place in the epoch and the
 # random state, so --resume goes on exactly. A NaN step is skipped, Ctrl-C stops at a step's end,
@@ -2294,6 +2271,9 @@ def metrics_table(title, metrics, classes):
         table.add_row(name, fmt(ap50), fmt(ap))
     table.caption = f"mAP75 {fmt(metrics['map75'])}   mAP90 {fmt(metrics['map90'])}"
     return table
+
+
+LTD_BATCH = 16  # pretrain's --batch: LTD was measured at 16 (docs/ltd.md), detection at 8
 
 
 @app.command()

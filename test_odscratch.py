@@ -27,6 +27,12 @@ needs_bccd = pytest.mark.skipif(not BCCD.is_dir(), reason=f"BCCD not found at {B
 runner = CliRunner()
 
 
+def jpeg_bytes(image):
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
 # --- evaluation: our evaluate() against pycocotools on the same inputs -------------------------------
 
 def random_case(rng, num_images, num_classes):
@@ -1092,7 +1098,7 @@ def test_decompression_bomb_in_detect_is_refused_and_named(trained, tmp_path, mo
 
 def test_boxes_outside_the_image_are_clipped_or_dropped_and_counted(tmp_path):
     features = ods.detection_features(["a"])
-    image = {"bytes": ods.jpeg_bytes(PIL.Image.new("RGB", (100, 80))), "path": None}
+    image = {"bytes": jpeg_bytes(PIL.Image.new("RGB", (100, 80))), "path": None}
     boxes = [[-10.0, 10, 50, 50], [10, 10, 20, 20], [105, 10, 120, 50], [30, 30, 30, 60]]  # partly out, fine,
     ds = datasets.Dataset.from_dict({"image": [image] * 10,                                # wholly out, no area
                                      "objects": [{"bbox": boxes, "category": [0] * 4}] * 10}, features=features)
@@ -1141,7 +1147,7 @@ def test_empty_dataset_or_split_is_one_line_error(tmp_path, monkeypatch):
 
 def test_categories_not_in_the_class_list_are_one_line_errors(trained, tmp_path, monkeypatch):
     features = ods.detection_features(list("abcde"))
-    image = {"bytes": ods.jpeg_bytes(PIL.Image.new("RGB", (32, 32))), "path": None}
+    image = {"bytes": jpeg_bytes(PIL.Image.new("RGB", (32, 32))), "path": None}
     ds = datasets.Dataset.from_dict({"image": [image], "objects": [{"bbox": [[1.0, 1, 9, 9]], "category": [4]}]},
                                     features=features).cast(ods.detection_features(["a", "b"]))
     with pytest.raises(ods.UserError, match=r"category 4 is not in its class list \['a', 'b'\]"):
@@ -1372,7 +1378,7 @@ def test_objectness_has_one_value_per_cell(trained, tmp_path, monkeypatch):
 def test_data_collision_shares_agree_with_the_assignment(tmp_path):
     # per image: two boxes whose centres share a stride-32 cell but not a stride-16 one, and one alone
     boxes = [[4.0, 4, 20, 20], [16, 16, 24, 24], [40, 40, 60, 60]]  # centres (12, 12), (20, 20), (50, 50)
-    image = {"bytes": ods.jpeg_bytes(PIL.Image.new("RGB", (64, 64))), "path": None}
+    image = {"bytes": jpeg_bytes(PIL.Image.new("RGB", (64, 64))), "path": None}
     ds = datasets.Dataset.from_dict({"image": [image] * 4, "objects": [{"bbox": boxes, "category": [0, 1, 0]}] * 4},
                                     features=ods.detection_features(["a", "b"]))
     data = ods.DetectionDataset(ds, 64, train=False)
