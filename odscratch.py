@@ -1911,14 +1911,15 @@ LTD_SAMPLES = 8        # pairs drawn in ltd_samples.jpg
 
 
 def draw_ltd_samples(model, data, batch, bf16, path):
-    """A grid of held-out R images with S's true box (green) and the predicted one (red), S beside each."""
+    """A grid of held-out R images with S's true box (green) and the predicted one (red), S beside
+    each with the IoU under it."""
     n = min(LTD_SAMPLES, len(data))
     predicted, true = locate_crops(model, data, n, batch, bf16)
     with torch.random.fork_rng():
         torch.manual_seed(LTD_HELD_OUT_SEED)  # the same pairs locate_crops saw
         pairs = [data[i][0] for i in range(n)]
     size, pad = data.img_size, 8
-    tile = (size + LTD_CROP_SIZE + 2 * pad, max(size, LTD_CROP_SIZE + 16) + pad)  # room for the IoU under S
+    tile = (size + LTD_CROP_SIZE + 2 * pad, max(size, LTD_CROP_SIZE + 16) + pad)
     grid = PIL.Image.new("RGB", (2 * tile[0], (n + 1) // 2 * tile[1]), "white")
     for i, ((R, S), p, t) in enumerate(zip(pairs, predicted, true)):
         x, y = i % 2 * tile[0], i // 2 * tile[1]
@@ -1929,7 +1930,8 @@ def draw_ltd_samples(model, data, batch, bf16, path):
         grid.paste(image, (x, y))
         grid.paste(v2.functional.to_pil_image(S.clamp(0, 1)), (x + size + pad, y))
         iou = box_iou(p[None], t[None]).item()
-        PIL.ImageDraw.Draw(grid).text((x + size + pad, y + LTD_CROP_SIZE + 4), f"IoU {iou:.2f}", fill="black")
+        under_S = (x + size + pad, y + LTD_CROP_SIZE + 4)
+        PIL.ImageDraw.Draw(grid).text(under_S, f"IoU {iou:.2f}", fill="black")
     grid.save(path)
 
 
@@ -2196,40 +2198,45 @@ def bench_detectors(detectors, image, batch, rounds, calls):
 
 
 # -----------------------------------------------------------------------------
-# Command line: pretrain, train, eval, detect, export, bench. Every command runs offline with no arguments.
+# Command line: data, pretrain, train, eval, detect, export, bench. Every command runs offline with
+# no arguments.
 
 DATA_HELP = ("'synthetic' (built in); a dataset folder or file: YOLO (data.yaml), COCO (.json), "
              "Pascal VOC (.xml) or Hugging Face (parquet, imagefolder); or a Hugging Face hub name")
 # The options several commands share, declared once; their defaults are Config's
 Data = Annotated[str, typer.Option(help=DATA_HELP)]
-BboxFormat = Annotated[str, typer.Option(help="how Hugging Face data stores boxes: xyxy, xywh, or "
-                                         "auto (xyxy unless only xywh fits the images; YOLO, COCO and "
-                                         "VOC data say it themselves)")]
-Stride = Annotated[int, typer.Option(help="pixels per grid cell: 8, 16 or 32; pretrain and train "
-                                     "with the same")]
-AssignRadius = Annotated[float, typer.Option(help="a box trains the cells within this many cells of "
-                                             "its centre; 0.5: only the cell its centre falls in")]
+BboxFormat = Annotated[str, typer.Option(
+    help="how Hugging Face data stores boxes: xyxy, xywh, or auto (xyxy unless only xywh fits "
+         "the images; YOLO, COCO and VOC data say it themselves)")]
+Stride = Annotated[int, typer.Option(
+    help="pixels per grid cell: 8, 16 or 32; pretrain and train with the same")]
+AssignRadius = Annotated[float, typer.Option(
+    help="a box trains the cells within this many cells of its centre; 0.5: only the cell its "
+         "centre falls in")]
 TimeBudget = Annotated[float, typer.Option("--time", help="minutes; overrides --epochs")]
 Seed = Annotated[int, typer.Option(help="fixes init, data order and augmentation (LTD: the crops)")]
+Resume = Annotated[str, typer.Option(
+    help="a last.pt: go on with that run exactly where it stopped (its own settings)")]
+Weights = Annotated[str, typer.Option(help="a best.pt; default: the newest under runs/train/")]
 Fp32 = Annotated[bool, typer.Option("--fp32", help="float32 even where the hardware has bf16")]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda")]
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                   help="odscratch: a small object detector you can read, train on a CPU, and ship.")
-
-
 show_tracebacks = False  # odscratch --debug COMMAND
 
 
 @app.callback()
-def main(debug: bool = typer.Option(False, "--debug", help="show the traceback behind an error message")):
+def main(debug: bool = typer.Option(False, "--debug",
+                                    help="show the traceback behind an error message")):
     global show_tracebacks
     show_tracebacks = debug
 
 
 @contextlib.contextmanager
 def user_errors():
-    """Bad input, a failing disk, Ctrl-C: one line that says what happened and what to do, no traceback."""
+    """Bad input, a failing disk, Ctrl-C: one line that says what happened and what to do, no
+    traceback."""
     try:
         yield
     except (UserError, OSError, KeyboardInterrupt) as e:
@@ -2241,8 +2248,8 @@ def user_errors():
 
 @contextlib.contextmanager
 def torchrun_processes():
-    """Under torchrun (it sets WORLD_SIZE and the rest) the processes join one group, gloo for CPU tensors
-    and nccl for GPU ones, and only rank 0 prints."""
+    """Under torchrun (it sets WORLD_SIZE and the rest) the processes join one group, gloo for CPU
+    tensors and nccl for GPU ones, and only rank 0 prints."""
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         yield
         return
@@ -2257,7 +2264,8 @@ def torchrun_processes():
 def newest_weights():
     found = sorted(Path("runs/train").glob("*/best.pt"), key=lambda p: p.stat().st_mtime)
     if not found:
-        raise UserError("no trained model in runs/train/: run `odscratch train` first, or pass --weights")
+        raise UserError("no trained model in runs/train/: run `odscratch train` first, or pass "
+                        "--weights")
     return found[-1]
 
 
@@ -2286,22 +2294,23 @@ def pretrain(
     batch: int = LTD_BATCH,
     lr: float = Config.lr,
     seed: Seed = Config.seed,
-    mask_crop: bool = typer.Option(False, "--mask-crop",
-                                   help="grey out S's region in R (to measure how it gives S away)"),
-    resume: str = typer.Option(None, help="a last.pt: go on with that run where it stopped (its own settings)"),
+    mask_crop: bool = typer.Option(False, "--mask-crop", help="grey out S's region in R (to "
+                                   "measure how it gives S away)"),
+    resume: Resume = None,
     fp32: Fp32 = False,
     device: Device = Config.device,
     name: str = typer.Option("exp", help="run folder under runs/pretrain/"),
 ):
-    """LTD self-supervised pretraining; writes runs/pretrain/<name>/{backbone.pt,ltd_samples.jpg,results.csv}."""
+    """LTD self-supervised pretraining; writes runs/pretrain/<name>/{backbone.pt,
+    ltd_samples.jpg,results.csv}."""
     with user_errors():
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:
             raise UserError("pretrain runs in one process: start it without torchrun")
-        cfg = Config(data=data, img_size=img_size, stride=stride, epochs=epochs, time=time_budget, batch=batch,
-                     lr=lr, seed=seed, fp32=fp32, device=device)
+        cfg = Config(data=data, img_size=img_size, stride=stride, epochs=epochs, time=time_budget,
+                     batch=batch, lr=lr, seed=seed, fp32=fp32, device=device)
         run_dir, best = pretrain_backbone(cfg, name, mask_crop, resume)
-        console.print(f"held-out crops: mean IoU {best['iou']:.3f}, {best['hit50']:.1%} with IoU >= 0.5 -> "
-                      f"{run_dir / 'backbone.pt'}; see {run_dir / 'ltd_samples.jpg'}")
+        console.print(f"held-out crops: mean IoU {best['iou']:.3f}, {best['hit50']:.1%} with IoU "
+                      f">= 0.5 -> {run_dir / 'backbone.pt'}; see {run_dir / 'ltd_samples.jpg'}")
 
 
 @app.command()
@@ -2316,24 +2325,26 @@ def train(
     batch: int = Config.batch,
     lr: float = Config.lr,
     seed: Seed = Config.seed,
-    backbone: str = typer.Option(None, help="start from a backbone.pt that `odscratch pretrain` wrote"),
-    resume: str = typer.Option(None, help="a last.pt: go on with that run exactly where it stopped (its own "
-                                          "settings)"),
+    backbone: str = typer.Option(None, help="start from a backbone.pt that `odscratch pretrain` "
+                                 "wrote"),
+    resume: Resume = None,
     fp32: Fp32 = False,
     device: Device = Config.device,
     name: str = typer.Option("exp", help="run folder under runs/train/"),
 ):
-    """Train a detector; writes runs/train/<name>/{best.pt,last.pt,results.csv}. Also under torchrun."""
+    """Train a detector; writes runs/train/<name>/{best.pt,last.pt,results.csv}. Also under
+    torchrun."""
     with user_errors(), torchrun_processes():
         cfg = Config(data=data, bbox_format=bbox_format, img_size=img_size, stride=stride,
-                     assign_radius=assign_radius, epochs=epochs, time=time_budget, batch=batch, lr=lr, seed=seed,
-                     fp32=fp32, device=device)
+                     assign_radius=assign_radius, epochs=epochs, time=time_budget, batch=batch,
+                     lr=lr, seed=seed, fp32=fp32, device=device)
         run_dir, best, classes = train_detector(cfg, name, backbone, resume)
         if best:  # under torchrun, rank 0's
-            console.print(metrics_table(f"best validation epoch: {best['epoch']} ({run_dir / 'best.pt'})", best,
-                                        classes))
-            console.print(f"pictures: {run_dir}/results.png (losses, mAP per epoch), val_pred.jpg (predicted and "
-                          "true boxes), pr_curve.png, objectness.jpg (per-cell objectness)", soft_wrap=True)
+            title = f"best validation epoch: {best['epoch']} ({run_dir / 'best.pt'})"
+            console.print(metrics_table(title, best, classes))
+            console.print(f"pictures: {run_dir}/results.png (losses, mAP per epoch), val_pred.jpg "
+                          "(predicted and true boxes), pr_curve.png, objectness.jpg (per-cell "
+                          "objectness)", soft_wrap=True)
 
 
 def scored_split(weights, cfg, classes, data, split):
@@ -2347,7 +2358,7 @@ def scored_split(weights, cfg, classes, data, split):
 
 @app.command("eval")
 def evaluate_command(
-    weights: str = typer.Option(None, help="a best.pt; default: the newest under runs/train/"),
+    weights: Weights = None,
     data: str = typer.Option(None, help="default: the data the model was trained on"),
     split: str = typer.Option("test", help="train, validation (or val, valid) or test"),
     batch: int = typer.Option(Config.batch),
@@ -2411,34 +2422,41 @@ def data_command(
                 raise
             splits[split] = DetectionDataset(ds, img_size, train=False, name=f"{data} {split}")
         classes = category_feature(splits["train"].ds).names
-        table = Table("split", "images", "boxes", "boxes per image, mean / max", "images with no box", *classes,
+        table = Table("split", "images", "boxes", "boxes per image, mean / max",
+                      "images with no box", *classes,
                       title=f"{data}: images and boxes per split and class")
         for split, d in splits.items():
             counts = [len(t["boxes"]) for t in d.targets]
             labels = torch.cat([t["labels"] for t in d.targets])
-            table.add_row(split, str(len(d)), str(sum(counts)), f"{np.mean(counts):.1f} / {max(counts)}",
-                          str(counts.count(0)), *[str(int((labels == k).sum())) for k in range(len(classes))])
+            per_class = [str(int((labels == k).sum())) for k in range(len(classes))]
+            table.add_row(split, str(len(d)), str(sum(counts)),
+                          f"{np.mean(counts):.1f} / {max(counts)}", str(counts.count(0)),
+                          *per_class)
         console.print(table)
         bins = list(zip([0, *SIZE_BINS], [*SIZE_BINS, math.inf]))
-        table = Table("split", *[f"{a:.0%}-{b:.0%}" if b < math.inf else f">= {a:.0%}" for a, b in bins],
+        table = Table("split", *[f"{a:.0%}-{b:.0%}" if b < math.inf else f">= {a:.0%}"
+                                 for a, b in bins],
                       title="box side / image side (side = square root of the area)")
         for split, d in splits.items():
             sides = box_sides(d)
-            table.add_row(split, *[f"{((sides >= a) & (sides < b)).float().mean():.1%}" for a, b in bins])
+            table.add_row(split, *[f"{((sides >= a) & (sides < b)).float().mean():.1%}"
+                                   for a, b in bins])
         console.print(table)
         sides = box_sides(splits["train"]) * img_size  # in pixels at --img-size
         lost = collisions_per_stride(splits["train"], img_size, assign_radius)
         table = Table("--stride", "grid", "boxes smaller than a cell", "boxes lost to collisions",
-                      title=f"--assign-radius {assign_radius:g} at --img-size {img_size}, train split")
+                      title=f"--assign-radius {assign_radius:g} at --img-size {img_size}, "
+                            "train split")
         for stride, share in lost.items():
             table.add_row(str(stride), f"{img_size // stride} x {img_size // stride}",
                           f"{(sides < stride).float().mean():.1%}", f"{share:.2%}")
         console.print(table)
         good = [stride for stride, share in lost.items() if share < COLLISION_TOLERANCE]
-        console.print(f"pick --stride {max(good)}: the coarsest grid (fastest, widest view per cell) that loses under "
-                      f"{COLLISION_TOLERANCE:.0%} of the boxes" if good else
-                      f"every stride loses {COLLISION_TOLERANCE:.0%} or more of the boxes: train with --stride 8 and a "
-                      "larger --img-size", soft_wrap=True)
+        tolerance = f"{COLLISION_TOLERANCE:.0%}"
+        console.print(f"pick --stride {max(good)}: the coarsest grid (fastest, widest view per "
+                      f"cell) that loses under {tolerance} of the boxes" if good else
+                      f"every stride loses {tolerance} or more of the boxes: train with --stride "
+                      "8 and a larger --img-size", soft_wrap=True)
 
 
 def detect_inputs(sources):
@@ -2451,7 +2469,8 @@ def detect_inputs(sources):
     for source in sources:
         path = Path(source)
         if path.is_file():
-            files.append(path)  # named by the user: an image whatever its suffix, or a one-line error
+            # named by the user: an image whatever its suffix, or a one-line error
+            files.append(path)
             continue
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.is_file())
@@ -2467,7 +2486,8 @@ def detect_inputs(sources):
 
 
 def coco_image_ids(names):
-    """COCO's own file names are their ids (000000000139.jpg -> 139); other images are numbered 1, 2, ..."""
+    """COCO's own file names are their ids (000000000139.jpg -> 139); other images are numbered
+    1, 2, ..."""
     stems = [Path(n).stem for n in names]
     if all(s.isdigit() for s in stems) and len({int(s) for s in stems}) == len(stems):
         return [int(s) for s in stems]
@@ -2475,16 +2495,19 @@ def coco_image_ids(names):
 
 
 def coco_results(found, image_id):
-    """One image's detections in COCO's results format, which pycocotools' loadRes reads."""
+    """One image's detections in COCO's results format (bbox: x, y, width, height), which
+    pycocotools' loadRes reads."""
+    boxes = box_convert(found["boxes"], "xyxy", "xywh").tolist()
     return [{"image_id": image_id, "category_id": label, "score": round(score, 5),
-             "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)]}  # x, y, width, height
-            for (x1, y1, x2, y2), score, label in zip(found["boxes"].tolist(), found["scores"].tolist(),
-                                                       found["labels"].tolist())]
+             "bbox": [round(v, 2) for v in box]}
+            for box, score, label in zip(boxes, found["scores"].tolist(), found["labels"].tolist())]
 
 
 def yolo_labels(found, width, height):
-    """One image's detections as a YOLO label file: `class cx cy w h` per line, relative to the image."""
-    boxes = box_convert(found["boxes"], "xyxy", "cxcywh") / torch.tensor([width, height, width, height])
+    """One image's detections as a YOLO label file: `class cx cy w h` per line, relative to the
+    image."""
+    size = torch.tensor([width, height, width, height])
+    boxes = box_convert(found["boxes"], "xyxy", "cxcywh") / size
     return "".join(f"{label} " + " ".join(f"{v:.6f}" for v in box) + "\n"
                    for box, label in zip(boxes.tolist(), found["labels"].tolist()))
 
@@ -2492,18 +2515,34 @@ def yolo_labels(found, width, height):
 DETECT_BATCH = 16  # images per forward pass in `detect`
 
 
+def read_inputs(inputs, ids, unreadable):
+    """A batch of detect's inputs -> [(file name, PIL image, image id)]; an image PIL cannot read
+    is left out, its error added to `unreadable`."""
+    batch = []
+    for (file_name, source), image_id in zip(inputs, ids):
+        try:
+            image = read_image(source) if isinstance(source, Path) else source
+            batch.append((file_name, image, image_id))
+        except UserError as e:
+            unreadable.append(str(e))
+    return batch
+
+
 @app.command()
 def detect(
-    sources: list[str] = typer.Argument(None, help="images, folders or globs ('photos/*.jpg'); none: built-in "
-                                                   "test images"),
-    weights: str = typer.Option(None, help="a best.pt or an exported model.onnx; default: the newest best.pt "
-                                           "under runs/train/"),
+    sources: list[str] = typer.Argument(None, help="images, folders or globs ('photos/*.jpg'); "
+                                        "none: built-in test images"),
+    weights: str = typer.Option(None, help="a best.pt or an exported model.onnx; default: the "
+                                "newest best.pt under runs/train/"),
     conf: float = typer.Option(DETECT_CONF, help="minimum score"),
     iou: float = typer.Option(NMS_IOU, help="NMS IoU threshold"),
     max_det: int = typer.Option(MAX_DETECTIONS, help="at most this many boxes per image"),
-    json_output: bool = typer.Option(False, "--json", help="write detections.json in COCO's results format"),
-    save_txt: bool = typer.Option(False, "--save-txt", help="write labels/<image>.txt in YOLO's format"),
-    show_grid: bool = typer.Option(False, "--show-grid", help="also write <image>_grid.jpg: each cell's objectness"),
+    json_output: bool = typer.Option(False, "--json", help="write detections.json in COCO's "
+                                     "results format"),
+    save_txt: bool = typer.Option(False, "--save-txt", help="write labels/<image>.txt in YOLO's "
+                                  "format"),
+    show_grid: bool = typer.Option(False, "--show-grid", help="also write <image>_grid.jpg: each "
+                                   "cell's objectness"),
     fp32: Fp32 = False,
     device: Device = Config.device,
     name: str = typer.Option("exp", help="run folder under runs/detect/"),
@@ -2519,49 +2558,52 @@ def detect(
         table = Table("image", "class", "score", "box (x1, y1, x2, y2)")
         results, images_json, unreadable = [], [], []
         for start in range(0, len(inputs), DETECT_BATCH):
-            batch = []  # (file name, PIL image, image id); an image PIL cannot read is skipped and named
-            for (file_name, source), image_id in zip(inputs[start:start + DETECT_BATCH], ids[start:]):
-                try:
-                    batch.append((file_name, read_image(source) if isinstance(source, Path) else source, image_id))
-                except UserError as e:
-                    unreadable.append(str(e))
+            end = start + DETECT_BATCH
+            batch = read_inputs(inputs[start:end], ids[start:end], unreadable)
             if not batch:
                 continue
             names, images, image_ids = zip(*batch)
-            for file_name, image, image_id, found in zip(names, images, image_ids,
-                                                         detector(list(images), conf, iou, max_det)):
+            found_all = detector(list(images), conf, iou, max_det)
+            for file_name, image, image_id, found in zip(names, images, image_ids, found_all):
                 stem = Path(file_name).stem
                 draw_detections(image, found, detector.classes).save(run_dir / f"{stem}.jpg")
                 if show_grid:
-                    draw_objectness(image, found["objectness"]).save(run_dir / f"{stem}_grid.jpg")
-                for box, score, label in zip(found["boxes"].tolist(), found["scores"].tolist(), found["names"]):
-                    table.add_row(file_name, label, f"{score:.2f}", ", ".join(f"{v:.0f}" for v in box))
+                    grid = draw_objectness(image, found["objectness"])
+                    grid.save(run_dir / f"{stem}_grid.jpg")
+                for box, score, label in zip(found["boxes"].tolist(), found["scores"].tolist(),
+                                             found["names"]):
+                    xyxy = ", ".join(f"{v:.0f}" for v in box)
+                    table.add_row(file_name, label, f"{score:.2f}", xyxy)
                 results += coco_results(found, image_id)
-                images_json.append({"id": image_id, "file_name": file_name, "width": image.width,
-                                    "height": image.height})
+                images_json.append({"id": image_id, "file_name": file_name,
+                                    "width": image.width, "height": image.height})
                 if save_txt:
-                    (run_dir / "labels" / f"{stem}.txt").write_text(yolo_labels(found, image.width, image.height))
+                    labels = yolo_labels(found, image.width, image.height)
+                    (run_dir / "labels" / f"{stem}.txt").write_text(labels)
         console.print(table)
         if json_output:  # detections.json + the image ids it uses; category_id is the class index
             (run_dir / "detections.json").write_text(json.dumps(results))
             (run_dir / "images.json").write_text(json.dumps(images_json))
         if len(unreadable) == len(inputs):
-            raise UserError(unreadable[0] + (f" (and {len(inputs) - 1} more unreadable)" if len(inputs) > 1 else ""))
+            more = f" (and {len(inputs) - 1} more unreadable)" if len(inputs) > 1 else ""
+            raise UserError(unreadable[0] + more)
         console.print(f"{len(results)} objects in {len(images_json)} images -> {run_dir}"
                       + (f" ({skipped} non-image files skipped)" if skipped else "")
-                      + (f" (skipped {len(unreadable)} unreadable: {'; '.join(unreadable[:3])})" if unreadable else ""))
+                      + (f" (skipped {len(unreadable)} unreadable: "
+                         f"{'; '.join(unreadable[:3])})" if unreadable else ""))
 
 
 @app.command()
 def export(
-    weights: str = typer.Option(None, help="a best.pt; default: the newest under runs/train/"),
+    weights: Weights = None,
     img_size: int = typer.Option(None, help="default: the size the model was trained at"),
     name: str = typer.Option("exp", help="run folder under runs/export/"),
     int8: bool = typer.Option(False, "--int8", help="also model_int8.onnx: int8 weights and "
                               f"activations, calibrated on {CALIBRATION_IMAGES} training images"),
     data: str = typer.Option(None, help="--int8 calibrates on this; default: the model's own data"),
 ):
-    """Write the model as ONNX (boxes and class scores per cell; threshold + NMS after it) to runs/export/<name>/."""
+    """Write the model as ONNX (boxes and class scores per cell; threshold + NMS after it) to
+    runs/export/<name>/."""
     with user_errors():
         weights = Path(weights) if weights else newest_weights()
         if int8:  # the calibration images first: a wrong --data stops before anything is written
@@ -2587,12 +2629,13 @@ def left_out_if_missing(what, load):
 
 @app.command()
 def bench(
-    weights: str = typer.Option(None, help="a best.pt; default: the newest under runs/train/"),
+    weights: Weights = None,
     image: str = typer.Option(None, help="the image to time; default: a built-in test image"),
     batch: int = typer.Option(BENCH_BATCH, help="images per call for the throughput column"),
     rounds: int = typer.Option(5, help="timings repeated this many times: median and range"),
     calls: int = typer.Option(20, help="single-image calls per round"),
-    threads: int = typer.Option(None, help="CPU threads for PyTorch and onnxruntime; default: PyTorch's"),
+    threads: int = typer.Option(None, help="CPU threads for PyTorch and onnxruntime; default: "
+                                "PyTorch's"),
     data: str = typer.Option(None, help="scored on, int8 calibrated on; default: the model's own"),
     split: str = typer.Option("test", help="the split each runtime's mAP is measured on"),
     device: Device = Config.device,
