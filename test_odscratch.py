@@ -1,4 +1,5 @@
-"""Tests at tiny sizes: the whole suite runs in a few minutes on 2 CPU cores, offline."""
+"""The specification, in the order of odscratch.py (Part 1, the recipe; Part 2, the product). Tiny
+sizes: the whole suite runs in a few minutes on 2 CPU cores, offline."""
 
 import contextlib
 import io
@@ -27,13 +28,185 @@ needs_bccd = pytest.mark.skipif(not BCCD.is_dir(), reason=f"BCCD not found at {B
 runner = CliRunner()
 
 
+# --- helpers: tiny datasets, and the tiny training runs that many tests share ------------------
+
 def jpeg_bytes(image):
     buffer = io.BytesIO()
     image.save(buffer, "JPEG")
     return buffer.getvalue()
 
 
-# --- evaluation: our evaluate() against pycocotools on the same inputs -------------------------------
+def make_imagefolder(folder, n=20):
+    """An imagefolder with metadata.jsonl: COCO-style xywh boxes, string categories, train only."""
+    rng = np.random.default_rng(0)
+    with open(folder / "metadata.jsonl", "w") as f:
+        for i in range(n):
+            PIL.Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+            objects = {"bbox": [[4.0, 6.0, 20.0, 10.0], [30.0, 20.0, 50.0, 40.0]], "category": ["dog", "cat"]}
+            f.write(json.dumps({"file_name": f"img{i}.png", "objects": objects}) + "\n")
+
+
+def tiny_folder(tmp_path, n=20):
+    data = tmp_path / "data"
+    data.mkdir()
+    make_imagefolder(data, n)
+    return data
+
+
+TINY_TRAIN = ["train", "--data", "data", "--bbox-format", "xywh", "--img-size", "64", "--batch", "4"]
+
+
+def invoke_in(folder, args):
+    """The CLI run with `folder` as working directory (module fixtures cannot use monkeypatch.chdir)."""
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        result = runner.invoke(ods.app, args)
+    finally:
+        os.chdir(cwd)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def one_line_error(result, *expected):
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("error: ") and "Traceback" not in result.output, result.output
+    for text in expected:
+        assert text in lines[-1], lines[-1]
+    return lines[-1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny real training run on the synthetic data, shared by the command tests."""
+    folder = tmp_path_factory.mktemp("runs")
+    return folder, invoke_in(folder, ["train", "--img-size", "128", "--epochs", "2", "--seed", "0"])
+
+
+LTD_SIZE = 64  # R's side in the pretraining tests
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """One tiny LTD pretraining through the CLI on the synthetic images (under a minute)."""
+    folder = tmp_path_factory.mktemp("pretrain")
+    invoke_in(folder, ["pretrain", "--img-size", str(LTD_SIZE), "--epochs", "3", "--batch", "32"])
+    return folder / "runs" / "pretrain" / "exp"
+
+
+# =================================================================================================
+# Part 1: the recipe, in the order odscratch.py tells it
+# =================================================================================================
+# --- data: the built-in synthetic set and DetectionDataset -------------------------------------
+
+def test_synthetic_is_seeded_and_in_schema():
+    ds = ods.load_split("synthetic", "validation")
+    assert ods.category_feature(ds).names == ods.SYNTHETIC_CLASSES
+    ods.synthetic_split.cache_clear()
+    again = ods.load_split("synthetic", "validation")
+    assert ds[3]["objects"] == again[3]["objects"]
+    assert np.array_equal(np.asarray(ds[3]["image"]), np.asarray(again[3]["image"]))
+    counts = [len(o["bbox"]) for o in ds["objects"]]
+    assert min(counts) >= 1 and max(counts) <= 8
+
+
+def test_a_small_split_is_decoded_once_and_augmented_afresh_on_every_draw():
+    ds = ods.load_split("synthetic", "validation").select(range(8))
+    train = ods.DetectionDataset(ds, 64, train=True)
+    assert sorted(train.cache) == list(range(8))  # filled by the readability check: decoded only there
+    first = train[0]
+    kept = train.cache[0].clone()
+    draws = [train[0][0] for _ in range(4)]
+    assert torch.equal(train.cache[0], kept)  # augmentation works on a copy
+    assert any(not torch.equal(first[0], d) for d in draws)
+
+
+def test_validation_images_are_never_augmented_and_their_boxes_scale_as_resize_scales_them():
+    ds = ods.load_split("synthetic", "validation").select(range(8))
+    val = ods.DetectionDataset(ds, 64, train=False)
+    fresh = ods.inference_transform(64)(ds[3]["image"].convert("RGB"))
+    assert all(torch.equal(val[3][0], fresh) for _ in range(2))
+    boxes = tv_tensors.BoundingBoxes(val.targets[3]["boxes"], format="XYXY", canvas_size=val.sizes[3])
+    resized = ods.resize_transform(64)({"image": ds[3]["image"].convert("RGB"), "boxes": boxes})["boxes"]
+    assert torch.allclose(val[3][1]["boxes"], resized)
+
+
+def test_a_corrupt_image_leaves_the_split_and_the_cache_lines_up():
+    ds = ods.load_split("synthetic", "validation").select(range(8))
+    val = ods.DetectionDataset(ds, 64, train=False)
+    rows = ds.cast_column("image", datasets.Image(decode=False))
+    images = [{"bytes": b"not an image", "path": None} if i == 2 else row["image"] for i, row in enumerate(rows)]
+    broken = datasets.Dataset.from_dict({"image": images, "objects": rows["objects"]}, features=ds.features)
+    skipped = ods.DetectionDataset(broken, 64, train=False)
+    assert len(skipped) == 7 and torch.equal(skipped[2][0], val[3][0]) and torch.equal(skipped[6][0], val[7][0])
+
+
+# --- model: one box per cell ------------------------------------------------------------------
+
+@pytest.mark.parametrize("radius", [0.5, 1.0, 1.5])
+def test_a_cell_reaches_the_centres_of_the_boxes_it_learns(radius):
+    raw = torch.tensor([[[-30.0, -30.0, 0, 0], [30.0, 30.0, 0, 0]]]).repeat(1, 8, 1)  # 4 x 4 grid, extremes
+    boxes = ods.cells_to_boxes(raw, 4, 4, radius)
+    assert boxes[0, 0, 0] * 4 == pytest.approx(0.5 - radius)  # cell (0, 0), lowest offset
+    assert boxes[0, 1, 0] * 4 == pytest.approx(1.5 + radius)  # cell (0, 1), highest offset
+
+
+# --- loss: which cells learn which box ---------------------------------------------------------
+
+def test_assign_boxes_to_cells_edges_and_collisions():
+    boxes = torch.tensor([[0.6, 0.1, 0.2, 0.2],     # row 0, col 2 of a 4x4 grid
+                          [1.0, 1.0, 0.1, 0.1],     # centre on the far edge: clamped into the last cell
+                          [0.0, 0.0, 0.1, 0.1],     # centre on the near edge: the first cell
+                          [0.55, 0.15, 0.05, 0.05]])  # same cell as box 0, smaller: loses it
+    classes, targets, collisions = ods.assign_boxes_to_cells(boxes, torch.tensor([1, 0, 2, 0]), 4, 4, background=3,
+                                                                  radius=0.5)
+    assert collisions == 1
+    assert classes[2] == 1 and torch.equal(targets[2], boxes[0])
+    assert classes[15] == 0 and classes[0] == 2
+    assert (classes == 3).sum() == 13
+
+
+def test_assign_radius_one_adds_the_nearest_cells_inside_the_box():
+    boxes = torch.tensor([[0.40, 0.30, 0.50, 0.50],   # centre (1.6, 1.2) cells: claims rows 0-1, cols 1-2
+                          [0.60, 0.30, 0.10, 0.10],   # smaller than a cell: only its centre cell (1, 2)
+                          [0.75, 0.85, 0.30, 0.30]])  # rows 2-3 near its centre, but row 2 is outside it
+    classes, targets, collisions = ods.assign_boxes_to_cells(boxes, torch.tensor([0, 1, 2]), 4, 4, background=3,
+                                                             radius=1.0)
+    assert collisions == 0
+    grid = classes.view(4, 4)
+    assert grid[0, 1:3].tolist() == [0, 0] and grid[1, 1].item() == 0
+    assert grid[1, 2].item() == 1                    # the centre's cell beats the larger box's claim
+    assert grid[3, 2:].tolist() == [2, 2] and grid[2, 2:].tolist() == [3, 3]
+    assert (classes != 3).sum() == 6
+    assert torch.equal(targets[6], boxes[1]) and torch.equal(targets[5], boxes[0])
+
+
+# --- decoding: targets assigned to cells decode back to the boxes --------------------------------
+
+@pytest.mark.parametrize("radius", [0.5, 1.0])
+def test_encoded_targets_decode_back_to_the_ground_truth(radius):
+    data = ods.DetectionDataset(ods.load_split("synthetic", "validation").select(range(40)), 320, train=False)
+    grid, K = 320 // 16, 3
+    boxes, logits, lost = [], [], []
+    for i in range(len(data)):
+        target = data[i][1]
+        cls, box, collisions = ods.assign_boxes_to_cells(
+            ods.box_convert(target["boxes"] / 320, "xyxy", "cxcywh"), target["labels"], grid, grid, K, radius)
+        logits.append(torch.nn.functional.one_hot(cls, K + 1).float() * 20)  # certain of the assigned class
+        boxes.append(box)
+        lost.append(collisions)
+    # NMS at 0.999 merges only exact copies: the cells of one box (radius 1) all hold the same target
+    scored = ods.score_cells(torch.stack(boxes), torch.stack(logits))
+    detections = ods.select_detections(*scored, data.sizes, conf=0.5, iou=0.999)
+    assert sum(len(d["boxes"]) for d in detections) == sum(len(t["boxes"]) for t in data.targets) - sum(lost)
+    clean = [i for i in range(len(data)) if lost[i] == 0]
+    assert len(clean) > 20
+    metrics = ods.evaluate([detections[i] for i in clean], [data.targets[i] for i in clean], K)
+    assert metrics["map"] == pytest.approx(1.0, abs=1e-6)
+
+
+# --- evaluation: our evaluate() against pycocotools on the same inputs ---------------------------
 
 def random_case(rng, num_images, num_classes):
     """Images with and without boxes or predictions, a class absent from the ground truth, tied
@@ -107,167 +280,154 @@ def test_evaluate_matches_pycocotools(case):
     assert ours["ap50_per_class"] == pytest.approx(theirs["ap50_per_class"], abs=1e-6)
 
 
-def test_evaluate_perfect_and_empty():
+def test_evaluate_perfect_detections_score_one_and_a_class_without_ground_truth_minus_one():
     boxes = torch.tensor([[10.0, 10, 50, 50], [60, 60, 90, 90]])
     labels = torch.tensor([0, 1])
     perfect = ods.evaluate([{"boxes": boxes, "scores": torch.tensor([0.9, 0.8]), "labels": labels}],
                            [{"boxes": boxes, "labels": labels}], 3)
-    assert perfect["map"] == pytest.approx(1.0) and perfect["ap50_per_class"][2] == -1  # class 2: no ground truth
-    nothing = ods.evaluate([{"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}],
-                           [{"boxes": boxes, "labels": labels}], 3)
-    assert nothing["map"] == 0.0
+    assert perfect["map"] == pytest.approx(1.0) and perfect["ap50_per_class"][2] == -1
 
 
-# --- the centre-cell rule -------------------------------------------------------------------
-
-def test_assign_boxes_to_cells_edges_and_collisions():
-    boxes = torch.tensor([[0.6, 0.1, 0.2, 0.2],     # row 0, col 2 of a 4x4 grid
-                          [1.0, 1.0, 0.1, 0.1],     # centre on the far edge: clamped into the last cell
-                          [0.0, 0.0, 0.1, 0.1],     # centre on the near edge: the first cell
-                          [0.55, 0.15, 0.05, 0.05]])  # same cell as box 0, smaller: loses it
-    classes, targets, collisions = ods.assign_boxes_to_cells(boxes, torch.tensor([1, 0, 2, 0]), 4, 4, background=3,
-                                                                  radius=0.5)
-    assert collisions == 1
-    assert classes[2] == 1 and torch.equal(targets[2], boxes[0])
-    assert classes[15] == 0 and classes[0] == 2
-    assert (classes == 3).sum() == 13
+def test_evaluate_no_detections_score_zero():
+    boxes = torch.tensor([[10.0, 10, 50, 50], [60, 60, 90, 90]])
+    none = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
+    assert ods.evaluate([none], [{"boxes": boxes, "labels": torch.tensor([0, 1])}], 3)["map"] == 0.0
 
 
-def test_assign_radius_one_adds_the_nearest_cells_inside_the_box():
-    boxes = torch.tensor([[0.40, 0.30, 0.50, 0.50],   # centre (1.6, 1.2) cells: claims rows 0-1, cols 1-2
-                          [0.60, 0.30, 0.10, 0.10],   # smaller than a cell: only its centre cell (1, 2)
-                          [0.75, 0.85, 0.30, 0.30]])  # rows 2-3 near its centre, but row 2 is outside it
-    classes, targets, collisions = ods.assign_boxes_to_cells(boxes, torch.tensor([0, 1, 2]), 4, 4, background=3,
-                                                             radius=1.0)
-    assert collisions == 0
-    grid = classes.view(4, 4)
-    assert grid[0, 1:3].tolist() == [0, 0] and grid[1, 1].item() == 0
-    assert grid[1, 2].item() == 1                    # the centre's cell beats the larger box's claim
-    assert grid[3, 2:].tolist() == [2, 2] and grid[2, 2:].tolist() == [3, 3]
-    assert (classes != 3).sum() == 6
-    assert torch.equal(targets[6], boxes[1]) and torch.equal(targets[5], boxes[0])
+# --- training: a trained model detects; --seed fixes everything -------------------------------
+
+def test_train_writes_checkpoints_and_learns(trained):
+    folder, _ = trained
+    run = folder / "runs" / "train" / "exp"
+    assert (run / "last.pt").is_file() and (run / "results.csv").is_file()
+    checkpoint = torch.load(run / "best.pt", weights_only=True)
+    assert checkpoint["classes"] == ods.SYNTHETIC_CLASSES and checkpoint["config"]["img_size"] == 128
+    rows = (run / "results.csv").read_text().splitlines()
+    assert len(rows) == 3 and "collisions" in rows[0] and "map50" in rows[0]
+    model, cfg, classes = ods.load_detector(run / "best.pt", torch.device("cpu"))
+    test = ods.DetectionDataset(ods.load_split("synthetic", "test"), cfg.img_size, train=False)
+    found = ods.predict(ods.model_network(model, bf16=False), test, 32, ods.EVAL_CONF, ods.NMS_IOU)
+    metrics = ods.evaluate(found, test.targets, 3)
+    assert metrics["map50"] > 0.2  # chance is ~0: a few seconds of training already finds the shapes
 
 
-@pytest.mark.parametrize("radius", [0.5, 1.0, 1.5])
-def test_a_cell_reaches_the_centres_of_the_boxes_it_learns(radius):
-    raw = torch.tensor([[[-30.0, -30.0, 0, 0], [30.0, 30.0, 0, 0]]]).repeat(1, 8, 1)  # 4 x 4 grid, extremes
-    boxes = ods.cells_to_boxes(raw, 4, 4, radius)
-    assert boxes[0, 0, 0] * 4 == pytest.approx(0.5 - radius)  # cell (0, 0), lowest offset
-    assert boxes[0, 1, 0] * 4 == pytest.approx(1.5 + radius)  # cell (0, 1), highest offset
+def test_same_seed_same_weights(tmp_path, monkeypatch):
+    tiny_folder(tmp_path)  # 17 train images, batch 4: 4 steps, each with its own shuffle and augmentation
+    monkeypatch.chdir(tmp_path)
+    for seed, name in [(0, "a"), (0, "b"), (1, "c")]:
+        result = runner.invoke(ods.app, TINY_TRAIN + ["--epochs", "2", "--seed", str(seed), "--name", name])
+        assert result.exit_code == 0, result.output
+    a, b, c = (torch.load(tmp_path / "runs" / "train" / n / "last.pt", weights_only=True)["model"] for n in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # init, data order and augmentation all follow --seed
+    assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
-@pytest.mark.parametrize("radius", [0.5, 1.0])
-def test_encoded_targets_decode_back_to_the_ground_truth(radius):
-    data = ods.DetectionDataset(ods.load_split("synthetic", "validation").select(range(40)), 320, train=False)
-    grid, K = 320 // 16, 3
-    boxes, logits, lost = [], [], []
-    for i in range(len(data)):
-        target = data[i][1]
-        cls, box, collisions = ods.assign_boxes_to_cells(
-            ods.box_convert(target["boxes"] / 320, "xyxy", "cxcywh"), target["labels"], grid, grid, K, radius)
-        logits.append(torch.nn.functional.one_hot(cls, K + 1).float() * 20)  # certain of the assigned class
-        boxes.append(box)
-        lost.append(collisions)
-    # NMS at 0.999 merges only exact copies: the cells of one box (radius 1) all hold the same target
-    scored = ods.score_cells(torch.stack(boxes), torch.stack(logits))
-    detections = ods.select_detections(*scored, data.sizes, conf=0.5, iou=0.999)
-    assert sum(len(d["boxes"]) for d in detections) == sum(len(t["boxes"]) for t in data.targets) - sum(lost)
-    clean = [i for i in range(len(data)) if lost[i] == 0]
-    assert len(clean) > 20
-    metrics = ods.evaluate([detections[i] for i in clean], [data.targets[i] for i in clean], K)
-    assert metrics["map"] == pytest.approx(1.0, abs=1e-6)
+# --- Learn To Detect: the crop sampler, pretraining, and its backbone in a detector ---------------
+
+def test_sample_ltd_crop_box_matches_the_pixels_and_the_ranges():
+    height, width = 120, 160
+    ramps = torch.meshgrid((torch.arange(height) + 0.5) / height, (torch.arange(width) + 0.5) / width, indexing="ij")
+    R = torch.stack([ramps[1], ramps[0], torch.rand(height, width)])  # channel 0 = x / W, channel 1 = y / H
+    areas, aspects = [], []
+    for seed in range(200):
+        torch.manual_seed(seed)
+        S, box = ods.sample_ltd_crop(R)
+        x1, y1, x2, y2 = box.tolist()
+        assert S.shape == (3, ods.LTD_CROP_SIZE, ods.LTD_CROP_SIZE)
+        assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height
+        # S's pixels say where they came from: the ramps span exactly the box
+        assert S[0].min() == pytest.approx(x1 / width, abs=1.5 / width)
+        assert S[0].max() == pytest.approx(x2 / width, abs=1.5 / width)
+        assert S[1].min() == pytest.approx(y1 / height, abs=1.5 / height)
+        assert S[1].max() == pytest.approx(y2 / height, abs=1.5 / height)
+        areas.append((x2 - x1) * (y2 - y1) / (width * height))
+        aspects.append((x2 - x1) / (y2 - y1))
+    low, high = ods.LTD_AREA
+    assert low * 0.9 <= min(areas) < 2 * low and high / 2 < max(areas) <= high * 1.1  # whole range, no more
+    low, high = ods.LTD_ASPECT
+    assert low * 0.9 <= min(aspects) < 1.5 * low and high / 1.5 < max(aspects) <= high * 1.1
+    # the seed fixes the crop and its jitter alike
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        S, box = ods.sample_ltd_crop(R)
+        draws.append((ods.LTD_JITTER(S), box))
+    assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])
 
 
-def test_fold_batchnorm_keeps_the_outputs():
-    torch.manual_seed(0)
-    model = ods.GridDetector(3, 16).train()
-    with torch.no_grad():
-        for _ in range(3):  # running statistics away from their initial 0 / 1
-            model(torch.rand(4, 3, 64, 64) * 2)
-    model.eval()
-    folded = ods.fold_batchnorm(model)
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
-    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original is untouched
-    images = torch.rand(2, 3, 64, 64)
-    with torch.no_grad():
-        for a, b in zip(model(images), folded(images)):
-            assert torch.allclose(a, b, atol=1e-4)
+def test_mask_crop_greys_out_exactly_the_crop():
+    images = [PIL.Image.fromarray(np.random.default_rng(i).integers(0, 255, (50, 70, 3), dtype=np.uint8))
+              for i in range(3)]
+    ds = datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()}))
+    intact, masked = ods.LTDDataset(ds, 64, mask_crop=False), ods.LTDDataset(ds, 64, mask_crop=True)
+    for i in range(3):
+        torch.manual_seed(i)
+        (R, S), target = intact[i]
+        torch.manual_seed(i)
+        (R_masked, S_masked), _ = masked[i]
+        assert torch.equal(S, S_masked)  # S is cut from the intact R either way
+        x1, y1, x2, y2 = target["boxes"][0].int().tolist()
+        hole = torch.zeros(64, 64, dtype=torch.bool)
+        hole[y1:y2, x1:x2] = True
+        assert (R_masked[:, hole] == ods.MASK_GREY).all() and torch.equal(R_masked[:, ~hole], R[:, ~hole])
+        assert not torch.equal(R, R_masked) and target["labels"].tolist() == [0]
 
 
-# --- data -----------------------------------------------------------------------------------
-
-def test_decoded_once_and_augmentation_leaves_the_cache_alone():
-    ds = ods.load_split("synthetic", "validation").select(range(8))
-    train = ods.DetectionDataset(ds, 64, train=True)
-    assert sorted(train.cache) == list(range(8))  # filled by the readability check: decoded only there
-    first = train[0]
-    kept = train.cache[0].clone()
-    draws = [train[0][0] for _ in range(4)]
-    assert torch.equal(train.cache[0], kept)
-    assert any(not torch.equal(first[0], d) for d in draws)  # augmented afresh on every draw
-    val = ods.DetectionDataset(ds, 64, train=False)
-    fresh = ods.inference_transform(64)(ds[3]["image"].convert("RGB"))
-    assert all(torch.equal(val[3][0], fresh) for _ in range(2))  # never augmented: each draw the same
-    boxes = tv_tensors.BoundingBoxes(val.targets[3]["boxes"], format="XYXY", canvas_size=val.sizes[3])
-    resized = ods.resize_transform(64)({"image": ds[3]["image"].convert("RGB"), "boxes": boxes})["boxes"]
-    assert torch.allclose(val[3][1]["boxes"], resized)  # boxes scaled as v2.Resize scales them
-    rows = ds.cast_column("image", datasets.Image(decode=False))
-    images = [{"bytes": b"not an image", "path": None} if i == 2 else row["image"] for i, row in enumerate(rows)]
-    broken = datasets.Dataset.from_dict({"image": images, "objects": rows["objects"]}, features=ds.features)
-    skipped = ods.DetectionDataset(broken, 64, train=False)  # image 2 is corrupt: the cache still lines up
-    assert len(skipped) == 7 and torch.equal(skipped[2][0], val[3][0]) and torch.equal(skipped[6][0], val[7][0])
+def test_pretrain_beats_predicting_the_centre(pretrained):
+    checkpoint = torch.load(pretrained / "backbone.pt", weights_only=True)
+    assert checkpoint["stride"] == 16 and checkpoint["config"]["img_size"] == LTD_SIZE
+    assert PIL.Image.open(pretrained / "ltd_samples.jpg").size[0] > 2 * LTD_SIZE
+    model = ods.LTDNet(stride=16)
+    model.load_state_dict(torch.load(pretrained / "best.pt", weights_only=True)["model"])
+    held_out = ods.LTDDataset(ods.load_split("synthetic", "validation"), LTD_SIZE, mask_crop=False)
+    predicted, true = ods.locate_crops(model, held_out, len(held_out), 32, bf16=False)
+    learned = box_iou(predicted, true).diagonal()
+    assert learned.mean().item() == pytest.approx(checkpoint["metrics"]["iou"], abs=0.02)  # the stored metric is real
+    # the baseline: a square of the typical crop area in the middle of R, on the same held-out crops
+    middle, half = LTD_SIZE / 2, LTD_SIZE * (ods.LTD_AREA[0] * ods.LTD_AREA[1]) ** 0.25 / 2
+    centre = box_iou(torch.tensor([[middle - half, middle - half, middle + half, middle + half]]), true)[0]
+    gain = learned - centre
+    # above it beyond chance: the mean gain exceeds 2 standard errors. Seconds of LTD learn a little;
+    # the README shows how slowly it learns more.
+    assert gain.mean() > 2 * gain.std() / len(gain) ** 0.5, (learned.mean(), centre.mean())
 
 
-
-def test_synthetic_is_seeded_and_in_schema():
-    ds = ods.load_split("synthetic", "validation")
-    assert ods.category_feature(ds).names == ods.SYNTHETIC_CLASSES
-    ods.synthetic_split.cache_clear()
-    again = ods.load_split("synthetic", "validation")
-    assert ds[3]["objects"] == again[3]["objects"]
-    assert np.array_equal(np.asarray(ds[3]["image"]), np.asarray(again[3]["image"]))
-    counts = [len(o["bbox"]) for o in ds["objects"]]
-    assert min(counts) >= 1 and max(counts) <= 8
-
-
-@needs_bccd
-def test_load_split_bccd():
-    test = ods.load_split(str(BCCD), "test")
-    assert len(test) == 72 and ods.category_feature(test).names == ["Platelets", "RBC", "WBC"]
-    data = ods.DetectionDataset(test, 320, train=False)
-    boxes = torch.cat([t["boxes"] for t in data.targets])
-    assert len(boxes) == 945
-    assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
-    assert boxes[:, 2].max() <= 640 and boxes[:, 3].max() <= 480
+def test_pretrain_on_a_plain_image_folder(tmp_path, monkeypatch):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, row in enumerate(ods.load_split("synthetic", "validation").select(range(24))):
+        row["image"].save(images / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(ods.app, ["pretrain", "--data", str(images), "--img-size", "64", "--epochs", "1",
+                                     "--batch", "8"])
+    assert result.exit_code == 0, result.output
+    assert ("Hugging Face dataset (imagefolder) with images only (no `objects` column); images: train 20, "
+            "validation 4 (a seeded 15% of train)") in " ".join(result.output.split())  # the carve is announced
+    assert (tmp_path / "runs" / "pretrain" / "exp" / "backbone.pt").is_file()
 
 
-def make_imagefolder(folder, n=20):
-    """An imagefolder with metadata.jsonl: COCO-style xywh boxes, string categories, train only."""
-    rng = np.random.default_rng(0)
-    with open(folder / "metadata.jsonl", "w") as f:
-        for i in range(n):
-            PIL.Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
-            objects = {"bbox": [[4.0, 6.0, 20.0, 10.0], [30.0, 20.0, 50.0, 40.0]], "category": ["dog", "cat"]}
-            f.write(json.dumps({"file_name": f"img{i}.png", "objects": objects}) + "\n")
+def test_train_from_a_pretrained_backbone(pretrained, trained, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    backbone = pretrained / "backbone.pt"
+    # learning rate 0: the detector's weights stay where they started, so we can see where that was
+    result = runner.invoke(ods.app, ["train", "--backbone", str(backbone), "--img-size", "64", "--epochs", "1",
+                                     "--batch", "64", "--lr", "0"])
+    assert result.exit_code == 0, result.output
+    pretrained_weights = torch.load(backbone, weights_only=True)["backbone"]
+    detector = torch.load(tmp_path / "runs" / "train" / "exp" / "last.pt", weights_only=True)
+    assert detector["backbone"] == str(backbone)
+    convolutions = [k for k in pretrained_weights if k.endswith("weight") and pretrained_weights[k].dim() == 4]
+    assert len(convolutions) > 10
+    for k in convolutions:
+        assert torch.equal(detector["model"]["backbone." + k], pretrained_weights[k]), k
+    fresh = ods.GridDetector(3, 16).backbone.state_dict()
+    assert not torch.equal(fresh[convolutions[0]], pretrained_weights[convolutions[0]])
 
 
-def test_load_split_imagefolder_xywh_strings_no_validation(tmp_path):
-    make_imagefolder(tmp_path)
-    train = ods.load_split(str(tmp_path), "train", bbox_format="xywh")
-    validation = ods.load_split(str(tmp_path), "validation", bbox_format="xywh")
-    assert ods.category_feature(train).names == ["cat", "dog"]
-    assert len(train) == 17 and len(validation) == 3  # a seeded 15 % of train
-    first = train[0]["objects"]
-    assert first["bbox"][0] == [4.0, 6.0, 24.0, 16.0]  # xywh -> xyxy
-    assert first["category"] == [1, 0]  # dog, cat -> sorted class indices
-    data = ods.DetectionDataset(train, 64, train=False)
-    assert sum(len(t["boxes"]) for t in data.targets) == 17 + 17  # the 50x40 box is clipped, kept
-    assert torch.equal(data.targets[0]["boxes"][1], torch.tensor([30.0, 20.0, 64.0, 48.0]))
-    with pytest.raises(ods.UserError, match="no split 'test'"):
-        ods.load_split(str(tmp_path), "test")
-
-
-# --- your data as labelling tools export it: the same objects in every layout ----------------------
+# =================================================================================================
+# Part 2: the product
+# =================================================================================================
+# --- your data as labelling tools export it: the same objects in every layout -------------------
 
 CLASSES = ["bird", "cat", "dog"]
 COCO_IDS = [3, 7, 12]  # COCO's category ids need not start at 0 nor follow each other
@@ -434,15 +594,8 @@ def test_every_layout_loads_the_same_boxes_and_classes(layout, tmp_path):
             assert found[name][0] == {"val": "validation"}.get(split, split), name
 
 
-def data_report(data):
-    """`odscratch data --data DATA` -> its output as one line of text."""
-    result = runner.invoke(ods.app, ["data", "--data", str(data), "--img-size", "64"])
-    assert result.exit_code == 0, result.output
-    return " ".join(result.output.split())
-
-
-def test_hugging_face_integer_categories_and_save_to_disk(tmp_path):
-    data = write_autotrain(tmp_path / "autotrain")  # categories as numbers, no class names anywhere
+def test_hugging_face_integer_categories_without_names_are_named_by_number(tmp_path):
+    data = write_autotrain(tmp_path / "autotrain")
     for metadata in data.rglob("metadata.jsonl"):
         rows = [json.loads(line) for line in metadata.read_text().splitlines()]
         for row in rows:
@@ -450,11 +603,41 @@ def test_hugging_face_integer_categories_and_save_to_disk(tmp_path):
         metadata.write_text("".join(json.dumps(row) + "\n" for row in rows))
     found, classes = loaded_objects(data)
     assert classes == ["0", "1", "2"] and len(found) == 10
+
+
+def test_a_save_to_disk_folder_loads_with_its_splits(tmp_path):
     saved = tmp_path / "saved"  # what Dataset.save_to_disk writes, read back with load_from_disk
     datasets.DatasetDict({"train": ods.load_split("synthetic", "validation").select(range(6)),
                           "test": ods.load_split("synthetic", "test").select(range(4))}).save_to_disk(saved)
     assert ods.category_feature(ods.load_split(str(saved), "train")).names == ods.SYNTHETIC_CLASSES
     assert [len(ods.load_split(str(saved), split)) for split in ["train", "validation", "test"]] == [5, 1, 4]
+
+
+def test_load_split_imagefolder_xywh_strings_no_validation(tmp_path):
+    make_imagefolder(tmp_path)
+    train = ods.load_split(str(tmp_path), "train", bbox_format="xywh")
+    validation = ods.load_split(str(tmp_path), "validation", bbox_format="xywh")
+    assert ods.category_feature(train).names == ["cat", "dog"]
+    assert len(train) == 17 and len(validation) == 3  # a seeded 15 % of train
+    first = train[0]["objects"]
+    assert first["bbox"][0] == [4.0, 6.0, 24.0, 16.0]  # xywh -> xyxy
+    assert first["category"] == [1, 0]  # dog, cat -> sorted class indices
+    data = ods.DetectionDataset(train, 64, train=False)
+    assert sum(len(t["boxes"]) for t in data.targets) == 17 + 17  # the 50x40 box is clipped, kept
+    assert torch.equal(data.targets[0]["boxes"][1], torch.tensor([30.0, 20.0, 64.0, 48.0]))
+    with pytest.raises(ods.UserError, match="no split 'test'"):
+        ods.load_split(str(tmp_path), "test")
+
+
+@needs_bccd
+def test_load_split_bccd():
+    test = ods.load_split(str(BCCD), "test")
+    assert len(test) == 72 and ods.category_feature(test).names == ["Platelets", "RBC", "WBC"]
+    data = ods.DetectionDataset(test, 320, train=False)
+    boxes = torch.cat([t["boxes"] for t in data.targets])
+    assert len(boxes) == 945
+    assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+    assert boxes[:, 2].max() <= 640 and boxes[:, 3].max() <= 480
 
 
 def test_train_and_eval_on_a_roboflow_yolo_export(tmp_path, monkeypatch):
@@ -472,6 +655,13 @@ def test_train_and_eval_on_a_roboflow_yolo_export(tmp_path, monkeypatch):
                                      "--batch", "2", "--epochs", "1"])  # LTD takes the same data's images
     assert result.exit_code == 0, result.output
     assert (tmp_path / "runs/pretrain/exp/backbone.pt").is_file()
+
+
+def data_report(data):
+    """`odscratch data --data DATA` -> its output as one line of text."""
+    result = runner.invoke(ods.app, ["data", "--data", str(data), "--img-size", "64"])
+    assert result.exit_code == 0, result.output
+    return " ".join(result.output.split())
 
 
 def test_the_data_command_names_the_layout_and_counts_each_split(tmp_path):
@@ -601,59 +791,417 @@ def test_a_split_that_is_mostly_broken_is_refused_in_one_line(layout, tmp_path, 
                    "6 of the 10 images of its train split are broken (image files not found")
 
 
-# --- the commands, end to end ---------------------------------------------------------------
+# --- what can go wrong with the data: a test per row of docs/data.md's table --------------------
 
-def invoke_in(folder, args):
-    """The CLI run with `folder` as working directory (module fixtures cannot use monkeypatch.chdir)."""
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        result = runner.invoke(ods.app, args)
-    finally:
-        os.chdir(cwd)
+def test_missing_data_folder_is_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    one_line_error(runner.invoke(ods.app, ["train", "--data", "./no/such/folder"]),
+                   "dataset folder not found: ./no/such/folder")
+
+
+def test_unreadable_images_in_a_dataset_are_skipped_named_and_counted(tmp_path, monkeypatch):
+    data = tiny_folder(tmp_path)
+    good = (data / "img0.png").read_bytes()
+    (data / "img1.png").write_bytes(good[: len(good) // 2])  # truncated
+    (data / "img2.png").write_bytes(b"not an image at all")  # corrupt
+    PIL.Image.new("RGB", (400, 300)).save(data / "img3.png")  # over the decompression-bomb limit set below
+    (data / "img4.png").unlink()                               # listed in metadata.jsonl, not on disk
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 10_000)  # 64 x 48 images pass; 400 x 300 is > 2x: refused
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(ods.app, TINY_TRAIN + ["--epochs", "1"])
     assert result.exit_code == 0, result.output
-    return result
+    output = " ".join(result.output.split())
+    # the seeded 15 % carve puts img1-3 in train and img4 in validation
+    assert "data train: skipped 3 unreadable image(s)" in output, output
+    assert "data validation: skipped 1 unreadable image(s)" in output, output
+    assert "img1.png" in output and "img2.png" in output and "img3.png" in output
+    assert "decompression bomb" in output.lower() and "file not found" in output.lower()
+    assert "training on data: 14 train / 2 validation images" in output  # went on without them
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One tiny real training run on the synthetic data, shared by the command tests."""
-    folder = tmp_path_factory.mktemp("runs")
-    return folder, invoke_in(folder, ["train", "--img-size", "128", "--epochs", "2", "--seed", "0"])
+def test_boxes_outside_the_image_are_clipped_or_dropped_and_counted(tmp_path):
+    features = ods.detection_features(["a"])
+    image = {"bytes": jpeg_bytes(PIL.Image.new("RGB", (100, 80))), "path": None}
+    boxes = [[-10.0, 10, 50, 50], [10, 10, 20, 20], [105, 10, 120, 50], [30, 30, 30, 60]]  # partly out, fine,
+    ds = datasets.Dataset.from_dict({"image": [image] * 10,                                # wholly out, no area
+                                     "objects": [{"bbox": boxes, "category": [0] * 4}] * 10}, features=features)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        ods.console.file = out
+        try:
+            data = ods.DetectionDataset(ds, 64, train=False, name="boxes")
+        finally:
+            ods.console.file = None
+    assert torch.equal(data.targets[0]["boxes"], torch.tensor([[0.0, 10, 50, 50], [10, 10, 20, 20]]))
+    assert "10 boxes clipped to their image, 20 with no area dropped" in " ".join(out.getvalue().split())
 
 
-def test_train_writes_checkpoints_and_learns(trained):
-    folder, _ = trained
-    run = folder / "runs" / "train" / "exp"
-    assert (run / "last.pt").is_file() and (run / "results.csv").is_file()
-    checkpoint = torch.load(run / "best.pt", weights_only=True)
-    assert checkpoint["classes"] == ods.SYNTHETIC_CLASSES and checkpoint["config"]["img_size"] == 128
-    rows = (run / "results.csv").read_text().splitlines()
-    assert len(rows) == 3 and "collisions" in rows[0] and "map50" in rows[0]
-    model, cfg, classes = ods.load_detector(run / "best.pt", torch.device("cpu"))
-    test = ods.DetectionDataset(ods.load_split("synthetic", "test"), cfg.img_size, train=False)
-    found = ods.predict(ods.model_network(model, bf16=False), test, 32, ods.EVAL_CONF, ods.NMS_IOU)
-    metrics = ods.evaluate(found, test.targets, 3)
-    assert metrics["map50"] > 0.2  # chance is ~0: a few seconds of training already finds the shapes
+def xywh_folder(tmp_path):
+    """10 images whose boxes are [x, y, width, height], as COCO-style exports write them."""
+    data = tmp_path / "data"
+    data.mkdir()
+    with open(data / "metadata.jsonl", "w") as f:
+        for i in range(10):
+            PIL.Image.new("RGB", (64, 48)).save(data / f"img{i}.png")
+            objects = {"bbox": [[30.0, 20.0, 10.0, 8.0], [40.0, 30.0, 12.0, 10.0]], "category": ["cat", "dog"]}
+            f.write(json.dumps({"file_name": f"img{i}.png", "objects": objects}) + "\n")
+    return data
 
 
-def test_eval_and_detect_commands(trained, tmp_path, monkeypatch):
+def test_a_wrong_box_format_is_refused_with_a_hint(tmp_path, monkeypatch):
+    xywh_folder(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    one_line_error(runner.invoke(ods.app, ["train", "--data", "data", "--img-size", "64", "--batch", "4",
+                                           "--bbox-format", "xyxy"]), "boxes are impossible", "--bbox-format")
+
+
+def test_the_box_format_is_detected(tmp_path, monkeypatch):
+    xywh_folder(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(ods.app, ["train", "--data", "data", "--img-size", "64", "--batch", "4", "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    assert "boxes read as xywh (auto)" in result.output
+    checkpoint = torch.load(tmp_path / "runs" / "train" / "exp" / "best.pt", weights_only=True)
+    assert checkpoint["config"]["bbox_format"] == "auto"
+
+
+def test_a_box_format_we_do_not_read_is_refused(tmp_path, monkeypatch):
+    xywh_folder(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ods.UserError, match="--bbox-format must be auto, xyxy or xywh, not 'cxcywh'"):
+        ods.load_split("data", "train", "cxcywh")
+
+
+def test_an_empty_folder_lists_the_layouts_looked_for(tmp_path, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path)
+    one_line_error(runner.invoke(ods.app, ["train", "--data", "empty"]), "no dataset found in empty; looked for")
+
+
+def test_an_empty_split_is_one_line_error(tmp_path, monkeypatch):
+    parquet = tmp_path / "parquet"
+    (parquet / "data").mkdir(parents=True)
+    small = ods.load_split("synthetic", "validation").select(range(8))
+    small.to_parquet(parquet / "data" / "train-00000-of-00001.parquet")
+    small.select([]).to_parquet(parquet / "data" / "validation-00000-of-00001.parquet")
+    monkeypatch.chdir(tmp_path)
+    one_line_error(runner.invoke(ods.app, ["train", "--data", "parquet"]), "split 'validation'", "is empty")
+
+
+def test_a_category_id_past_the_class_list_is_refused():
+    features = ods.detection_features(list("abcde"))
+    image = {"bytes": jpeg_bytes(PIL.Image.new("RGB", (32, 32))), "path": None}
+    ds = datasets.Dataset.from_dict({"image": [image], "objects": [{"bbox": [[1.0, 1, 9, 9]], "category": [4]}]},
+                                    features=features).cast(ods.detection_features(["a", "b"]))
+    with pytest.raises(ods.UserError, match=r"category 4 is not in its class list \['a', 'b'\]"):
+        ods.DetectionDataset(ds, 32, train=False)
+
+
+def test_a_validation_category_that_train_never_has_is_refused(tmp_path):
+    data = tmp_path / "data"
+    for split in ["train", "validation"]:
+        (data / split).mkdir(parents=True)
+        make_imagefolder(data / split, n=4)
+    with open(data / "validation" / "metadata.jsonl", "a") as f:
+        f.write(json.dumps({"file_name": "img0.png", "objects": {"bbox": [[1.0, 1, 5, 5]], "category": ["cow"]}})
+                + "\n")
+    with pytest.raises(ods.UserError, match=r"validation: categories \['cow'\] are not in the class list "
+                                             r"\['cat', 'dog'\]"):
+        ods.load_split(str(data), "train", "xywh")  # every split is read at once: the error comes first
+
+
+def test_eval_on_data_with_other_classes_is_one_line_error(trained, tmp_path, monkeypatch):
+    other = tmp_path / "other"
+    other.mkdir()
+    make_imagefolder(other)
+    monkeypatch.chdir(trained[0])  # a model trained on shapes, evaluated on cats and dogs
+    one_line_error(runner.invoke(ods.app, ["eval", "--data", str(other), "--split", "validation"]),
+                   "['ellipse', 'rectangle', 'triangle']", "['cat', 'dog']")
+
+
+def test_hub_name_offline_is_one_line_error(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parent)}
+    result = subprocess.run([sys.executable, "-m", "odscratch", "train", "--data", "nobody/no-such-dataset"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode == 1
+    assert "Traceback" not in output and len(output.splitlines()) == 1, output
+    assert "nobody/no-such-dataset" in output and "local folder" in output
+
+
+def test_hub_unreachable_is_one_line_error_within_30_seconds(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent)
+    result = subprocess.run([sys.executable, "-m", "odscratch", "train", "--data", "nobody/no-such-dataset"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+    output = (result.stdout + result.stderr).strip()
+    assert result.returncode == 1 and len(output.splitlines()) == 1 and "Traceback" not in output, output
+    assert "nobody/no-such-dataset" in output and "local folder" in output
+
+
+def test_no_validation_split_is_carved_and_announced(tmp_path, monkeypatch):
+    tiny_folder(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(ods.app, TINY_TRAIN + ["--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    assert "images: train 17, validation 3 (a seeded 15% of train)" in " ".join(result.output.split())
+
+
+# --- safe training: nothing is lost, and a wrong file is one line ------------------------------
+
+def nan_from(steps):
+    """detection_loss, but NaN on the given (1-based) training steps."""
+    loss, calls = ods.detection_loss, {"n": 0}
+
+    def nan_loss(*args, **kwargs):
+        parts, lost = loss(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] in steps:
+            parts = {**parts, "loss": parts["loss"] * float("nan")}
+        return parts, lost
+
+    return nan_loss
+
+
+def test_nan_steps_are_skipped_and_counted(tmp_path, monkeypatch):
+    tiny_folder(tmp_path)  # 17 train images, batch 4: 4 steps per epoch
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ods, "detection_loss", nan_from({2, 3}))
+    result = runner.invoke(ods.app, TINY_TRAIN + ["--epochs", "2"])
+    assert result.exit_code == 0, result.output
+    rows = (tmp_path / "runs" / "train" / "exp" / "results.csv").read_text().splitlines()
+    assert [row.split(",")[7] for row in rows] == ["skipped_steps", "2", "0"]
+
+
+def test_many_nan_steps_in_a_row_stop_training_and_keep_the_last_good_epoch(tmp_path, monkeypatch):
+    tiny_folder(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ods, "detection_loss", nan_from(set(range(6, 100))))
+    message = one_line_error(runner.invoke(ods.app, TINY_TRAIN + ["--epochs", "3"]),
+                             f"NaN or inf for {ods.NONFINITE_LIMIT} steps in a row", "last.pt")
+    last = torch.load(tmp_path / "runs" / "train" / "exp" / "last.pt", weights_only=True)
+    # steps 6-8 (epoch 2) and 9-10 (epoch 3) were NaN: skipped steps change nothing, so the last finished
+    # epoch's weights are those of step 5, from before the NaNs, and finite
+    assert last["epoch"] == 2 and all(v.isfinite().all() for v in last["model"].values() if v.is_floating_point())
+    assert "epoch 3" in message
+
+
+def test_a_failing_write_keeps_the_previous_checkpoints(tmp_path, monkeypatch):
+    tiny_folder(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    save, calls = torch.save, {"n": 0}
+
+    def disk_full_after_two(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 2:  # epoch 1 wrote best.pt and last.pt; the disk is full in epoch 2
+            with open(f, "wb") as half:
+                half.write(b"half a checkpoint")
+            raise OSError(28, "No space left on device")
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full_after_two)
+    one_line_error(runner.invoke(ods.app, TINY_TRAIN + ["--epochs", "2"]), "No space left on device",
+                   "the previous one is intact")
+    monkeypatch.setattr(torch, "save", save)
+    run = tmp_path / "runs" / "train" / "exp"
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
+    assert torch.load(run / "best.pt", weights_only=True)["epoch"] == 1
+    assert not list(run.glob("*.tmp"))
+
+
+def test_run_names_never_collide(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = ods.new_run_dir("train", "exp")
+    (first / "best.pt").write_text("first")
+    assert [ods.new_run_dir("train", "exp").name for _ in range(2)] == ["exp2", "exp3"]
+    assert (first / "best.pt").read_text() == "first"
+
+
+def test_ctrl_c_then_resume_ends_exactly_like_an_uninterrupted_run(tmp_path, monkeypatch):
+    tiny_folder(tmp_path)  # 4 steps per epoch, 3 epochs
+    monkeypatch.chdir(tmp_path)
+    args = TINY_TRAIN + ["--epochs", "3", "--seed", "1"]
+    assert runner.invoke(ods.app, args + ["--name", "whole"]).exit_code == 0
+    loss, calls = ods.detection_loss, {"n": 0}
+
+    def loss_then_ctrl_c(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 6:  # epoch 2, step 2: a real SIGINT to this process
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss(*a, **k)
+
+    monkeypatch.setattr(ods, "detection_loss", loss_then_ctrl_c)
+    one_line_error(runner.invoke(ods.app, args + ["--name", "cut"]), "stopped in epoch 2 at step 2 of 4",
+                   "odscratch train --resume runs/train/cut/last.pt")
+    monkeypatch.setattr(ods, "detection_loss", loss)
+    result = runner.invoke(ods.app, ["train", "--resume", "runs/train/cut/last.pt"])
+    assert result.exit_code == 0, result.output
+    whole, cut = (tmp_path / "runs" / "train" / "whole", tmp_path / "runs" / "train" / "cut")
+    for name in ["last.pt", "best.pt"]:
+        a, b = (torch.load(run / name, weights_only=True) for run in (whole, cut))
+        assert a["epoch"] == b["epoch"] == 3 if name == "last.pt" else a["epoch"] == b["epoch"]
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), name
+        assert a["metrics"] == b["metrics"]
+
+    def without_time(run):
+        return [row.split(",", 2)[::2] for row in (run / "results.csv").read_text().splitlines()]
+
+    assert without_time(whole) == without_time(cut)  # losses, collisions and metrics of every epoch
+
+
+def test_ctrl_c_in_a_real_process_saves_last_pt_and_prints_the_resume_command(tmp_path):
+    data = tiny_folder(tmp_path, n=60)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent), "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "odscratch", "train", "--data", str(data), "--bbox-format",
+                                "xywh", "--img-size", "64", "--batch", "4", "--epochs", "200"],
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:  # wait for the first finished epoch, then press Ctrl-C
+        if line.startswith("epoch 1:"):
+            process.send_signal(signal.SIGINT)
+            break
+    output = process.communicate(timeout=120)[0]
+    lines = output.strip().splitlines()
+    assert process.returncode == 1 and "Traceback" not in output, output
+    assert lines[-1].startswith("error: stopped in epoch") and lines[-1].endswith(
+        "continue exactly from there with: odscratch train --resume runs/train/exp/last.pt"), output
+    last = torch.load(tmp_path / "runs" / "train" / "exp" / "last.pt", weights_only=True)
+    assert last["epoch"] >= 1 and last["resume"]["run"]["step"] > 0
+
+
+def test_torchrun_two_processes_write_one_checkpoint(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    make_imagefolder(data)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "odscratch", "train", "--data", str(data), "--bbox-format", "xywh",
+                             "--img-size", "64", "--epochs", "2", "--batch", "4", "--device", "cpu"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "cpu x 2 processes" in result.stdout and result.stdout.count("epoch 2:") == 1  # rank 0 alone prints
+    assert [p.name for p in (tmp_path / "runs" / "train").iterdir()] == ["exp"]  # one run folder, not one per rank
+    assert len((tmp_path / "runs" / "train" / "exp" / "results.csv").read_text().splitlines()) == 3
+    detector = ods.Detector.load(tmp_path / "runs" / "train" / "exp" / "best.pt", "cpu")
+    assert detector.classes == ["cat", "dog"]
+
+
+def test_assign_radius_below_one_cell_is_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(ods.app, ["train", "--assign-radius", "0.3"])
+    assert result.exit_code == 1
+    assert result.output.strip() == ("error: --assign-radius must be at least 0.5 (the cell a box's centre "
+                                     "falls in), not 0.3")
+
+
+@pytest.mark.parametrize("case", ["detector", "stride", "not a checkpoint", "missing"])
+def test_mismatched_backbone_is_one_line_error(case, pretrained, trained, tmp_path, monkeypatch):
+    junk = tmp_path / "notes.pt"
+    junk.write_text("not a checkpoint")
+    path, extra, expected = {
+        "detector": (trained[0] / "runs" / "train" / "exp" / "best.pt", [], "holds a detector"),
+        "stride": (pretrained / "backbone.pt", ["--stride", "32"], "pretrained with --stride 16, but this run uses"),
+        "not a checkpoint": (junk, [], "is not an odscratch checkpoint"),
+        "missing": (tmp_path / "nothing.pt", [], "checkpoint file not found"),
+    }[case]
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(ods.app, ["train", "--backbone", str(path), "--img-size", "64", "--epochs", "1"] + extra)
+    assert result.exit_code == 1
+    assert result.output.startswith("error: ") and len(result.output.strip().splitlines()) == 1, result.output
+    assert expected in result.output and str(path) in result.output
+
+
+class RunsCode:
+    """Unpickling this runs a shell command: what a malicious checkpoint does to torch.load(weights_only=False)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_checkpoints_that_are_not_ours_truncated_or_pickles_are_refused(trained, tmp_path, monkeypatch):
     folder, _ = trained
     monkeypatch.chdir(folder)
-    result = runner.invoke(ods.app, ["eval", "--split", "validation"])
-    assert result.exit_code == 0, result.output
-    assert "ellipse" in result.output and "AP50" in result.output
-    image = tmp_path / "shapes.png"
-    ods.load_split("synthetic", "test")[0]["image"].save(image)
-    result = runner.invoke(ods.app, ["detect", str(image), "--conf", "0.05"])
-    assert result.exit_code == 0, result.output
-    assert PIL.Image.open(folder / "runs" / "detect" / "exp" / "shapes.jpg").size == (320, 320)
-    result = runner.invoke(ods.app, ["detect"])  # no arguments: built-in images, newest weights, a new folder
-    assert result.exit_code == 0, result.output
-    assert len(list((folder / "runs" / "detect" / "exp2").glob("*.jpg"))) == 4
+    marker = tmp_path / "pwned"
+    torch.save({"kind": "detector", "model": RunsCode(marker)}, tmp_path / "evil.pt")
+    best = (folder / "runs" / "train" / "exp" / "best.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(best[: len(best) // 2])
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    for name in ["evil.pt", "truncated.pt", "other.pt"]:
+        one_line_error(runner.invoke(ods.app, ["detect", "--weights", str(tmp_path / name)]),
+                       f"{tmp_path / name} is not an odscratch checkpoint")
+    assert not marker.exists()  # weights_only=True: nothing in the file was run
 
 
-# --- shipping: the Python API, detect's outputs, ONNX, bench, torchrun -----------------------------------
+def test_weights_of_the_wrong_kind_are_one_line_errors(pretrained, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    one_line_error(runner.invoke(ods.app, ["detect", "--weights", str(pretrained / "backbone.pt")]),
+                   "holds a pretrained backbone", "needs a detector")
+    one_line_error(runner.invoke(ods.app, ["train", "--resume", str(pretrained / "backbone.pt")]),
+                   "holds a pretrained backbone")
+
+
+# --- pictures ----------------------------------------------------------------------------------
+
+def test_training_draws_its_pictures(trained):
+    folder, result = trained
+    run = folder / "runs" / "train" / "exp"
+    sizes = {"results.png": (3 * 320, 2 * 220), "val_pred.jpg": (4 * ods.TILE, 2 * ods.TILE),
+             "objectness.jpg": (4 * ods.TILE, 2 * ods.TILE), "pr_curve.png": (480, 360)}
+    for name, size in sizes.items():
+        with PIL.Image.open(run / name) as image:
+            image.verify()
+        assert PIL.Image.open(run / name).size == size, name
+    output = " ".join(result.output.split())
+    assert "best validation epoch: " in output and "val_pred.jpg" in output and "objectness.jpg" in output
+
+
+def test_objectness_has_one_value_per_cell(trained, tmp_path, monkeypatch):
+    folder, _ = trained
+    weights = folder / "runs" / "train" / "exp" / "best.pt"
+    detector = ods.Detector.load(weights, "cpu", fp32=True)
+    image = ods.load_split("synthetic", "test")[0]["image"]
+    grid = detector(image)[0]["objectness"]
+    assert grid.shape == (128 // 16, 128 // 16) and 0 <= grid.min() and grid.max() <= 1
+    model, cfg, classes = ods.load_detector(weights, torch.device("cpu"))
+    with torch.no_grad():
+        _, logits = model(ods.inference_transform(cfg.img_size)(image)[None].float())
+    background = logits.softmax(-1)[0, :, -1].reshape(8, 8)
+    assert torch.allclose(grid, 1 - background, atol=1e-5)  # 1 - p(background), cell by cell
+    monkeypatch.chdir(folder)
+    image.save(tmp_path / "shapes.png")
+    result = runner.invoke(ods.app, ["detect", str(tmp_path / "shapes.png"), "--show-grid", "--name", "grid"])
+    assert result.exit_code == 0, result.output
+    assert PIL.Image.open(folder / "runs" / "detect" / "grid" / "shapes_grid.jpg").size == image.size
+
+
+def test_readme_pictures_exist():
+    root = Path(__file__).resolve().parent
+    pictures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (root / "README.md").read_text())
+    assert len(pictures) >= 2
+    for picture in pictures:
+        with PIL.Image.open(root / picture) as image:
+            image.verify()
+
+
+# --- shipping: Detector, ONNX, int8, bench ----------------------------------------------------
+
+def test_fold_batchnorm_keeps_the_outputs():
+    torch.manual_seed(0)
+    model = ods.GridDetector(3, 16).train()
+    with torch.no_grad():
+        for _ in range(3):  # running statistics away from their initial 0 / 1
+            model(torch.rand(4, 3, 64, 64) * 2)
+    model.eval()
+    folded = ods.fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original is untouched
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(model(images), folded(images)):
+            assert torch.allclose(a, b, atol=1e-4)
+
 
 def readme_python_example():
     readme = (Path(__file__).resolve().parent / "README.md").read_text()
@@ -682,57 +1230,6 @@ def test_detector_takes_a_path_a_pil_image_or_a_batch(trained, tmp_path):
         assert found["names"] == [ods.SYNTHETIC_CLASSES[k] for k in found["labels"]] and len(found["boxes"])
         assert (found["boxes"][:, 2] <= image.width).all() and (found["boxes"][:, 3] <= image.height).all()
     assert batch[1]["boxes"][:, 2].max() > 200  # x reaches past the height: scaled to 400 x 200, not square
-
-
-def test_detect_writes_coco_json_that_pycocotools_loads_and_yolo_labels(trained, tmp_path, monkeypatch):
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    folder, _ = trained
-    monkeypatch.chdir(folder)
-    test = ods.load_split("synthetic", "test").select(range(12))
-    images = tmp_path / "images"
-    images.mkdir()
-    gt = {"images": [], "annotations": [], "categories": [{"id": k} for k in range(3)]}
-    for i, row in enumerate(test):
-        row["image"].save(images / f"{i + 1:06d}.png")  # COCO-style names: the number is the image id
-        gt["images"].append({"id": i + 1})
-        for box, label in zip(row["objects"]["bbox"], row["objects"]["category"]):
-            xywh = [box[0], box[1], box[2] - box[0], box[3] - box[1]]
-            gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": i + 1, "category_id": label,
-                                      "bbox": xywh, "area": xywh[2] * xywh[3], "iscrowd": 0})
-    (images / "notes.txt").write_text("not an image")
-    result = runner.invoke(ods.app, ["detect", str(images), "--conf", "0.01", "--json", "--save-txt", "--name", "coco"])
-    assert result.exit_code == 0, result.output
-    assert "12 images" in result.output and "1 non-image files skipped" in result.output
-    out = folder / "runs" / "detect" / "coco"
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO()
-        coco.dataset = gt
-        coco.createIndex()
-        evaluation = COCOeval(coco, coco.loadRes(str(out / "detections.json")), "bbox")
-        evaluation.evaluate()
-        evaluation.accumulate()
-        evaluation.summarize()
-    assert evaluation.stats[1] > 0.2  # AP50: the detections land on the right images, classes and pixels
-
-    detections = json.loads((out / "detections.json").read_text())
-    labels = sorted((out / "labels").glob("*.txt"))
-    assert [p.stem for p in labels] == [f"{i:06d}" for i in range(1, 13)]
-    first = [d for d in detections if d["image_id"] == 1]
-    lines = [line.split() for line in (labels[0]).read_text().splitlines()]
-    assert len(lines) == len(first)
-    for d, (label, cx, cy, w, h) in zip(first, lines):
-        x, y, bw, bh = d["bbox"]
-        assert int(label) == d["category_id"]
-        assert [float(cx), float(cy), float(w), float(h)] == pytest.approx(
-            [(x + bw / 2) / 320, (y + bh / 2) / 320, bw / 320, bh / 320], abs=1e-4)
-
-    result = runner.invoke(ods.app, ["detect", str(images / "*.png"), "--conf", "0.01", "--max-det", "1", "--json"])
-    assert result.exit_code == 0, result.output
-    newest = max((folder / "runs" / "detect").iterdir(), key=lambda p: p.stat().st_mtime)
-    ids = [d["image_id"] for d in json.loads((newest / "detections.json").read_text())]
-    assert sorted(ids) == list(range(1, 13))  # a glob, and one box per image
 
 
 def test_onnx_export_matches_pytorch_in_onnxruntime(trained, monkeypatch):
@@ -849,531 +1346,7 @@ def test_bench_without_the_data_still_times(trained, monkeypatch):
     assert "onnxruntime int8" not in result.output and "mAP:" not in result.output
 
 
-def test_torchrun_two_processes_write_one_checkpoint(tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    make_imagefolder(data)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                             "-m", "odscratch", "train", "--data", str(data), "--bbox-format", "xywh",
-                             "--img-size", "64", "--epochs", "2", "--batch", "4", "--device", "cpu"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "cpu x 2 processes" in result.stdout and result.stdout.count("epoch 2:") == 1  # rank 0 alone prints
-    assert [p.name for p in (tmp_path / "runs" / "train").iterdir()] == ["exp"]  # one run folder, not one per rank
-    assert len((tmp_path / "runs" / "train" / "exp" / "results.csv").read_text().splitlines()) == 3
-    detector = ods.Detector.load(tmp_path / "runs" / "train" / "exp" / "best.pt", "cpu")
-    assert detector.classes == ["cat", "dog"]
-
-
-def test_unknown_device_is_one_line_error(trained, monkeypatch):
-    folder, _ = trained
-    monkeypatch.chdir(folder)
-    result = runner.invoke(ods.app, ["detect", "--device", "gpu"])
-    assert result.exit_code == 1
-    assert result.output.strip() == "error: --device must be auto, cpu, cuda or cuda:N, not 'gpu'"
-
-
-def test_missing_image_is_one_line_error(trained, monkeypatch):
-    folder, _ = trained
-    monkeypatch.chdir(folder)
-    result = runner.invoke(ods.app, ["detect", "no/such/image.jpg"])
-    assert result.exit_code == 1
-    assert result.output.strip() == "error: image or folder not found: no/such/image.jpg"
-
-
-def test_hub_name_offline_is_one_line_error(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parent)}
-    result = subprocess.run([sys.executable, "-m", "odscratch", "train", "--data", "nobody/no-such-dataset"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    output = (result.stdout + result.stderr).strip()
-    assert result.returncode == 1
-    assert "Traceback" not in output and len(output.splitlines()) == 1, output
-    assert "nobody/no-such-dataset" in output and "local folder" in output
-
-
-def test_assign_radius_below_one_cell_is_one_line_error(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    result = runner.invoke(ods.app, ["train", "--assign-radius", "0.3"])
-    assert result.exit_code == 1
-    assert result.output.strip() == ("error: --assign-radius must be at least 0.5 (the cell a box's centre "
-                                     "falls in), not 0.3")
-
-
-def test_same_seed_same_weights(tmp_path, monkeypatch):
-    tiny_folder(tmp_path)  # 17 train images, batch 4: 4 steps, each with its own shuffle and augmentation
-    monkeypatch.chdir(tmp_path)
-    for seed, name in [(0, "a"), (0, "b"), (1, "c")]:
-        result = runner.invoke(ods.app, TINY_TRAIN + ["--epochs", "2", "--seed", str(seed), "--name", name])
-        assert result.exit_code == 0, result.output
-    a, b, c = (torch.load(tmp_path / "runs" / "train" / n / "last.pt", weights_only=True)["model"] for n in "abc")
-    assert all(torch.equal(a[k], b[k]) for k in a)  # init, data order and augmentation all follow --seed
-    assert not all(torch.equal(a[k], c[k]) for k in a)
-
-
-# --- Learn To Detect: the crop sampler, pretraining, and its backbone in a detector ------------------
-
-def test_sample_ltd_crop_box_matches_the_pixels_and_the_ranges():
-    height, width = 120, 160
-    ramps = torch.meshgrid((torch.arange(height) + 0.5) / height, (torch.arange(width) + 0.5) / width, indexing="ij")
-    R = torch.stack([ramps[1], ramps[0], torch.rand(height, width)])  # channel 0 = x / W, channel 1 = y / H
-    areas, aspects = [], []
-    for seed in range(200):
-        torch.manual_seed(seed)
-        S, box = ods.sample_ltd_crop(R)
-        x1, y1, x2, y2 = box.tolist()
-        assert S.shape == (3, ods.LTD_CROP_SIZE, ods.LTD_CROP_SIZE)
-        assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height
-        # S's pixels say where they came from: the ramps span exactly the box
-        assert S[0].min() == pytest.approx(x1 / width, abs=1.5 / width)
-        assert S[0].max() == pytest.approx(x2 / width, abs=1.5 / width)
-        assert S[1].min() == pytest.approx(y1 / height, abs=1.5 / height)
-        assert S[1].max() == pytest.approx(y2 / height, abs=1.5 / height)
-        areas.append((x2 - x1) * (y2 - y1) / (width * height))
-        aspects.append((x2 - x1) / (y2 - y1))
-    low, high = ods.LTD_AREA
-    assert low * 0.9 <= min(areas) < 2 * low and high / 2 < max(areas) <= high * 1.1  # whole range, no more
-    low, high = ods.LTD_ASPECT
-    assert low * 0.9 <= min(aspects) < 1.5 * low and high / 1.5 < max(aspects) <= high * 1.1
-    # the seed fixes the crop and its jitter alike
-    draws = []
-    for _ in range(2):
-        torch.manual_seed(7)
-        S, box = ods.sample_ltd_crop(R)
-        draws.append((ods.LTD_JITTER(S), box))
-    assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])
-
-
-def test_mask_crop_greys_out_exactly_the_crop():
-    images = [PIL.Image.fromarray(np.random.default_rng(i).integers(0, 255, (50, 70, 3), dtype=np.uint8))
-              for i in range(3)]
-    ds = datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()}))
-    intact, masked = ods.LTDDataset(ds, 64, mask_crop=False), ods.LTDDataset(ds, 64, mask_crop=True)
-    for i in range(3):
-        torch.manual_seed(i)
-        (R, S), target = intact[i]
-        torch.manual_seed(i)
-        (R_masked, S_masked), _ = masked[i]
-        assert torch.equal(S, S_masked)  # S is cut from the intact R either way
-        x1, y1, x2, y2 = target["boxes"][0].int().tolist()
-        hole = torch.zeros(64, 64, dtype=torch.bool)
-        hole[y1:y2, x1:x2] = True
-        assert (R_masked[:, hole] == ods.MASK_GREY).all() and torch.equal(R_masked[:, ~hole], R[:, ~hole])
-        assert not torch.equal(R, R_masked) and target["labels"].tolist() == [0]
-
-
-LTD_SIZE = 64  # R's side in the pretraining tests
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """One tiny LTD pretraining through the CLI on the synthetic images (under a minute)."""
-    folder = tmp_path_factory.mktemp("pretrain")
-    invoke_in(folder, ["pretrain", "--img-size", str(LTD_SIZE), "--epochs", "3", "--batch", "32"])
-    return folder / "runs" / "pretrain" / "exp"
-
-
-def test_pretrain_beats_predicting_the_centre(pretrained):
-    checkpoint = torch.load(pretrained / "backbone.pt", weights_only=True)
-    assert checkpoint["stride"] == 16 and checkpoint["config"]["img_size"] == LTD_SIZE
-    assert PIL.Image.open(pretrained / "ltd_samples.jpg").size[0] > 2 * LTD_SIZE
-    model = ods.LTDNet(stride=16)
-    model.load_state_dict(torch.load(pretrained / "best.pt", weights_only=True)["model"])
-    held_out = ods.LTDDataset(ods.load_split("synthetic", "validation"), LTD_SIZE, mask_crop=False)
-    predicted, true = ods.locate_crops(model, held_out, len(held_out), 32, bf16=False)
-    learned = box_iou(predicted, true).diagonal()
-    assert learned.mean().item() == pytest.approx(checkpoint["metrics"]["iou"], abs=0.02)  # the stored metric is real
-    # the baseline: a square of the typical crop area in the middle of R, on the same held-out crops
-    middle, half = LTD_SIZE / 2, LTD_SIZE * (ods.LTD_AREA[0] * ods.LTD_AREA[1]) ** 0.25 / 2
-    centre = box_iou(torch.tensor([[middle - half, middle - half, middle + half, middle + half]]), true)[0]
-    gain = learned - centre
-    # above it beyond chance: the mean gain exceeds 2 standard errors. Seconds of LTD learn a little;
-    # the README shows how slowly it learns more.
-    assert gain.mean() > 2 * gain.std() / len(gain) ** 0.5, (learned.mean(), centre.mean())
-
-
-def test_pretrain_on_a_plain_image_folder(tmp_path, monkeypatch):
-    images = tmp_path / "images"
-    images.mkdir()
-    for i, row in enumerate(ods.load_split("synthetic", "validation").select(range(24))):
-        row["image"].save(images / f"{i}.png")
-    monkeypatch.chdir(tmp_path)
-    result = runner.invoke(ods.app, ["pretrain", "--data", str(images), "--img-size", "64", "--epochs", "1",
-                                     "--batch", "8"])
-    assert result.exit_code == 0, result.output
-    assert ("Hugging Face dataset (imagefolder) with images only (no `objects` column); images: train 20, "
-            "validation 4 (a seeded 15% of train)") in " ".join(result.output.split())  # the carve is announced
-    assert (tmp_path / "runs" / "pretrain" / "exp" / "backbone.pt").is_file()
-
-
-def test_train_from_a_pretrained_backbone(pretrained, trained, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    backbone = pretrained / "backbone.pt"
-    # learning rate 0: the detector's weights stay where they started, so we can see where that was
-    result = runner.invoke(ods.app, ["train", "--backbone", str(backbone), "--img-size", "64", "--epochs", "1",
-                                     "--batch", "64", "--lr", "0"])
-    assert result.exit_code == 0, result.output
-    pretrained_weights = torch.load(backbone, weights_only=True)["backbone"]
-    detector = torch.load(tmp_path / "runs" / "train" / "exp" / "last.pt", weights_only=True)
-    assert detector["backbone"] == str(backbone)
-    convolutions = [k for k in pretrained_weights if k.endswith("weight") and pretrained_weights[k].dim() == 4]
-    assert len(convolutions) > 10
-    for k in convolutions:
-        assert torch.equal(detector["model"]["backbone." + k], pretrained_weights[k]), k
-    fresh = ods.GridDetector(3, 16).backbone.state_dict()
-    assert not torch.equal(fresh[convolutions[0]], pretrained_weights[convolutions[0]])
-
-
-@pytest.mark.parametrize("case", ["detector", "stride", "not a checkpoint", "missing"])
-def test_mismatched_backbone_is_one_line_error(case, pretrained, trained, tmp_path, monkeypatch):
-    junk = tmp_path / "notes.pt"
-    junk.write_text("not a checkpoint")
-    path, extra, expected = {
-        "detector": (trained[0] / "runs" / "train" / "exp" / "best.pt", [], "holds a detector"),
-        "stride": (pretrained / "backbone.pt", ["--stride", "32"], "pretrained with --stride 16, but this run uses"),
-        "not a checkpoint": (junk, [], "is not an odscratch checkpoint"),
-        "missing": (tmp_path / "nothing.pt", [], "checkpoint file not found"),
-    }[case]
-    monkeypatch.chdir(tmp_path)
-    result = runner.invoke(ods.app, ["train", "--backbone", str(path), "--img-size", "64", "--epochs", "1"] + extra)
-    assert result.exit_code == 1
-    assert result.output.startswith("error: ") and len(result.output.strip().splitlines()) == 1, result.output
-    assert expected in result.output and str(path) in result.output
-
-
-# --- what can go wrong: a test per row of docs/data.md's table ----------------------------------------
-
-def one_line_error(result, *expected):
-    assert result.exit_code == 1, result.output
-    lines = result.output.strip().splitlines()
-    assert lines[-1].startswith("error: ") and "Traceback" not in result.output, result.output
-    for text in expected:
-        assert text in lines[-1], lines[-1]
-    return lines[-1]
-
-
-def tiny_folder(tmp_path, n=20):
-    data = tmp_path / "data"
-    data.mkdir()
-    make_imagefolder(data, n)
-    return data
-
-
-TINY_TRAIN = ["train", "--data", "data", "--bbox-format", "xywh", "--img-size", "64", "--batch", "4"]
-
-
-def test_missing_data_folder_is_one_line_error(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    one_line_error(runner.invoke(ods.app, ["train", "--data", "./no/such/folder"]),
-                   "dataset folder not found: ./no/such/folder")
-
-
-def test_unreadable_images_in_a_dataset_are_skipped_named_and_counted(tmp_path, monkeypatch):
-    data = tiny_folder(tmp_path)
-    good = (data / "img0.png").read_bytes()
-    (data / "img1.png").write_bytes(good[: len(good) // 2])  # truncated
-    (data / "img2.png").write_bytes(b"not an image at all")  # corrupt
-    PIL.Image.new("RGB", (400, 300)).save(data / "img3.png")  # over the decompression-bomb limit set below
-    (data / "img4.png").unlink()                               # listed in metadata.jsonl, not on disk
-    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 10_000)  # 64 x 48 images pass; 400 x 300 is > 2x: refused
-    monkeypatch.chdir(tmp_path)
-    result = runner.invoke(ods.app, TINY_TRAIN + ["--epochs", "1"])
-    assert result.exit_code == 0, result.output
-    output = " ".join(result.output.split())
-    # the seeded 15 % carve puts img1-3 in train and img4 in validation
-    assert "data train: skipped 3 unreadable image(s)" in output, output
-    assert "data validation: skipped 1 unreadable image(s)" in output, output
-    assert "img1.png" in output and "img2.png" in output and "img3.png" in output
-    assert "decompression bomb" in output.lower() and "file not found" in output.lower()
-    assert "training on data: 14 train / 2 validation images" in output  # went on without them
-
-
-def test_decompression_bomb_in_detect_is_refused_and_named(trained, tmp_path, monkeypatch):
-    folder, _ = trained
-    monkeypatch.chdir(folder)
-    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 10_000)
-    PIL.Image.new("RGB", (400, 300)).save(tmp_path / "bomb.png")
-    one_line_error(runner.invoke(ods.app, ["detect", str(tmp_path / "bomb.png")]), "bomb.png", "decompression bomb")
-
-
-def test_boxes_outside_the_image_are_clipped_or_dropped_and_counted(tmp_path):
-    features = ods.detection_features(["a"])
-    image = {"bytes": jpeg_bytes(PIL.Image.new("RGB", (100, 80))), "path": None}
-    boxes = [[-10.0, 10, 50, 50], [10, 10, 20, 20], [105, 10, 120, 50], [30, 30, 30, 60]]  # partly out, fine,
-    ds = datasets.Dataset.from_dict({"image": [image] * 10,                                # wholly out, no area
-                                     "objects": [{"bbox": boxes, "category": [0] * 4}] * 10}, features=features)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        ods.console.file = out
-        try:
-            data = ods.DetectionDataset(ds, 64, train=False, name="boxes")
-        finally:
-            ods.console.file = None
-    assert torch.equal(data.targets[0]["boxes"], torch.tensor([[0.0, 10, 50, 50], [10, 10, 20, 20]]))
-    assert "10 boxes clipped to their image, 20 with no area dropped" in " ".join(out.getvalue().split())
-
-
-def test_box_format_is_detected_and_a_wrong_one_refused_with_a_hint(tmp_path, monkeypatch):
-    data = tmp_path / "data"
-    data.mkdir()
-    with open(data / "metadata.jsonl", "w") as f:
-        for i in range(10):
-            PIL.Image.new("RGB", (64, 48)).save(data / f"img{i}.png")
-            objects = {"bbox": [[30.0, 20.0, 10.0, 8.0], [40.0, 30.0, 12.0, 10.0]], "category": ["cat", "dog"]}
-            f.write(json.dumps({"file_name": f"img{i}.png", "objects": objects}) + "\n")  # xywh boxes
-    monkeypatch.chdir(tmp_path)
-    one_line_error(runner.invoke(ods.app, ["train", "--data", "data", "--img-size", "64", "--batch", "4",
-                                           "--bbox-format", "xyxy"]), "boxes are impossible", "--bbox-format")
-    result = runner.invoke(ods.app, ["train", "--data", "data", "--img-size", "64", "--batch", "4", "--epochs", "1"])
-    assert result.exit_code == 0, result.output
-    assert "boxes read as xywh (auto)" in result.output
-    checkpoint = torch.load(tmp_path / "runs" / "train" / "exp" / "best.pt", weights_only=True)
-    assert checkpoint["config"]["bbox_format"] == "auto"
-    with pytest.raises(ods.UserError, match="--bbox-format must be auto, xyxy or xywh, not 'cxcywh'"):
-        ods.load_split("data", "train", "cxcywh")
-
-
-def test_empty_dataset_or_split_is_one_line_error(tmp_path, monkeypatch):
-    (tmp_path / "empty").mkdir()
-    monkeypatch.chdir(tmp_path)
-    one_line_error(runner.invoke(ods.app, ["train", "--data", "empty"]), "no dataset found in empty; looked for")
-    parquet = tmp_path / "parquet"
-    (parquet / "data").mkdir(parents=True)
-    small = ods.load_split("synthetic", "validation").select(range(8))
-    small.to_parquet(parquet / "data" / "train-00000-of-00001.parquet")
-    small.select([]).to_parquet(parquet / "data" / "validation-00000-of-00001.parquet")
-    one_line_error(runner.invoke(ods.app, ["train", "--data", "parquet"]), "split 'validation'", "is empty")
-
-
-def test_categories_not_in_the_class_list_are_one_line_errors(trained, tmp_path, monkeypatch):
-    features = ods.detection_features(list("abcde"))
-    image = {"bytes": jpeg_bytes(PIL.Image.new("RGB", (32, 32))), "path": None}
-    ds = datasets.Dataset.from_dict({"image": [image], "objects": [{"bbox": [[1.0, 1, 9, 9]], "category": [4]}]},
-                                    features=features).cast(ods.detection_features(["a", "b"]))
-    with pytest.raises(ods.UserError, match=r"category 4 is not in its class list \['a', 'b'\]"):
-        ods.DetectionDataset(ds, 32, train=False)
-    data = tmp_path / "data"  # string categories: a validation category that the train split never has
-    for split in ["train", "validation"]:
-        (data / split).mkdir(parents=True)
-        make_imagefolder(data / split, n=4)
-    with open(data / "validation" / "metadata.jsonl", "a") as f:
-        f.write(json.dumps({"file_name": "img0.png", "objects": {"bbox": [[1.0, 1, 5, 5]], "category": ["cow"]}})
-                + "\n")
-    with pytest.raises(ods.UserError, match=r"validation: categories \['cow'\] are not in the class list "
-                                             r"\['cat', 'dog'\]"):
-        ods.load_split(str(data), "train", "xywh")  # every split is read at once: the error comes first
-    other = tmp_path / "other"
-    other.mkdir()
-    make_imagefolder(other)
-    monkeypatch.chdir(trained[0])  # a model trained on shapes, evaluated on cats and dogs
-    one_line_error(runner.invoke(ods.app, ["eval", "--data", str(other), "--split", "validation"]),
-                   "['ellipse', 'rectangle', 'triangle']", "['cat', 'dog']")
-
-
-def test_hub_unreachable_is_one_line_error_within_30_seconds(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parent)
-    result = subprocess.run([sys.executable, "-m", "odscratch", "train", "--data", "nobody/no-such-dataset"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
-    output = (result.stdout + result.stderr).strip()
-    assert result.returncode == 1 and len(output.splitlines()) == 1 and "Traceback" not in output, output
-    assert "nobody/no-such-dataset" in output and "local folder" in output
-
-
-class RunsCode:
-    """Unpickling this runs a shell command: what a malicious checkpoint does to torch.load(weights_only=False)."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-def test_checkpoints_that_are_not_ours_truncated_or_pickles_are_refused(trained, tmp_path, monkeypatch):
-    folder, _ = trained
-    monkeypatch.chdir(folder)
-    marker = tmp_path / "pwned"
-    torch.save({"kind": "detector", "model": RunsCode(marker)}, tmp_path / "evil.pt")
-    best = (folder / "runs" / "train" / "exp" / "best.pt").read_bytes()
-    (tmp_path / "truncated.pt").write_bytes(best[: len(best) // 2])
-    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
-    for name in ["evil.pt", "truncated.pt", "other.pt"]:
-        one_line_error(runner.invoke(ods.app, ["detect", "--weights", str(tmp_path / name)]),
-                       f"{tmp_path / name} is not an odscratch checkpoint")
-    assert not marker.exists()  # weights_only=True: nothing in the file was run
-
-
-def test_weights_of_the_wrong_kind_are_one_line_errors(pretrained, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    one_line_error(runner.invoke(ods.app, ["detect", "--weights", str(pretrained / "backbone.pt")]),
-                   "holds a pretrained backbone", "needs a detector")
-    one_line_error(runner.invoke(ods.app, ["train", "--resume", str(pretrained / "backbone.pt")]),
-                   "holds a pretrained backbone")
-
-
-def nan_from(steps):
-    """detection_loss, but NaN on the given (1-based) training steps."""
-    loss, calls = ods.detection_loss, {"n": 0}
-
-    def nan_loss(*args, **kwargs):
-        parts, lost = loss(*args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] in steps:
-            parts = {**parts, "loss": parts["loss"] * float("nan")}
-        return parts, lost
-
-    return nan_loss
-
-
-def test_nan_steps_are_skipped_and_many_in_a_row_stop_training(tmp_path, monkeypatch):
-    tiny_folder(tmp_path)  # 17 train images, batch 4: 4 steps per epoch
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(ods, "detection_loss", nan_from({2, 3}))
-    result = runner.invoke(ods.app, TINY_TRAIN + ["--epochs", "2", "--name", "some"])
-    assert result.exit_code == 0, result.output
-    rows = (tmp_path / "runs" / "train" / "some" / "results.csv").read_text().splitlines()
-    assert [row.split(",")[7] for row in rows] == ["skipped_steps", "2", "0"]
-    monkeypatch.setattr(ods, "detection_loss", nan_from(set(range(6, 100))))
-    message = one_line_error(runner.invoke(ods.app, TINY_TRAIN + ["--epochs", "3", "--name", "many"]),
-                             f"NaN or inf for {ods.NONFINITE_LIMIT} steps in a row", "last.pt")
-    last = torch.load(tmp_path / "runs" / "train" / "many" / "last.pt", weights_only=True)
-    # steps 6-8 (epoch 2) and 9-10 (epoch 3) were NaN: skipped steps change nothing, so the last finished
-    # epoch's weights are those of step 5, from before the NaNs, and finite
-    assert last["epoch"] == 2 and all(v.isfinite().all() for v in last["model"].values() if v.is_floating_point())
-    assert "epoch 3" in message
-
-
-def test_a_failing_write_keeps_the_previous_checkpoints(tmp_path, monkeypatch):
-    tiny_folder(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    save, calls = torch.save, {"n": 0}
-
-    def disk_full_after_two(obj, f, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 2:  # epoch 1 wrote best.pt and last.pt; the disk is full in epoch 2
-            with open(f, "wb") as half:
-                half.write(b"half a checkpoint")
-            raise OSError(28, "No space left on device")
-        return save(obj, f, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "save", disk_full_after_two)
-    one_line_error(runner.invoke(ods.app, TINY_TRAIN + ["--epochs", "2"]), "No space left on device",
-                   "the previous one is intact")
-    monkeypatch.setattr(torch, "save", save)
-    run = tmp_path / "runs" / "train" / "exp"
-    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
-    assert torch.load(run / "best.pt", weights_only=True)["epoch"] == 1
-    assert not list(run.glob("*.tmp"))
-
-
-def test_run_names_never_collide(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    first = ods.new_run_dir("train", "exp")
-    (first / "best.pt").write_text("first")
-    assert [ods.new_run_dir("train", "exp").name for _ in range(2)] == ["exp2", "exp3"]
-    assert (first / "best.pt").read_text() == "first"
-
-
-def test_ctrl_c_then_resume_ends_exactly_like_an_uninterrupted_run(tmp_path, monkeypatch):
-    tiny_folder(tmp_path)  # 4 steps per epoch, 3 epochs
-    monkeypatch.chdir(tmp_path)
-    args = TINY_TRAIN + ["--epochs", "3", "--seed", "1"]
-    assert runner.invoke(ods.app, args + ["--name", "whole"]).exit_code == 0
-    loss, calls = ods.detection_loss, {"n": 0}
-
-    def loss_then_ctrl_c(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 6:  # epoch 2, step 2: a real SIGINT to this process
-            os.kill(os.getpid(), signal.SIGINT)
-        return loss(*a, **k)
-
-    monkeypatch.setattr(ods, "detection_loss", loss_then_ctrl_c)
-    one_line_error(runner.invoke(ods.app, args + ["--name", "cut"]), "stopped in epoch 2 at step 2 of 4",
-                   "odscratch train --resume runs/train/cut/last.pt")
-    monkeypatch.setattr(ods, "detection_loss", loss)
-    result = runner.invoke(ods.app, ["train", "--resume", "runs/train/cut/last.pt"])
-    assert result.exit_code == 0, result.output
-    whole, cut = (tmp_path / "runs" / "train" / "whole", tmp_path / "runs" / "train" / "cut")
-    for name in ["last.pt", "best.pt"]:
-        a, b = (torch.load(run / name, weights_only=True) for run in (whole, cut))
-        assert a["epoch"] == b["epoch"] == 3 if name == "last.pt" else a["epoch"] == b["epoch"]
-        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), name
-        assert a["metrics"] == b["metrics"]
-
-    def without_time(run):
-        return [row.split(",", 2)[::2] for row in (run / "results.csv").read_text().splitlines()]
-
-    assert without_time(whole) == without_time(cut)  # losses, collisions and metrics of every epoch
-
-
-def test_ctrl_c_in_a_real_process_saves_last_pt_and_prints_the_resume_command(tmp_path):
-    data = tiny_folder(tmp_path, n=60)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent), "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "odscratch", "train", "--data", str(data), "--bbox-format",
-                                "xywh", "--img-size", "64", "--batch", "4", "--epochs", "200"],
-                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in process.stdout:  # wait for the first finished epoch, then press Ctrl-C
-        if line.startswith("epoch 1:"):
-            process.send_signal(signal.SIGINT)
-            break
-    output = process.communicate(timeout=120)[0]
-    lines = output.strip().splitlines()
-    assert process.returncode == 1 and "Traceback" not in output, output
-    assert lines[-1].startswith("error: stopped in epoch") and lines[-1].endswith(
-        "continue exactly from there with: odscratch train --resume runs/train/exp/last.pt"), output
-    last = torch.load(tmp_path / "runs" / "train" / "exp" / "last.pt", weights_only=True)
-    assert last["epoch"] >= 1 and last["resume"]["run"]["step"] > 0
-
-
-def test_no_validation_split_is_carved_and_announced(tmp_path, monkeypatch):
-    tiny_folder(tmp_path)
-    monkeypatch.chdir(tmp_path)
-    result = runner.invoke(ods.app, TINY_TRAIN + ["--epochs", "1"])
-    assert result.exit_code == 0, result.output
-    assert "images: train 17, validation 3 (a seeded 15% of train)" in " ".join(result.output.split())
-
-
-def test_debug_shows_the_traceback(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    result = runner.invoke(ods.app, ["--debug", "detect", "no/such/image.jpg"])
-    assert isinstance(result.exception, ods.UserError)  # raised, not turned into one line
-    assert runner.invoke(ods.app, ["detect", "no/such/image.jpg"]).exit_code == 1
-
-
-# --- the pictures and the data report --------------------------------------------------------------
-
-def test_training_draws_its_pictures(trained):
-    folder, result = trained
-    run = folder / "runs" / "train" / "exp"
-    sizes = {"results.png": (3 * 320, 2 * 220), "val_pred.jpg": (4 * ods.TILE, 2 * ods.TILE),
-             "objectness.jpg": (4 * ods.TILE, 2 * ods.TILE), "pr_curve.png": (480, 360)}
-    for name, size in sizes.items():
-        with PIL.Image.open(run / name) as image:
-            image.verify()
-        assert PIL.Image.open(run / name).size == size, name
-    output = " ".join(result.output.split())
-    assert "best validation epoch: " in output and "val_pred.jpg" in output and "objectness.jpg" in output
-
-
-def test_objectness_has_one_value_per_cell(trained, tmp_path, monkeypatch):
-    folder, _ = trained
-    weights = folder / "runs" / "train" / "exp" / "best.pt"
-    detector = ods.Detector.load(weights, "cpu", fp32=True)
-    image = ods.load_split("synthetic", "test")[0]["image"]
-    grid = detector(image)[0]["objectness"]
-    assert grid.shape == (128 // 16, 128 // 16) and 0 <= grid.min() and grid.max() <= 1
-    model, cfg, classes = ods.load_detector(weights, torch.device("cpu"))
-    with torch.no_grad():
-        _, logits = model(ods.inference_transform(cfg.img_size)(image)[None].float())
-    background = logits.softmax(-1)[0, :, -1].reshape(8, 8)
-    assert torch.allclose(grid, 1 - background, atol=1e-5)  # 1 - p(background), cell by cell
-    monkeypatch.chdir(folder)
-    image.save(tmp_path / "shapes.png")
-    result = runner.invoke(ods.app, ["detect", str(tmp_path / "shapes.png"), "--show-grid", "--name", "grid"])
-    assert result.exit_code == 0, result.output
-    assert PIL.Image.open(folder / "runs" / "detect" / "grid" / "shapes_grid.jpg").size == image.size
-
+# --- the command line ---------------------------------------------------------------------------
 
 def test_data_collision_shares_agree_with_the_assignment(tmp_path):
     # per image: two boxes whose centres share a stride-32 cell but not a stride-16 one, and one alone
@@ -1406,10 +1379,109 @@ def test_data_collision_shares_agree_with_the_assignment(tmp_path):
     assert "33.33%" in output and "pick --stride 16" in output
 
 
-def test_readme_pictures_exist():
-    root = Path(__file__).resolve().parent
-    pictures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (root / "README.md").read_text())
-    assert len(pictures) >= 2
-    for picture in pictures:
-        with PIL.Image.open(root / picture) as image:
-            image.verify()
+def test_eval_prints_the_ap_table_of_the_newest_model(trained, monkeypatch):
+    folder, _ = trained
+    monkeypatch.chdir(folder)
+    result = runner.invoke(ods.app, ["eval", "--split", "validation"])
+    assert result.exit_code == 0, result.output
+    assert "ellipse" in result.output and "AP50" in result.output and "(200 images)" in result.output
+
+
+def test_detect_writes_each_image_with_its_boxes(trained, tmp_path, monkeypatch):
+    folder, _ = trained
+    monkeypatch.chdir(folder)
+    image = tmp_path / "shapes.png"
+    ods.load_split("synthetic", "test")[0]["image"].save(image)
+    result = runner.invoke(ods.app, ["detect", str(image), "--conf", "0.05", "--name", "one"])
+    assert result.exit_code == 0, result.output
+    assert PIL.Image.open(folder / "runs" / "detect" / "one" / "shapes.jpg").size == (320, 320)
+
+
+def test_detect_without_arguments_runs_the_newest_model_on_built_in_images(trained, monkeypatch):
+    folder, _ = trained
+    monkeypatch.chdir(folder)
+    result = runner.invoke(ods.app, ["detect", "--name", "builtin"])
+    assert result.exit_code == 0, result.output
+    assert len(list((folder / "runs" / "detect" / "builtin").glob("*.jpg"))) == 4
+
+
+def test_detect_writes_coco_json_that_pycocotools_loads_and_yolo_labels(trained, tmp_path, monkeypatch):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    folder, _ = trained
+    monkeypatch.chdir(folder)
+    test = ods.load_split("synthetic", "test").select(range(12))
+    images = tmp_path / "images"
+    images.mkdir()
+    gt = {"images": [], "annotations": [], "categories": [{"id": k} for k in range(3)]}
+    for i, row in enumerate(test):
+        row["image"].save(images / f"{i + 1:06d}.png")  # COCO-style names: the number is the image id
+        gt["images"].append({"id": i + 1})
+        for box, label in zip(row["objects"]["bbox"], row["objects"]["category"]):
+            xywh = [box[0], box[1], box[2] - box[0], box[3] - box[1]]
+            gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": i + 1, "category_id": label,
+                                      "bbox": xywh, "area": xywh[2] * xywh[3], "iscrowd": 0})
+    (images / "notes.txt").write_text("not an image")
+    result = runner.invoke(ods.app, ["detect", str(images), "--conf", "0.01", "--json", "--save-txt", "--name", "coco"])
+    assert result.exit_code == 0, result.output
+    assert "12 images" in result.output and "1 non-image files skipped" in result.output
+    out = folder / "runs" / "detect" / "coco"
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = gt
+        coco.createIndex()
+        evaluation = COCOeval(coco, coco.loadRes(str(out / "detections.json")), "bbox")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    assert evaluation.stats[1] > 0.2  # AP50: the detections land on the right images, classes and pixels
+
+    detections = json.loads((out / "detections.json").read_text())
+    labels = sorted((out / "labels").glob("*.txt"))
+    assert [p.stem for p in labels] == [f"{i:06d}" for i in range(1, 13)]
+    first = [d for d in detections if d["image_id"] == 1]
+    lines = [line.split() for line in (labels[0]).read_text().splitlines()]
+    assert len(lines) == len(first)
+    for d, (label, cx, cy, w, h) in zip(first, lines):
+        x, y, bw, bh = d["bbox"]
+        assert int(label) == d["category_id"]
+        assert [float(cx), float(cy), float(w), float(h)] == pytest.approx(
+            [(x + bw / 2) / 320, (y + bh / 2) / 320, bw / 320, bh / 320], abs=1e-4)
+
+    result = runner.invoke(ods.app, ["detect", str(images / "*.png"), "--conf", "0.01", "--max-det", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    newest = max((folder / "runs" / "detect").iterdir(), key=lambda p: p.stat().st_mtime)
+    ids = [d["image_id"] for d in json.loads((newest / "detections.json").read_text())]
+    assert sorted(ids) == list(range(1, 13))  # a glob, and one box per image
+
+
+def test_unknown_device_is_one_line_error(trained, monkeypatch):
+    folder, _ = trained
+    monkeypatch.chdir(folder)
+    result = runner.invoke(ods.app, ["detect", "--device", "gpu"])
+    assert result.exit_code == 1
+    assert result.output.strip() == "error: --device must be auto, cpu, cuda or cuda:N, not 'gpu'"
+
+
+def test_missing_image_is_one_line_error(trained, monkeypatch):
+    folder, _ = trained
+    monkeypatch.chdir(folder)
+    result = runner.invoke(ods.app, ["detect", "no/such/image.jpg"])
+    assert result.exit_code == 1
+    assert result.output.strip() == "error: image or folder not found: no/such/image.jpg"
+
+
+def test_decompression_bomb_in_detect_is_refused_and_named(trained, tmp_path, monkeypatch):
+    folder, _ = trained
+    monkeypatch.chdir(folder)
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 10_000)
+    PIL.Image.new("RGB", (400, 300)).save(tmp_path / "bomb.png")
+    one_line_error(runner.invoke(ods.app, ["detect", str(tmp_path / "bomb.png")]), "bomb.png", "decompression bomb")
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(ods.app, ["--debug", "detect", "no/such/image.jpg"])
+    assert isinstance(result.exception, ods.UserError)  # raised, not turned into one line
+    assert runner.invoke(ods.app, ["detect", "no/such/image.jpg"]).exit_code == 1
