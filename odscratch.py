@@ -109,7 +109,8 @@ def synthetic_example(rng):
         w, h = side * math.sqrt(aspect), side / math.sqrt(aspect)
         x0, y0 = rng.uniform(0, SYNTHETIC_SIZE - w), rng.uniform(0, SYNTHETIC_SIZE - h)
         box = [x0, y0, x0 + w, y0 + h]
-        if boxes:  # some overlap is wanted, a shape hidden behind another is not
+        # some overlap is wanted, a shape hidden behind another is not
+        if boxes:
             inter = box_intersections(torch.tensor([box]), torch.tensor(boxes))
             areas = torch.tensor([(b[2] - b[0]) * (b[3] - b[1]) for b in boxes])
             if (inter / areas).max() > SYNTHETIC_MAX_COVER:
@@ -686,14 +687,10 @@ class UserError(Exception):
     """A problem with the user's input: shown as one line, never as a traceback."""
 
 
-
 # -----------------------------------------------------------------------------
-# Your own data, as labelling tools export it (CVAT, Label Studio, Roboflow, LabelImg, ...): YOLO
-# txt files with a data.yaml, COCO json, Pascal VOC xml, or anything Hugging Face datasets reads.
-# A reader walks the annotation files once and gives, per split, one row per image: the image's
-# path, its boxes in xyxy pixels, their class indices. datasets writes the rows to its cache (the
-# images stay on disk and are read when used). Broken annotations are skipped, counted and named;
-# a split that is mostly broken is refused.
+# Checks: every image and box of every source goes through them once, when a split becomes a
+# DetectionDataset. Unreadable images are skipped and named, stray boxes clipped or dropped and
+# counted, a wrong box format caught.
 
 
 def objects_columns(objects):
@@ -776,6 +773,49 @@ def impossible_boxes(boxes, width, height):
     outside = ((boxes < -FAR_OUTSIDE * size) | (boxes > (1 + FAR_OUTSIDE) * size)).any(1)
     return int((inverted | outside).sum())
 
+
+def read_targets(ds, name, train):
+    """A split's boxes, read row by row (a large dataset's images never sit in memory together)
+    -> image sizes [(height, width)] and targets [{boxes [N, 4] xyxy pixels, labels [N]}]. Boxes
+    partly outside their image are clipped, boxes without area dropped, both counted; a split
+    where many boxes are impossible has the wrong --bbox-format, and is refused."""
+    classes = category_feature(ds).names
+    sizes, targets, n_boxes, n_impossible, n_clipped, n_dropped = [], [], 0, 0, 0, 0
+    for row in ds:
+        width, height = open_image(row["image"]).size  # reads the header only
+        boxes, cats = objects_columns(row["objects"])
+        boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        labels = torch.tensor(cats, dtype=torch.long)
+        if len(labels) and not 0 <= labels.min() <= labels.max() < len(classes):
+            wrong = labels.max() if labels.max() >= len(classes) else labels.min()
+            raise UserError(f"{name}: category {wrong} is not in its class list {classes}")
+        n_boxes += len(boxes)
+        n_impossible += impossible_boxes(boxes, width, height)
+        boxes, keep, clipped = clip_and_drop(boxes, width, height)
+        n_clipped, n_dropped = n_clipped + clipped, n_dropped + int((~keep).sum())
+        sizes.append((height, width))
+        targets.append({"boxes": boxes, "labels": labels[keep]})
+    if train and n_boxes == 0:
+        raise UserError(f"{name}: none of its {len(ds)} images has a box, so there is nothing to "
+                        "learn from")
+    if n_impossible > IMPOSSIBLE_SHARE * n_boxes:
+        raise UserError(f"{name}: {n_impossible} of {n_boxes} boxes are impossible as "
+                        "[x_min, y_min, x_max, y_max] (max < min, or far outside the image): "
+                        "is --bbox-format right? xyxy is [x_min, y_min, x_max, y_max], "
+                        "xywh is [x, y, width, height]")
+    if n_clipped or n_dropped:
+        console.print(f"{name}: {n_clipped} boxes clipped to their image, "
+                      f"{n_dropped} with no area dropped")
+    return sizes, targets
+
+
+# -----------------------------------------------------------------------------
+# Your own data, as labelling tools export it (CVAT, Label Studio, Roboflow, LabelImg, ...): YOLO
+# txt files with a data.yaml, COCO json, Pascal VOC xml, or anything Hugging Face datasets reads.
+# A reader walks the annotation files once and gives, per split, one row per image: the image's
+# path, its boxes in xyxy pixels, their class indices. datasets writes the rows to its cache (the
+# images stay on disk and are read when used). Broken annotations are skipped, counted and named;
+# a split that is mostly broken is refused.
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 SPLIT_WORDS = {"train": "train", "training": "train", "val": "validation", "valid": "validation",
@@ -1315,41 +1355,6 @@ def read_split(data, split, bbox_format, labels):
     return splits[split]
 
 
-def read_targets(ds, name, train):
-    """A split's boxes, read row by row (a large dataset's images never sit in memory together)
-    -> image sizes [(height, width)] and targets [{boxes [N, 4] xyxy pixels, labels [N]}]. Boxes
-    partly outside their image are clipped, boxes without area dropped, both counted; a split
-    where many boxes are impossible has the wrong --bbox-format, and is refused."""
-    classes = category_feature(ds).names
-    sizes, targets, n_boxes, n_impossible, n_clipped, n_dropped = [], [], 0, 0, 0, 0
-    for row in ds:
-        width, height = open_image(row["image"]).size  # reads the header only
-        boxes, cats = objects_columns(row["objects"])
-        boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-        labels = torch.tensor(cats, dtype=torch.long)
-        if len(labels) and not 0 <= labels.min() <= labels.max() < len(classes):
-            wrong = labels.max() if labels.max() >= len(classes) else labels.min()
-            raise UserError(f"{name}: category {wrong} is not in its class list {classes}")
-        n_boxes += len(boxes)
-        n_impossible += impossible_boxes(boxes, width, height)
-        boxes, keep, clipped = clip_and_drop(boxes, width, height)
-        n_clipped, n_dropped = n_clipped + clipped, n_dropped + int((~keep).sum())
-        sizes.append((height, width))
-        targets.append({"boxes": boxes, "labels": labels[keep]})
-    if train and n_boxes == 0:
-        raise UserError(f"{name}: none of its {len(ds)} images has a box, so there is nothing to "
-                        "learn from")
-    if n_impossible > IMPOSSIBLE_SHARE * n_boxes:
-        raise UserError(f"{name}: {n_impossible} of {n_boxes} boxes are impossible as "
-                        "[x_min, y_min, x_max, y_max] (max < min, or far outside the image): "
-                        "is --bbox-format right? xyxy is [x_min, y_min, x_max, y_max], "
-                        "xywh is [x, y, width, height]")
-    if n_clipped or n_dropped:
-        console.print(f"{name}: {n_clipped} boxes clipped to their image, "
-                      f"{n_dropped} with no area dropped")
-    return sizes, targets
-
-
 # -----------------------------------------------------------------------------
 # Safe training: nothing is lost. fit runs train_epoch epoch after epoch, validates, and writes
 # best.pt and last.pt atomically; last.pt holds the optimizer, the place in the epoch and the
@@ -1498,18 +1503,22 @@ class TrainingRun:
         console.print("Ctrl-C: stopping at the end of this step (press again to stop at once)")
 
 
-def log_epoch(run_dir, state, elapsed, scalars):
-    """A finished epoch: one row of results.csv, one line on the console."""
-    losses = {n: round(v / max(state.seen, 1), 5) for n, v in state.sums.items()}
-    row = {"epoch": state.epoch, "elapsed_s": round(elapsed, 1), **losses,
-           "collisions": state.collisions, "skipped_steps": state.skipped, **scalars}
-    path = run_dir / "results.csv"
+def append_row(path, row):
+    """One row of a csv file, its header first if the file is new."""
     new = not path.exists()
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(row))
         if new:
             writer.writeheader()
         writer.writerow(row)
+
+
+def log_epoch(run_dir, state, elapsed, scalars):
+    """A finished epoch: one row of results.csv, one line on the console."""
+    losses = {n: round(v / max(state.seen, 1), 5) for n, v in state.sums.items()}
+    row = {"epoch": state.epoch, "elapsed_s": round(elapsed, 1), **losses,
+           "collisions": state.collisions, "skipped_steps": state.skipped, **scalars}
+    append_row(run_dir / "results.csv", row)
     lost, skipped = state.collisions, state.skipped
     console.print(f"epoch {state.epoch}: " + " ".join(f"{n} {v:.3f}" for n, v in scalars.items())
                   + (f" | {lost} boxes lost to shared cells" if lost else "")
@@ -1794,7 +1803,8 @@ PICTURE_IMAGES = 8  # validation images in val_pred.jpg and objectness.jpg
 
 
 def draw_detections(image, found, classes, true_boxes=()):
-    """Predicted boxes, coloured by class with a score tag; true boxes (if given) in thin white."""
+    """Predicted boxes, coloured by class with a score tag; true boxes (if given) in thin white.
+    (torchvision's draw_bounding_boxes fills a tag's background only from 0.23 on.)"""
     image = image.convert("RGB")
     draw = PIL.ImageDraw.Draw(image)
     for box in true_boxes:

@@ -1384,7 +1384,8 @@ def test_eval_prints_the_ap_table_of_the_newest_model(trained, monkeypatch):
     monkeypatch.chdir(folder)
     result = runner.invoke(ods.app, ["eval", "--split", "validation"])
     assert result.exit_code == 0, result.output
-    assert "ellipse" in result.output and "AP50" in result.output and "(200 images)" in result.output
+    output = " ".join(result.output.split())
+    assert "ellipse" in output and "AP50" in output and "synthetic validation (200 images)" in output
 
 
 def test_detect_writes_each_image_with_its_boxes(trained, tmp_path, monkeypatch):

@@ -71,10 +71,10 @@ def main():
             timings = {}
         t = time.perf_counter()
         indices = torch.randint(len(data), (args.batch,), generator=generator).tolist()
-        images, targets = ods.collate([data[i] for i in indices])
+        images, targets = data.collate([data[i] for i in indices])
         t = clock(timings, "data", t)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            outputs = model(ods.to_device(images, device))
+            outputs = model(images.to(device, memory_format=ods.MEMORY_FORMAT))
         t = clock(timings, "forward", t)
         parts, _ = ods.detection_loss(*outputs, targets, cfg.img_size, cfg.assign_radius)
         t = clock(timings, "loss", t)
@@ -92,7 +92,7 @@ def main():
     for step in range(args.warmup + args.steps):
         t = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            boxes, logits = bare(ods.to_device(images, device))
+            boxes, logits = bare(images.to(device, memory_format=ods.MEMORY_FORMAT))
         (boxes.mean() + logits.mean()).backward()
         bare_optimizer.step()
         bare_optimizer.zero_grad(set_to_none=True)
