@@ -1965,16 +1965,14 @@ def fold_batchnorm(model):
     return model
 
 
-def load_detector(path, device, fold=True):
-    """A best.pt -> the model for inference (BatchNorm folded unless fold=False), its Config, class
-    names."""
+def load_detector(path, device):
+    """A best.pt -> the model for inference (BatchNorm folded), its Config, class names."""
     checkpoint = read_checkpoint(path, "detector")
     # checkpoints from before --assign-radius trained with 0.5
     cfg = Config(**{"assign_radius": 0.5, **checkpoint["config"]})
     model = GridDetector(len(checkpoint["classes"]), cfg.stride, cfg.assign_radius)
     model.load_state_dict(checkpoint["model"])
-    model = fold_batchnorm(model) if fold else model.eval()
-    return model.to(device, memory_format=MEMORY_FORMAT), cfg, checkpoint["classes"]
+    return fold_batchnorm(model).to(device, memory_format=MEMORY_FORMAT), cfg, checkpoint["classes"]
 
 
 def load_model_split(cfg, data, split):

@@ -121,7 +121,10 @@ def yolo_forward(weights, bf16):
 
 def odscratch_forward(weights, bf16, fold=True):
     """odscratch's model as `odscratch detect` runs it (load_detector), + select_detections."""
-    model, cfg, classes = ods.load_detector(weights, torch.device("cpu"), fold)
+    model, cfg, classes = ods.load_detector(weights, torch.device("cpu"))
+    if not fold:  # the same weights, BatchNorm left as it was trained
+        model = ods.GridDetector(len(classes), cfg.stride, cfg.assign_radius).eval()
+        model.load_state_dict(torch.load(weights, weights_only=True)["model"])
     memory = ods.MEMORY_FORMAT
     model = model.to(memory_format=memory)
 
