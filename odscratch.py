@@ -2226,6 +2226,7 @@ Seed = Annotated[int, typer.Option(help="fixes init, data order and augmentation
 Resume = Annotated[str, typer.Option(
     help="a last.pt: go on with that run exactly where it stopped (its own settings)")]
 Weights = Annotated[str, typer.Option(help="a best.pt; default: the newest under runs/train/")]
+Name = Annotated[str, typer.Option(help="the run's folder name, under runs/<command>/")]
 Fp32 = Annotated[bool, typer.Option("--fp32", help="float32 even where the hardware has bf16")]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda")]
 
@@ -2302,12 +2303,12 @@ def pretrain(
     batch: int = LTD_BATCH,
     lr: float = Config.lr,
     seed: Seed = Config.seed,
-    mask_crop: bool = typer.Option(False, "--mask-crop", help="grey out S's region in R (to "
-                                   "measure how it gives S away)"),
+    mask_crop: bool = typer.Option(False, "--mask-crop",
+                                   help="grey out S's hole in R (to measure what that changes)"),
     resume: Resume = None,
     fp32: Fp32 = False,
     device: Device = Config.device,
-    name: str = typer.Option("exp", help="run folder under runs/pretrain/"),
+    name: Name = "exp",
 ):
     """LTD self-supervised pretraining; writes runs/pretrain/<name>/{backbone.pt,
     ltd_samples.jpg,results.csv}."""
@@ -2333,12 +2334,11 @@ def train(
     batch: int = Config.batch,
     lr: float = Config.lr,
     seed: Seed = Config.seed,
-    backbone: str = typer.Option(None, help="start from a backbone.pt that `odscratch pretrain` "
-                                 "wrote"),
+    backbone: str = typer.Option(None, help="start from a backbone.pt of `odscratch pretrain`"),
     resume: Resume = None,
     fp32: Fp32 = False,
     device: Device = Config.device,
-    name: str = typer.Option("exp", help="run folder under runs/train/"),
+    name: Name = "exp",
 ):
     """Train a detector; writes runs/train/<name>/{best.pt,last.pt,results.csv}. Also under
     torchrun."""
@@ -2538,22 +2538,17 @@ def read_inputs(inputs, ids, unreadable):
 
 @app.command()
 def detect(
-    sources: list[str] = typer.Argument(None, help="images, folders or globs ('photos/*.jpg'); "
-                                        "none: built-in test images"),
-    weights: str = typer.Option(None, help="a best.pt or an exported model.onnx; default: the "
-                                "newest best.pt under runs/train/"),
+    sources: list[str] = typer.Argument(None, help="images, folders or globs; none: built-in ones"),
+    weights: str = typer.Option(None, help="a best.pt or model.onnx; default: the newest best.pt"),
     conf: float = typer.Option(DETECT_CONF, help="minimum score"),
     iou: float = typer.Option(NMS_IOU, help="NMS IoU threshold"),
     max_det: int = typer.Option(MAX_DETECTIONS, help="at most this many boxes per image"),
-    json_output: bool = typer.Option(False, "--json", help="write detections.json in COCO's "
-                                     "results format"),
-    save_txt: bool = typer.Option(False, "--save-txt", help="write labels/<image>.txt in YOLO's "
-                                  "format"),
-    show_grid: bool = typer.Option(False, "--show-grid", help="also write <image>_grid.jpg: each "
-                                   "cell's objectness"),
+    json_output: bool = typer.Option(False, "--json", help="write COCO results: detections.json"),
+    save_txt: bool = typer.Option(False, "--save-txt", help="write YOLO labels/<image>.txt"),
+    show_grid: bool = typer.Option(False, "--show-grid", help="also <image>_grid.jpg: objectness"),
     fp32: Fp32 = False,
     device: Device = Config.device,
-    name: str = typer.Option("exp", help="run folder under runs/detect/"),
+    name: Name = "exp",
 ):
     """Detect objects; prints a table and writes annotated images to runs/detect/<name>/."""
     with user_errors():
@@ -2605,7 +2600,7 @@ def detect(
 def export(
     weights: Weights = None,
     img_size: int = typer.Option(None, help="default: the size the model was trained at"),
-    name: str = typer.Option("exp", help="run folder under runs/export/"),
+    name: Name = "exp",
     int8: bool = typer.Option(False, "--int8", help="also model_int8.onnx: int8 weights and "
                               f"activations, calibrated on {CALIBRATION_IMAGES} training images"),
     data: str = typer.Option(None, help="--int8 calibrates on this; default: the model's own data"),
@@ -2642,8 +2637,7 @@ def bench(
     batch: int = typer.Option(BENCH_BATCH, help="images per call for the throughput column"),
     rounds: int = typer.Option(5, help="timings repeated this many times: median and range"),
     calls: int = typer.Option(20, help="single-image calls per round"),
-    threads: int = typer.Option(None, help="CPU threads for PyTorch and onnxruntime; default: "
-                                "PyTorch's"),
+    threads: int = typer.Option(None, help="CPU threads for every runtime; default: PyTorch's"),
     data: str = typer.Option(None, help="scored on, int8 calibrated on; default: the model's own"),
     split: str = typer.Option("test", help="the split each runtime's mAP is measured on"),
     device: Device = Config.device,
