@@ -23,6 +23,9 @@ layouts labelling tools export and their checks, training that loses nothing (ch
 --resume, torchrun), pictures, `Detector`, ONNX, the command line. Each call into it is marked.
 """
 
+# =============================================================================
+# PART 1: THE RECIPE
+# =============================================================================
 
 import hashlib
 import io
@@ -62,9 +65,7 @@ class Config:
     device: str = "auto"
 
 
-# =============================================================================
-# PART 1: THE RECIPE
-# =============================================================================
+# -----------------------------------------------------------------------------
 # Data: every source becomes one format, the schema of detection-datasets/fashionpedia: a
 # datasets.Dataset with `image` and `objects` = {bbox: [[x_min, y_min, x_max, y_max]] in pixels,
 # category: ClassLabel}. The built-in synthetic shapes are drawn in-process, so everything runs
@@ -152,7 +153,7 @@ def synthetic_rows(split, recipe):
 @lru_cache(maxsize=None)
 def synthetic_split(split):
     """The same images for the same split on any machine, drawn once per machine: datasets keeps
-    them in its cache under a hash of this file, so that a changed recipe draws them anew."""
+    them in its cache under a hash of this file, so that any edit to it draws them anew."""
     recipe = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
     features = detection_features(SYNTHETIC_CLASSES)
     return datasets.Dataset.from_generator(synthetic_rows, features=features,
@@ -182,21 +183,21 @@ def inference_transform(img_size):
     return v2.Compose([resize_transform(img_size), v2.ToDtype(torch.float32, scale=True)])
 
 
-MIN_BOX_SIDE = 2  # pixels: a box narrower or lower than this holds nothing to learn, and is dropped
+MIN_BOX_SIDE = 2  # pixels: a box narrower or shorter holds nothing to learn (read or augmented)
 AUGMENT = v2.Compose([  # on the resized image, at training time only
     v2.RandomHorizontalFlip(),
-    v2.RandomAffine(degrees=0, translate=(0.1, 0.1), scale=(0.75, 1.25)),  # scale + crop
+    v2.RandomAffine(degrees=0, translate=(0.1, 0.1), scale=(0.75, 1.25)),  # zoom in or out
     v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3),
     v2.ClampBoundingBoxes(),
-    v2.SanitizeBoundingBoxes(min_size=MIN_BOX_SIDE),  # boxes pushed out of the frame go
+    v2.SanitizeBoundingBoxes(min_size=MIN_BOX_SIDE),  # boxes pushed out or squeezed thin go
 ])
 CACHE_BYTES = 2 * 2**30  # a split whose resized images fit in this is decoded once and kept
 
 
 class DetectionDataset(torch.utils.data.Dataset):
     """A load_split dataset as tensors: (image [3, img_size, img_size] in [0, 1], {boxes [N, 4]
-    xyxy in those pixels, labels [N]}). `targets[i]` keeps image i's boxes in its original
-    pixels and `sizes[i]` its (height, width): what the evaluator compares against."""
+    xyxy in those pixels, labels [N], index i}). `targets[i]` keeps image i's boxes in its
+    original pixels and `sizes[i]` its (height, width): what the evaluator compares against."""
 
     def __init__(self, ds, img_size, train, name="data"):
         self.train, self.img_size, self.name = train, img_size, name
@@ -263,9 +264,9 @@ def cells_to_boxes(raw, h, w, radius):
 
 
 class GridDetector(nn.Module):
-    """The detector: images [B, 3, S, S] in [0, 1] -> per cell of the (S/stride)^2 grid a box
+    """The detector: images [B, 3, I, I] in [0, 1] -> per cell of the (I/stride)^2 grid a box
     [B, h*w, 4] (cx, cy, w, h relative to the image) and K + 1 class logits [B, h*w, K + 1], the
-    last one background. `features` and `cells` are its two halves, which LTDNet calls apart."""
+    last one background. `features` and `cells` are its two halves, which LTD calls apart."""
 
     def __init__(self, num_classes, stride, radius=0.5):
         super().__init__()
@@ -288,8 +289,7 @@ class GridDetector(nn.Module):
         return self.cells(self.features(images))
 
 
-# channels_last spares oneDNN's convolutions a layout conversion per layer (docs/speed.md measures):
-# bf16 needs it to be fast; float32 trains 18 % faster with it (6 % with oneDNN limited to AVX2)
+# channels_last spares the convolutions a layout conversion per layer: bf16 needs it (docs/speed.md)
 MEMORY_FORMAT = torch.channels_last
 
 
@@ -313,15 +313,16 @@ BACKGROUND_WEIGHT = 0.1
 
 
 def assign_boxes_to_cells(boxes, labels, h, w, background, radius):
-    """boxes [N, 4] (cx, cy, w, h) relative to the image -> per cell: class [h*w] and box [h*w, 4].
+    """boxes [N, 4] (cx, cy, w, h) relative to the image, their labels [N] -> per cell of the h x w
+    grid a class [h*w] (`background` where no box) and a box [h*w, 4]; and how many boxes lost out.
 
     A box always trains the cell its centre falls in (the centre-cell rule, radius 0.5). A larger
     radius also trains the cells within `radius` cells of its centre (in x and in y) whose own
     centres lie inside the box: radius 1 gives a large box the 2 x 2 cells around its centre,
-    while a box smaller than a cell keeps one cell (a neighbour would learn a copy of it shifted by
-    a cell, too far off for NMS to merge; measured in docs/yolo11n.md). A cell claimed by several
-    boxes goes to the box whose centre it holds, then to the largest box (it dominates the cell's
-    features); a box left with no cell is lost for this image: a collision.
+    while a box smaller than a cell keeps one cell (a neighbour's copy, a cell off, would escape
+    NMS: docs/yolo11n.md). A cell claimed by several boxes goes to the box whose centre it holds,
+    then to the largest (a relative area is below 1, so the centre always wins; the largest
+    dominates the cell's features); a box left with no cell is lost for this image: a collision.
     """
     classes = torch.full((h * w,), background, dtype=torch.long)
     targets = torch.zeros(h * w, 4)
@@ -329,13 +330,14 @@ def assign_boxes_to_cells(boxes, labels, h, w, background, radius):
         return classes, targets, 0
     cell_x = (torch.arange(w) + 0.5).repeat(h)  # [h*w] cell centres, in cells
     cell_y = (torch.arange(h) + 0.5).repeat_interleave(w)
+    # a centre on the far edge (cx = 1) belongs to the last cell, not to one past the grid
     dx = cell_x - (boxes[:, 0:1] * w).clamp(max=w - 1e-4)  # [N, h*w]
     dy = cell_y - (boxes[:, 1:2] * h).clamp(max=h - 1e-4)
     holds_centre = (dx > -0.5) & (dx <= 0.5) & (dy > -0.5) & (dy <= 0.5)
     inside = (dx.abs() < boxes[:, 2:3] * w / 2) & (dy.abs() < boxes[:, 3:4] * h / 2)
     near = (dx > -radius) & (dx <= radius) & (dy > -radius) & (dy <= radius)
     claims = holds_centre | (inside & near)
-    priority = claims * (1 + holds_centre + boxes[:, 2:3] * boxes[:, 3:4])  # 0 = no claim; area < 1
+    priority = claims * (1 + holds_centre + boxes[:, 2:3] * boxes[:, 3:4])  # centre, then area
     best, owner = priority.max(0)  # [h*w]
     owned = best > 0
     classes[owned], targets[owned] = labels[owner[owned]], boxes[owner[owned]]
@@ -360,7 +362,7 @@ def detection_loss(boxes, logits, targets, img_size, radius):
         box = F.smooth_l1_loss(pred * grid, true * grid)  # in cell units, so errors are O(1)
         giou = generalized_box_iou_loss(box_convert(pred, "cxcywh", "xyxy"),
                                         box_convert(true, "cxcywh", "xyxy"), reduction="mean")
-    else:
+    else:  # zeros that stay in the graph: backward (and DDP) work with no box in the batch
         box = giou = boxes.sum() * 0
     lost = sum(a[2] for a in assigned)
     return {"loss": cls + box + giou, "cls": cls, "box": box, "giou": giou}, lost
@@ -476,9 +478,9 @@ def evaluate(predictions, targets, num_classes):
 
 
 # -----------------------------------------------------------------------------
-# Training: one loop for every model in this file. AdamW; the learning rate warms up, then follows
-# a cosine to zero over the planned run (--epochs, or minutes with --time: a full schedule in any
-# budget). fit (Part 2) runs it epoch after epoch, validates, and keeps the best checkpoint.
+# Training: one loop for every model in this file. The learning rate warms up, then follows a cosine
+# to zero over the planned run (--epochs, or minutes with --time). fit (Part 2) makes the AdamW
+# optimizer, runs this loop epoch after epoch, validates, and keeps the best checkpoint.
 
 WARMUP_FRACTION = 0.05
 GRAD_CLIP = 10.0
@@ -493,8 +495,8 @@ def learning_rate(cfg, progress):
 
 
 def train_epoch(model, data, batches, compute_loss, optimizer, cfg, bf16, run):
-    """One pass over `batches` (lists of dataset indices) from run.state.step on. `run` (Part 2)
-    keeps the place in the epoch and the running sums, so that a stopped epoch resumes exactly,
+    """One pass over `batches` (lists of dataset indices, not a DataLoader: a stopped epoch must
+    resume exactly) from run.state.step on. `run` (Part 2) keeps the place and the running sums,
     and says when to stop: the planned run is done, or Ctrl-C was pressed."""
     model.train()
     for indices in batches[run.state.step:]:
@@ -518,7 +520,7 @@ def train_epoch(model, data, batches, compute_loss, optimizer, cfg, bf16, run):
 
 
 def model_network(model, bf16):
-    """A GridDetector, set to eval -> its network: images [B, 3, S, S] in [0, 1] -> score_cells'
+    """A GridDetector, set to eval -> its network: images [B, 3, I, I] in [0, 1] -> score_cells'
     boxes and class scores. (An exported model is another network: Part 2.)"""
     model.eval()
     return lambda images: score_cells(*run_model(model, images, bf16))
@@ -573,14 +575,13 @@ def sample_ltd_crop(R):
 
 class LTDDataset(torch.utils.data.Dataset):
     """Any split's images (labels ignored) -> ((R [3, img_size, img_size],
-    S [3, LTD_CROP_SIZE, LTD_CROP_SIZE]), {boxes [1, 4], labels [1]}): one object per image, S, in
-    detection's target format. A new S every epoch."""
+    S [3, LTD_CROP_SIZE, LTD_CROP_SIZE]), {boxes [1, 4], labels [1], index}): one object per
+    image, S, in detection's target format. A new S at every draw."""
 
     def __init__(self, ds, img_size, mask_crop, name="data"):
         self.ds = without_unreadable_images(ds.select_columns(["image"]), name)  # Part 2
         self.img_size, self.mask_crop = img_size, mask_crop
-        # R is only resized: the crop is the augmentation
-        self.transform = inference_transform(img_size)
+        self.transform = inference_transform(img_size)  # R is only resized: S is the augmentation
 
     def __len__(self):
         return len(self.ds)
@@ -602,9 +603,9 @@ class LTDDataset(torch.utils.data.Dataset):
 
 
 class LTDNet(nn.Module):
-    """Where in R is S? One GridDetector with one class sees both images. S's pooled features scale
-    R's channels, so a cell's linear head sees the product of what is there and what is sought:
-    a learned correlation (measured against alternatives: docs/ltd.md)."""
+    """Where in R is S? One GridDetector with one class (and the centre-cell rule) sees both images.
+    S's pooled features scale R's channels, so a cell's linear head sees the product of what is
+    there and what is sought: a learned correlation (measured against alternatives: docs/ltd.md)."""
 
     def __init__(self, stride):
         super().__init__()
@@ -627,7 +628,7 @@ def locate_crops(model, data, n, batch, bf16):
     prediction is the box of the cell most sure that it holds S."""
     model.eval()
     predicted, true = [], []
-    # no DataLoader: it would draw from the generator too
+    # no DataLoader: it draws a seed from torch's generator, which would move the held-out crops
     with torch.random.fork_rng():
         torch.manual_seed(LTD_HELD_OUT_SEED)
         for start in range(0, n, batch):
@@ -642,7 +643,8 @@ def locate_crops(model, data, n, batch, bf16):
 
 def validate_ltd(model, data, batch, bf16):
     """The LTD metric: mean IoU of the predicted S box, and the share of pairs with IoU >= 0.5."""
-    iou = box_iou(*locate_crops(model, data, len(data), batch, bf16)).diagonal()
+    predicted, true = locate_crops(model, data, len(data), batch, bf16)
+    iou = torch.stack([box_iou(p[None], t[None])[0, 0] for p, t in zip(predicted, true)])
     return {"iou": iou.mean().item(), "hit50": (iou >= 0.5).float().mean().item()}
 
 
