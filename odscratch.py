@@ -915,7 +915,7 @@ def read_yolo_label(path, width, height, num_classes, split, skipped):
 
 def names_file(root):
     # one class name per line: LabelImg writes classes.txt, CVAT's YOLO 1.1 export obj.names
-    return next(iter(sorted([*root.rglob("classes.txt"), *root.rglob("obj.names")])), None)
+    return min([*root.rglob("classes.txt"), *root.rglob("obj.names")], default=None)
 
 
 def yolo_class_names(spec, root, source):
@@ -1884,10 +1884,8 @@ def plot_results(results_csv, path):
               for name in ["loss", "cls", "box", "giou"]]
     charts += [plot_lines(f"validation {name}", {name: [float(row[key]) for row in rows]}, epochs,
                           (0, 1)) for name, key in [("mAP50", "map50"), ("mAP50-95", "map")]]
-    grid = PIL.Image.new("RGB", (3 * charts[0].width, 2 * charts[0].height), "white")
-    for i, chart in enumerate(charts):
-        grid.paste(chart, (i % 3 * chart.width, i // 3 * chart.height))
-    grid.save(path)
+    tiles = [v2.functional.pil_to_tensor(chart) for chart in charts]
+    v2.functional.to_pil_image(make_grid(tiles, nrow=3, padding=0)).save(path)
 
 
 def plot_pr_curves(metrics, classes, path):
@@ -1907,8 +1905,7 @@ def draw_validation_pictures(model, data, classes, metrics, run_dir, bf16):
     images, _ = data.collate([data[i] for i in range(n)])
     boxes, scores = score_cells(*run_model(model, images, bf16))
     originals = [open_image(data.ds[i]["image"]).convert("RGB") for i in range(n)]
-    sizes = [data.sizes[i] for i in range(n)]
-    found = select_detections(boxes, scores, sizes, DETECT_CONF, NMS_IOU)
+    found = select_detections(boxes, scores, data.sizes[:n], DETECT_CONF, NMS_IOU)
     pictures = [draw_detections(image, f, classes, data.targets[i]["boxes"].tolist())
                 for i, (image, f) in enumerate(zip(originals, found))]
     tile_images(pictures).save(run_dir / "val_pred.jpg")
@@ -2381,9 +2378,8 @@ def evaluate_command(
         weights = Path(weights) if weights else newest_weights()
         model, cfg, classes = load_detector(weights, device)
         dataset = scored_split(weights, cfg, classes, data, split)
-        network = model_network(model, use_bf16(device, fp32))  # as detect runs it
-        metrics = evaluate(predict(network, dataset, batch, EVAL_CONF, NMS_IOU),
-                           dataset.targets, len(classes))
+        detector = Detector(model_network(model, use_bf16(device, fp32)), classes, cfg.img_size)
+        metrics = detector.evaluate(dataset, batch)
         title = f"{weights} on {dataset.name} ({len(dataset)} images)"
         console.print(metrics_table(title, metrics, classes))
 
@@ -2422,16 +2418,21 @@ def data_command(
 ):
     """A dataset before training: its layout, splits, classes, box sizes, and which --stride."""
     with user_errors():
-        splits = {}
+        splits, missing = {}, []
         for split in ["train", "validation", "test"]:
             try:
                 ds = load_split(data, split, bbox_format)
             except UserError as e:
-                if "has no split" in str(e):
-                    continue
-                raise
+                if "has no split" not in str(e):
+                    raise
+                missing.append(e)
+                continue
             splits[split] = DetectionDataset(ds, img_size, train=False, name=f"{data} {split}")
-        classes = category_feature(splits["train"].ds).names
+        if not splits:
+            raise missing[0]
+        # the grid is chosen for the split training learns from (or, without one, the first)
+        learn = "train" if "train" in splits else next(iter(splits))
+        classes = category_feature(splits[learn].ds).names
         table = Table("split", "images", "boxes", "boxes per image, mean / max",
                       "images with no box", *classes,
                       title=f"{data}: images and boxes per split and class")
@@ -2452,11 +2453,11 @@ def data_command(
             table.add_row(split, *[f"{((sides >= a) & (sides < b)).float().mean():.1%}"
                                    for a, b in bins])
         console.print(table)
-        sides = box_sides(splits["train"]) * img_size  # in pixels at --img-size
-        lost = collisions_per_stride(splits["train"], img_size, assign_radius)
+        sides = box_sides(splits[learn]) * img_size  # in pixels at --img-size
+        lost = collisions_per_stride(splits[learn], img_size, assign_radius)
         table = Table("--stride", "grid", "boxes smaller than a cell", "boxes lost to collisions",
                       title=f"--assign-radius {assign_radius:g} at --img-size {img_size}, "
-                            "train split")
+                            f"{learn} split")
         for stride, share in lost.items():
             table.add_row(str(stride), f"{img_size // stride} x {img_size // stride}",
                           f"{(sides < stride).float().mean():.1%}", f"{share:.2%}")

@@ -672,6 +672,16 @@ def test_the_data_command_names_the_layout_and_counts_each_split(tmp_path):
         assert re.search(rf"│ {name} +│ {LAYOUT_SPLITS[split]} +│ {boxes[split]} +│", output), output
 
 
+def test_the_data_command_reports_a_dataset_without_a_train_split(tmp_path):
+    items = canonical_images()["val"]  # COCO's own layout, with only instances_val2017.json
+    for name, width, height, *_ in items:
+        save_image(tmp_path / "val2017" / name, width, height)
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps(coco_json(items)))
+    report = data_report(tmp_path)
+    assert "images: validation 2" in report and "validation split" in report and "pick --stride" in report
+
+
 def test_a_folder_in_no_layout_lists_the_layouts_looked_for(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "notes").mkdir()
