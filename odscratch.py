@@ -1535,7 +1535,6 @@ def fit(model, data, batches, compute_loss, validate, cfg, bf16, run_dir, meta, 
     Writes last.pt (with what --resume needs), best.pt (highest `best_metric`) and results.csv to
     run_dir; returns the best metrics. `resume`: a last.pt's "resume" entry, to go on with that
     run. Under torchrun `model` is in DistributedDataParallel; rank 0 validates and writes."""
-    model.to(memory_format=MEMORY_FORMAT)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     inner = getattr(model, "module", model)  # the model inside DistributedDataParallel
     main = not dist.is_initialized() or dist.get_rank() == 0
@@ -1561,8 +1560,8 @@ def fit(model, data, batches, compute_loss, validate, cfg, bf16, run_dir, meta, 
                                "elapsed_s": time.time() - run.start}
         return state
 
-    command = f"odscratch {'pretrain' if meta['kind'] == 'ltd' else 'train'} --resume " \
-              f"{run_dir}/last.pt"
+    command = f"odscratch {'pretrain' if meta['kind'] == 'ltd' else 'train'} --resume"
+    command = f"{command} {run_dir}/last.pt"
 
     def what_is_saved():
         if not (run_dir / "last.pt").exists():
@@ -1599,8 +1598,8 @@ def fit(model, data, batches, compute_loss, validate, cfg, bf16, run_dir, meta, 
                     save_checkpoint(run_dir / "best.pt", checkpoint(metrics, resumable=False))
                 save_checkpoint(run_dir / "last.pt", checkpoint(metrics))
     except KeyboardInterrupt:
-        raise UserError(f"interrupted at once in epoch {run.state.epoch}; {what_is_saved()}") \
-            from None
+        interrupted = f"interrupted at once in epoch {run.state.epoch}"
+        raise UserError(f"{interrupted}; {what_is_saved()}") from None
     except FloatingPointError as e:
         raise UserError(f"{e} in epoch {run.state.epoch}: stopped (try a lower --lr, or check the "
                         f"data's boxes); {what_is_saved()}") from None
@@ -1681,13 +1680,13 @@ def load_backbone(path, stride):
 def seeded_batches(data, cfg, processes=1):
     """Batches of dataset indices in an order that --seed fixes (under torchrun, each process's
     share of the shuffle)."""
+    if len(data) < cfg.batch:
+        raise UserError(f"the train split has {len(data)} images, fewer than --batch {cfg.batch}")
     if processes > 1:
         sampler = DistributedSampler(data, seed=cfg.seed, drop_last=True)
     else:
         generator = torch.Generator().manual_seed(cfg.seed)
         sampler = torch.utils.data.RandomSampler(data, generator=generator)
-    if len(data) < cfg.batch:
-        raise UserError(f"the train split has {len(data)} images, fewer than --batch {cfg.batch}")
     return torch.utils.data.BatchSampler(sampler, cfg.batch // processes, drop_last=True)
 
 
@@ -1774,7 +1773,7 @@ def pretrain_backbone(cfg, name, mask_crop, resume=None):
                   f"held-out images{', crop hole greyed out' if mask_crop else ''}, {device}, "
                   f"{'bf16' if bf16 else 'float32'} -> {run_dir}")
     batches = seeded_batches(train_data, cfg)
-    model = LTDNet(cfg.stride).to(device)
+    model = LTDNet(cfg.stride).to(device, memory_format=MEMORY_FORMAT)
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
 
