@@ -161,8 +161,8 @@ def synthetic_split(split):
 
 
 def load_split(data, split, bbox_format="auto", labels=True):
-    """--data's split (train, validation, test) -> a datasets.Dataset in the one schema.
-    labels=False: any images, with or without boxes (for LTD)."""
+    """--data's split -> a datasets.Dataset in the one schema; labels=False: any images (LTD)."""
+    check_box_format(bbox_format)  # Part 2: a value we do not read is refused, whatever the data
     if data == "synthetic" and split in SYNTHETIC_SPLITS:
         return synthetic_split(split)
     return read_split(data, split, bbox_format, labels)  # your data, read and checked: Part 2
@@ -1335,13 +1335,16 @@ def read_dataset(data, bbox_format, path):
     return splits
 
 
+def check_box_format(bbox_format):
+    if bbox_format not in ("auto", "xyxy", "xywh"):
+        raise UserError(f"--bbox-format must be auto, xyxy or xywh, not {bbox_format!r}")
+
+
 def read_split(data, split, bbox_format, labels):
     """load_split for any --data: a split of the synthetic set by another name (val), or of a
     dataset read from a folder or the hub, checked: it exists, has images, and has boxes unless
     labels=False."""
     split = SPLIT_WORDS.get(split, split)
-    if bbox_format not in ("auto", "xyxy", "xywh"):
-        raise UserError(f"--bbox-format must be auto, xyxy or xywh, not {bbox_format!r}")
     if data == "synthetic":
         if split not in SYNTHETIC_SPLITS:
             raise UserError(f"synthetic has no split {split!r}; it has: "

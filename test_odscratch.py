@@ -875,11 +875,13 @@ def test_the_box_format_is_detected(tmp_path, monkeypatch):
     assert checkpoint["config"]["bbox_format"] == "auto"
 
 
-def test_a_box_format_we_do_not_read_is_refused(tmp_path, monkeypatch):
-    xywh_folder(tmp_path)
+def test_a_box_format_we_do_not_read_is_refused_whatever_the_data(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    one_line_error(runner.invoke(ods.app, ["train", "--bbox-format", "cxcywh"]),
+                   "--bbox-format must be auto, xyxy or xywh, not 'cxcywh'")
+    make_imagefolder(tmp_path)  # and on a user's folder, from Python
     with pytest.raises(ods.UserError, match="--bbox-format must be auto, xyxy or xywh, not 'cxcywh'"):
-        ods.load_split("data", "train", "cxcywh")
+        ods.load_split(str(tmp_path), "train", "cxcywh")
 
 
 def test_an_empty_folder_lists_the_layouts_looked_for(tmp_path, monkeypatch):
