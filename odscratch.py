@@ -30,6 +30,7 @@ layouts labelling tools export and their checks, training that loses nothing (ch
 import hashlib
 import io
 import math
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -38,6 +39,7 @@ import datasets
 import numpy as np
 import PIL.Image
 import PIL.ImageDraw
+import PIL.ImageOps
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -60,6 +62,7 @@ class Config:
     batch: int = 8                  # for detection (docs/yolo11n.md measures it); pretrain keeps 16
     lr: float = 2e-3
     weight_decay: float = 5e-4
+    patience: int = 0               # stop after this many validations without a better model
     seed: int = 0
     fp32: bool = False              # turn off bf16 autocast
     device: str = "auto"
@@ -173,6 +176,32 @@ def open_image(record):
     return PIL.Image.open(io.BytesIO(record["bytes"]) if record["bytes"] else record["path"])
 
 
+EXIF_ORIENTATION = 0x0112  # an EXIF tag: 1 = stored upright, 2-8 = mirror and/or turn to show it
+
+
+def exif_orientation(image):
+    """An opened image's EXIF orientation (1-8), from its header. A broken EXIF block (real cameras
+    write some) is read as far as it goes; with no usable tag the image is read as stored (1)."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return 1  # a PNG's EXIF after its pixels is found only by decoding them all
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow warns of corrupt EXIF data, and reads on
+        try:
+            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+        except Exception:  # what Pillow raises on worse EXIF depends on its version
+            return 1
+    return orientation if orientation in range(1, 9) else 1
+
+
+def upright(image):
+    """An opened image, decoded as labelling tools show it, in RGB. Phones store most photos
+    sideways, with an EXIF tag saying how to turn them: the tools turn them, and the boxes are
+    drawn on the turned photo."""
+    if exif_orientation(image) != 1:
+        image = PIL.ImageOps.exif_transpose(image)
+    return image.convert("RGB")
+
+
 def resize_transform(img_size):
     # Resize first: every later step then works on the small image.
     return v2.Compose([v2.ToImage(), v2.Resize((img_size, img_size), antialias=True)])
@@ -217,7 +246,7 @@ class DetectionDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         if self.cache is None:
-            image = self.resize(open_image(self.ds[i]["image"]).convert("RGB"))
+            image = self.resize(upright(open_image(self.ds[i]["image"])))
         else:
             image = self.cache[i]  # [3, img_size, img_size] uint8
         # the boxes in the resized image's pixels, as a tv_tensor that AUGMENT moves with it
@@ -440,6 +469,17 @@ def precision_curve(hits, num_true):
     return np.append(precision, 0)[at]  # recall points never reached count as precision 0
 
 
+CONFIDENCES = np.linspace(0, 1, 101)  # thresholds a user may detect with: what each one trades
+
+
+def confidence_curves(scores, hits, num_true):
+    """scores [D] descending and hits [D] at IoU 0.5 -> [precision, recall] of the detections
+    scoring at least c, for each c in CONFIDENCES."""
+    kept = np.searchsorted(-scores, -CONFIDENCES, side="right")  # [101] detections kept
+    true_positives = np.append(0, np.cumsum(hits))[kept]
+    return [(true_positives / np.maximum(kept, 1)).tolist(), (true_positives / num_true).tolist()]
+
+
 def evaluate(predictions, targets, num_classes):
     """COCO-style mAP. predictions / targets: one dict per image, `boxes` [N, 4] xyxy pixels,
     `labels` [N] (and `scores` [N] in predictions). Classes with no ground truth are left out of
@@ -459,12 +499,15 @@ def evaluate(predictions, targets, num_classes):
             hits[k].append(match_detections(pred["boxes"][mine].double()[order], true_boxes))
     ap = -np.ones((len(IOU_THRESHOLDS), num_classes))
     pr50 = [[] for _ in range(num_classes)]  # the PR curve at IoU 0.5, for pr_curve.png
+    by_conf = [[] for _ in range(num_classes)]  # and against the confidence threshold
     for k in np.flatnonzero(num_true):
         order = np.argsort(-np.concatenate(scores[k]), kind="mergesort")
         class_hits = np.concatenate(hits[k], axis=1)[:, order]
         # AP: the area under the curve, its mean over the 101 recall points
         ap[:, k] = [precision_curve(h, num_true[k]).mean() for h in class_hits]
         pr50[k] = precision_curve(class_hits[0], num_true[k]).tolist()
+        by_conf[k] = confidence_curves(np.concatenate(scores[k])[order], class_hits[0],
+                                       num_true[k])
 
     def mean(rows):
         valid = ap[rows][:, num_true > 0]
@@ -473,6 +516,7 @@ def evaluate(predictions, targets, num_classes):
     at = {round(t * 100): i for i, t in enumerate(IOU_THRESHOLDS)}
     return {"map": mean(slice(None)), "map50": mean([at[50]]), "map75": mean([at[75]]),
             "map90": mean([at[90]]), "ap50_per_class": ap[at[50]].tolist(), "pr50_per_class": pr50,
+            "pr_by_confidence": by_conf,
             "ap_per_class": [float(ap[:, k].mean()) if num_true[k] else -1.0
                              for k in range(num_classes)]}
 
@@ -587,7 +631,7 @@ class LTDDataset(torch.utils.data.Dataset):
         return len(self.ds)
 
     def __getitem__(self, i):
-        R = self.transform(open_image(self.ds[i]["image"]).convert("RGB"))
+        R = self.transform(upright(open_image(self.ds[i]["image"])))
         S, box = sample_ltd_crop(R)
         S = LTD_JITTER(S)
         if self.mask_crop:
@@ -660,6 +704,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import signal
 import tempfile
 import threading
@@ -683,6 +728,8 @@ from torchvision.utils import make_grid
 console = Console()
 datasets.disable_progress_bars()
 datasets.logging.set_verbosity_error()
+# read_targets counts broken EXIF blocks in one line: Pillow's warning per image would repeat it
+warnings.filterwarnings("ignore", "Corrupt EXIF data", UserWarning)
 
 
 class UserError(Exception):
@@ -722,7 +769,7 @@ def decode_image(record):
     over PIL's decompression-bomb limit, Image.MAX_IMAGE_PIXELS: twice it is refused unread)."""
     try:
         with open_image(record) as image:
-            return image.convert("RGB"), None
+            return upright(image), None
     except FileNotFoundError:
         return None, "file not found"
     except UNREADABLE as e:
@@ -776,15 +823,48 @@ def impossible_boxes(boxes, width, height):
     return int((inverted | outside).sum())
 
 
+def upright_size(image):
+    """An opened image -> (width, height) as labelling tools show it, from the header alone: EXIF
+    orientations 5 to 8 turn it a quarter."""
+    width, height = image.size
+    return (height, width) if exif_orientation(image) >= 5 else (width, height)
+
+
+TIFF_HEADERS = (b"II*\x00", b"MM\x00*")  # how an EXIF block starts, after "Exif\0\0"
+
+
+def malformed_exif(image):
+    """Whether an opened image's EXIF block is broken: not a TIFF header, Pillow warns or fails
+    reading it, or an orientation outside 1-8. (Read as far as it goes all the same.)"""
+    data = image.info.get("exif")
+    if data is None:
+        return False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            exif = PIL.Image.Exif()
+            exif.load(data)
+            bad_orientation = exif.get(EXIF_ORIENTATION, 1) not in range(1, 9)
+        except Exception:
+            return True
+    header = data.removeprefix(b"Exif\x00\x00")[:4]
+    return bad_orientation or bool(caught) or header not in TIFF_HEADERS
+
+
 def read_targets(ds, name, train):
     """A split's boxes, read row by row (a large dataset's images never sit in memory together)
-    -> image sizes [(height, width)] and targets [{boxes [N, 4] xyxy pixels, labels [N]}]. Boxes
-    partly outside their image are clipped, boxes without area dropped, both counted; a split
-    where many boxes are impossible has the wrong --bbox-format, and is refused."""
+    -> image sizes [(height, width)], upright, and targets [{boxes [N, 4] xyxy pixels, labels
+    [N]}]. Boxes partly outside their image are clipped, boxes without area dropped, both
+    counted; a split where many boxes are impossible has the wrong --bbox-format, and is refused.
+    Images stored sideways (an EXIF orientation) and malformed EXIF blocks are counted."""
     classes = category_feature(ds).names
     sizes, targets, n_boxes, n_impossible, n_clipped, n_dropped = [], [], 0, 0, 0, 0
+    n_turned = n_malformed = 0
     for row in ds:
-        width, height = open_image(row["image"]).size  # reads the header only
+        with open_image(row["image"]) as image:  # the header only
+            width, height = upright_size(image)
+            n_turned += exif_orientation(image) != 1
+            n_malformed += malformed_exif(image)
         boxes, cats = objects_columns(row["objects"])
         boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
         labels = torch.tensor(cats, dtype=torch.long)
@@ -808,6 +888,10 @@ def read_targets(ds, name, train):
     if n_clipped or n_dropped:
         console.print(f"{name}: {n_clipped} boxes clipped to their image, "
                       f"{n_dropped} with no area dropped")
+    if n_turned or n_malformed:
+        console.print(f"{name}: {n_turned} images turned upright as their EXIF orientation says"
+                      + (f"; {n_malformed} with a malformed EXIF block, read as far as it goes"
+                         if n_malformed else ""))
     return sizes, targets
 
 
@@ -867,10 +951,10 @@ def find_image(name, folders, index):
 
 
 def image_size(path):
-    """(width, height) from the image's header, or None when PIL cannot open it."""
+    """(width, height) from the image's header, upright, or None when PIL cannot open it."""
     try:
         with PIL.Image.open(path) as image:
-            return image.size
+            return upright_size(image)
     except UNREADABLE:
         return None
 
@@ -884,8 +968,9 @@ def yolo_label_path(image):
 
 
 def read_yolo_label(path, width, height, num_classes, split, skipped):
-    """A YOLO label file -> boxes in xyxy pixels and class indices. A line of more than 5 numbers is
-    a polygon (class x1 y1 x2 y2 ...), as segmentation exports write it: its box is its bounds."""
+    """A YOLO label file -> boxes in xyxy pixels and class indices. A line of 6 numbers has a score
+    after the box (`detect --save-conf` writes it); one of 7 or more is a polygon (class x1 y1 x2 y2
+    ...), as segmentation exports write it: its box is its bounds."""
     boxes, categories = [], []
     for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         try:
@@ -896,7 +981,8 @@ def read_yolo_label(path, width, height, num_classes, split, skipped):
             continue
         where = f"{path.name}:{n}"
         polygon = len(values) >= 7 and len(values) % 2 == 1
-        if len(values) != 5 and not polygon or not all(-0.01 <= v <= 1.01 for v in values[1:]):
+        if len(values) not in (5, 6) and not polygon or not all(-0.01 <= v <= 1.01
+                                                                 for v in values[1:]):
             why = "label lines that are not `class cx cy w h` in 0-1"
             skipped.append((split, "box", why, where))
         elif not values[0].is_integer() or not 0 <= values[0] < num_classes:
@@ -906,7 +992,7 @@ def read_yolo_label(path, width, height, num_classes, split, skipped):
                 x, y = values[1::2], values[2::2]
                 box = [min(x), min(y), max(x), max(y)]
             else:
-                cx, cy, w, h = values[1:]
+                cx, cy, w, h = values[1:5]
                 box = [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
             boxes.append([box[0] * width, box[1] * height, box[2] * width, box[3] * height])
             categories.append(int(values[0]))
@@ -1139,7 +1225,8 @@ def annotations_to_splits(annotations, data):
             bad = [(why, where) for s, lvl, why, where in annotations.skipped
                    if (s, lvl) == (split, level)]
             if len(bad) > MOSTLY_BROKEN * (n + len(bad)):
-                raise UserError(f"{data}: {len(bad)} of the {n + len(bad)} {level}s of its {split} "
+                things = {"image": "images", "box": "boxes"}[level]
+                raise UserError(f"{data}: {len(bad)} of the {n + len(bad)} {things} of its {split} "
                                 f"split are broken ({bad[0][0]}: {bad[0][1]}, ...): fix the "
                                 "annotations, or export them again")
     by_reason = {}
@@ -1188,7 +1275,7 @@ def guess_box_format(ds):
     impossible, total = {"xyxy": 0, "xywh": 0}, 0
     for row in rows:
         try:
-            width, height = open_image(row["image"]).size
+            width, height = upright_size(open_image(row["image"]))
         except UNREADABLE:
             continue
         boxes = torch.tensor(objects_columns(row["objects"])[0], dtype=torch.float32).reshape(-1, 4)
@@ -1518,16 +1605,25 @@ def append_row(path, row):
         writer.writerow(row)
 
 
-def log_epoch(run_dir, state, elapsed, scalars):
-    """A finished epoch: one row of results.csv, one line on the console."""
+def log_epoch(run_dir, state, elapsed, scalars, start=None):
+    """A finished epoch: one row of results.csv (with where the run started, if said), one line on
+    the console."""
     losses = {n: round(v / max(state.seen, 1), 5) for n, v in state.sums.items()}
     row = {"epoch": state.epoch, "elapsed_s": round(elapsed, 1), **losses,
-           "collisions": state.collisions, "skipped_steps": state.skipped, **scalars}
+           "collisions": state.collisions, "skipped_steps": state.skipped, **scalars,
+           **({"start": start} if start else {})}
     append_row(run_dir / "results.csv", row)
     lost, skipped = state.collisions, state.skipped
     console.print(f"epoch {state.epoch}: " + " ".join(f"{n} {v:.3f}" for n, v in scalars.items())
                   + (f" | {lost} boxes lost to shared cells" if lost else "")
                   + (f" | {skipped} steps skipped: loss NaN or inf" if skipped else ""))
+
+
+def out_of_patience(cfg, best, epoch):
+    """--patience N: the N validations before `epoch` found no better model. (Under torchrun only
+    rank 0 validates: its answer is everyone's.)"""
+    waited = epoch - 1 - best["epoch"] if best else 0
+    return bool(max_over_processes(cfg.patience and waited >= cfg.patience))
 
 
 def fit(model, data, batches, compute_loss, validate, cfg, bf16, run_dir, meta, best_metric,
@@ -1573,7 +1669,7 @@ def fit(model, data, batches, compute_loss, validate, cfg, bf16, run_dir, meta, 
 
     try:
         with run:
-            while run.progress() < 1:
+            while run.progress() < 1 and not out_of_patience(cfg, best, run.state.epoch):
                 if distributed:  # a new shuffle each epoch, the same in every process
                     sampler.set_epoch(run.state.epoch)
                 else:  # drawn afresh from the epoch's start state
@@ -1594,7 +1690,7 @@ def fit(model, data, batches, compute_loss, validate, cfg, bf16, run_dir, meta, 
                     continue
                 metrics = validate(inner)
                 scalars = {n: round(v, 5) for n, v in metrics.items() if isinstance(v, float)}
-                log_epoch(run_dir, finished, time.time() - run.start, scalars)
+                log_epoch(run_dir, finished, time.time() - run.start, scalars, meta.get("start"))
                 shown = " | val " + " ".join(f"{n} {v:.2f}" for n, v in scalars.items())
                 if best is None or metrics[best_metric] > best[best_metric]:
                     best = {**metrics, "epoch": finished.epoch}
@@ -1606,6 +1702,10 @@ def fit(model, data, batches, compute_loss, validate, cfg, bf16, run_dir, meta, 
     except FloatingPointError as e:
         raise UserError(f"{e} in epoch {run.state.epoch}: stopped (try a lower --lr, or check the "
                         f"data's boxes); {what_is_saved()}") from None
+    if out_of_patience(cfg, best, run.state.epoch) and main:
+        name = {"map": "mAP50-95"}.get(best_metric, best_metric)
+        console.print(f"stopped after epoch {run.state.epoch - 1}: no better validation {name} in "
+                      f"{cfg.patience} epochs (--patience); the best is epoch {best['epoch']}")
     return best
 
 
@@ -1680,6 +1780,36 @@ def load_backbone(path, stride):
     return checkpoint["backbone"]
 
 
+def load_start(path, stride):
+    """A detector's checkpoint to fine-tune from (`train --weights`), refused in one line when it
+    is not a detector or was trained on another grid."""
+    checkpoint = read_checkpoint(path, "detector")
+    if checkpoint["config"]["stride"] != stride:
+        was = checkpoint["config"]["stride"]
+        raise UserError(f"{path} was trained with --stride {was}, but this run uses --stride "
+                        f"{stride}: pass --stride {was} to fine-tune it")
+    return checkpoint
+
+
+def keep_shared_classes(model, checkpoint, classes):
+    """A new detector takes a trained one's weights: all of them for the same class names; else all
+    but the head's class rows, where the names both have are kept (matched by name, not by index)
+    and the others keep their fresh start. -> the class names kept."""
+    state, old = dict(checkpoint["model"]), checkpoint["classes"]
+    shared = [name for name in classes if name in old]
+    if old != classes:
+        # the head's rows: the box's 4, one per class, background's last
+        def rows(names):
+            return [*range(4), *(4 + names.index(name) for name in shared), 4 + len(names)]
+
+        for key in ("head.weight", "head.bias"):
+            fresh = model.state_dict()[key].clone()
+            fresh[rows(classes)] = state[key][rows(old)]
+            state[key] = fresh
+    model.load_state_dict(state)
+    return shared
+
+
 def seeded_batches(data, cfg, processes=1):
     """Batches of dataset indices in an order that --seed fixes (under torchrun, each process's
     share of the shuffle)."""
@@ -1698,16 +1828,18 @@ def load_best(model, run_dir, device):
     model.load_state_dict(best["model"])
 
 
-def train_detector(cfg, name, backbone=None, resume=None):
-    """Train a detector in runs/train/<name>; or, with resume = a last.pt, go on with that run
-    exactly where it stopped, in its folder, with its settings and weights (cfg and backbone are
-    then ignored)."""
+def train_detector(cfg, name, backbone=None, resume=None, weights=None):
+    """Train a detector in runs/train/<name>, from random weights, a pretrained backbone, or a
+    trained detector's weights (fine-tuning: a new run); or, with resume = a last.pt, go on with
+    that run exactly where it stopped, in its folder, with its settings and weights (cfg, backbone
+    and weights are then ignored)."""
     checkpoint = read_checkpoint(resume, "detector", resumable=True) if resume else None
     if checkpoint:
-        cfg, backbone = Config(**checkpoint["config"]), None
+        cfg, backbone, weights = Config(**checkpoint["config"]), None, None
     check_grid(cfg)
-    # a wrong backbone file fails before any work
+    # a wrong backbone or detector file fails before any work
     pretrained = load_backbone(backbone, cfg.stride) if backbone else None
+    start = load_start(weights, cfg.stride) if weights else None
     seed_everything(cfg.seed)
     device, rank, processes = pick_device(cfg.device), 0, 1
     # torchrun: one process per GPU (or per share of the CPU); --batch is shared out
@@ -1735,6 +1867,11 @@ def train_detector(cfg, name, backbone=None, resume=None):
     if pretrained:
         model.backbone.load_state_dict(pretrained)
         console.print(f"backbone from {backbone}")
+    if start:
+        shared = keep_shared_classes(model, start, classes)
+        kept = ("all its weights" if shared == classes == start["classes"] else
+                f"its weights but the head's class rows, kept by name for {shared or 'none'}")
+        console.print(f"fine-tuning from {weights}: {kept}", soft_wrap=True)
     if checkpoint:
         check_same_classes(checkpoint["classes"], classes, resume, cfg.data)
         model.load_state_dict(checkpoint["model"])
@@ -1746,15 +1883,19 @@ def train_detector(cfg, name, backbone=None, resume=None):
     def loss(outputs, targets):
         return detection_loss(*outputs, targets, cfg.img_size, cfg.assign_radius)
 
+    # where the run started, kept in best.pt, last.pt and results.csv
+    origin = (f"weights {weights}" if weights else f"backbone {backbone}" if backbone else
+              "random init")
     meta = {"kind": "detector", "classes": classes,
-            "backbone": checkpoint["backbone"] if checkpoint else str(backbone or "")}
+            "start": checkpoint.get("start", "random init") if checkpoint else origin}
     best = fit(model, train_data, batches, loss,
-               lambda m: validate_detector(m, val_data, len(classes), cfg, bf16), cfg, bf16,
-               run_dir, meta, best_metric="map", resume=checkpoint and checkpoint["resume"])
+               lambda m: with_confidence(validate_detector(m, val_data, len(classes), cfg, bf16)),
+               cfg, bf16, run_dir, meta, best_metric="map",
+               resume=checkpoint and checkpoint["resume"])
     if rank == 0:  # the pictures show the best epoch's model
         inner = getattr(model, "module", model)
         load_best(inner, run_dir, device)
-        draw_validation_pictures(inner, val_data, classes, best, run_dir, bf16)
+        draw_validation_pictures(inner, val_data, classes, best, run_dir, bf16, cfg.batch)
     return run_dir, best, classes
 
 
@@ -1796,9 +1937,66 @@ def pretrain_backbone(cfg, name, mask_crop, resume=None):
 
 
 # -----------------------------------------------------------------------------
+# Choosing the confidence: a model ships with one threshold. Training and `eval` pick the one with
+# the best F1 on the validation split (at IoU 0.5, averaged over the classes, as Ultralytics picks
+# it); best.pt keeps it, and detect and Detector use it unless told another. The confusion matrix
+# at that threshold shows which classes the model mixes up, which objects it misses, and what it
+# finds where there is nothing.
+
+
+def f1_by_confidence(curves):
+    """evaluate's pr_by_confidence -> F1 [K', 101] at each of CONFIDENCES, for the K' classes with
+    ground truth."""
+    curves = [curve for curve in curves if curve]
+    precision, recall = (np.array([c[i] for c in curves]).reshape(-1, len(CONFIDENCES))
+                         for i in (0, 1))
+    return 2 * precision * recall / np.maximum(precision + recall, 1e-9)
+
+
+def with_confidence(metrics):
+    """evaluate's metrics + conf: the threshold whose F1, averaged over the classes, is highest
+    (0.25 when nothing is found), that F1, and each class's precision and recall there (-1 for a
+    class without ground truth)."""
+    f1 = f1_by_confidence(metrics["pr_by_confidence"])
+    mean_f1 = f1.mean(0) if len(f1) else np.zeros(len(CONFIDENCES))
+    # of equal F1s the highest threshold: fewer chance boxes on new images
+    best = len(mean_f1) - 1 - int(mean_f1[::-1].argmax()) if mean_f1.max() > 0 else None
+    at = lambda values: -1.0 if best is None or not values else values[best]
+    curves = metrics["pr_by_confidence"]
+    return {**metrics, "conf": DETECT_CONF if best is None else round(float(CONFIDENCES[best]), 2),
+            "f1": at(mean_f1.tolist()),
+            "precision_per_class": [at(curve and curve[0]) for curve in curves],
+            "recall_per_class": [at(curve and curve[1]) for curve in curves]}
+
+
+def confusion_matrix(found, targets, num_classes, conf):
+    """Detections scoring at least conf against the true boxes, at IoU 0.5 -> counts [K+1, K+1]:
+    row = the true class, column = the predicted one; row K counts detections of nothing
+    (background), column K true boxes no detection found. Each true box takes the free detection,
+    of any class, that overlaps it most."""
+    matrix = np.zeros((num_classes + 1, num_classes + 1), int)
+    for pred, true in zip(found, targets):
+        keep = pred["scores"] >= conf
+        labels, true_labels = pred["labels"][keep].tolist(), true["labels"].tolist()
+        ious = box_iou(true["boxes"], pred["boxes"][keep])  # [G, D]
+        pairs = sorted(zip(*torch.nonzero(ious >= IOU_THRESHOLDS[0], as_tuple=True)),
+                       key=lambda pair: -ious[pair].item())
+        matched_true, matched_pred = set(), set()
+        for g, d in ((int(g), int(d)) for g, d in pairs):
+            if g not in matched_true and d not in matched_pred:
+                matched_true.add(g), matched_pred.add(d)
+                matrix[true_labels[g], labels[d]] += 1
+        for g in set(range(len(true_labels))) - matched_true:
+            matrix[true_labels[g], num_classes] += 1
+        for d in set(range(len(labels))) - matched_pred:
+            matrix[num_classes, labels[d]] += 1
+    return matrix
+
+
+# -----------------------------------------------------------------------------
 # Pictures: what a learner and a user look at before any number. Detections with the true boxes,
-# the objectness grid (how sure each cell is that it holds an object),
-# loss and mAP curves, precision-recall curves. Pillow alone draws them.
+# the objectness grid (how sure each cell is that it holds an object), loss and mAP curves,
+# precision-recall and F1 curves, the confusion matrix. Pillow alone draws them.
 
 BOX_COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231",
                "#911eb4", "#42d4f4", "#f032e6", "#bfef45"]
@@ -1899,14 +2097,64 @@ def plot_pr_curves(metrics, classes, path):
     chart.save(path)
 
 
+def plot_f1_curves(metrics, classes, path):
+    """f1_curve.png: F1 against the confidence threshold, one line per class and their mean."""
+    f1 = f1_by_confidence(metrics["pr_by_confidence"])
+    named = [name for name, curve in zip(classes, metrics["pr_by_confidence"]) if curve]
+    lines = {name: curve.tolist() for name, curve in zip(named, f1)}
+    if len(f1):
+        lines[f"all {metrics['f1']:.2f} at {metrics['conf']:.2f}"] = f1.mean(0).tolist()
+    plot_lines("F1 vs confidence, IoU 0.5", lines, CONFIDENCES.tolist(), (0, 1),
+               size=(480, 360)).save(path)
+
+
+CELL = 48  # pixels per cell of the confusion matrix
+
+
+def draw_confusion_matrix(matrix, classes, conf, path):
+    """confusion_matrix.png: the counts, and each row divided by its sum (where the true boxes of a
+    class went), side by side; darker is more."""
+    names = [*classes, "background"]
+    side, margin = len(names) * CELL, 96
+    shares = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    panels = []
+    for title, values, fmt in [("counts", matrix, "{:d}"), ("row-normalised", shares, "{:.2f}")]:
+        panel = PIL.Image.new("RGB", (margin + side + 8, margin + side + 8), "white")
+        draw = PIL.ImageDraw.Draw(panel)
+        draw.text((4, 4), f"{title}, confidence {conf:.2f}, IoU 0.5", fill="black")
+        draw.text((4, 20), "rows: true class; columns: predicted", fill="grey")
+        for i, name in enumerate(names):
+            draw.text((4, margin + i * CELL + CELL // 2 - 6), name[:14], fill="black")
+            draw.text((margin + i * CELL + 2, margin - 16), name[:7], fill="black")
+        darkness = values / max(values.max(), 1e-9)
+        for (i, j), value in np.ndenumerate(values):
+            level = int(255 * (1 - 0.85 * darkness[i, j]))
+            x, y = margin + j * CELL, margin + i * CELL
+            draw.rectangle((x, y, x + CELL, y + CELL), fill=(level, level, 255), outline="grey")
+            draw.text((x + 6, y + CELL // 2 - 6), fmt.format(value),
+                      fill="black" if level > 140 else "white")
+        panels.append(v2.functional.pil_to_tensor(panel))
+    v2.functional.to_pil_image(make_grid(panels, nrow=2, padding=0)).save(path)
+
+
+def draw_confidence_pictures(found, data, metrics, classes, folder):
+    """confusion_matrix.png at the chosen confidence, and f1_curve.png, in folder."""
+    matrix = confusion_matrix(found, data.targets, len(classes), metrics["conf"])
+    draw_confusion_matrix(matrix, classes, metrics["conf"], folder / "confusion_matrix.png")
+    plot_f1_curves(metrics, classes, folder / "f1_curve.png")
+
+
 @torch.no_grad()
-def draw_validation_pictures(model, data, classes, metrics, run_dir, bf16):
-    """After training: val_pred.jpg, objectness.jpg, pr_curve.png and results.png in run_dir."""
+def draw_validation_pictures(model, data, classes, metrics, run_dir, bf16, batch):
+    """After training: val_pred.jpg, objectness.jpg, pr_curve.png, results.png, f1_curve.png and
+    confusion_matrix.png in run_dir."""
+    draw_confidence_pictures(predict(model_network(model, bf16), data, batch, EVAL_CONF, NMS_IOU),
+                             data, metrics, classes, run_dir)
     model.eval()
     n = min(PICTURE_IMAGES, len(data))
     images, _ = data.collate([data[i] for i in range(n)])
     boxes, scores = score_cells(*run_model(model, images, bf16))
-    originals = [open_image(data.ds[i]["image"]).convert("RGB") for i in range(n)]
+    originals = [upright(open_image(data.ds[i]["image"])) for i in range(n)]
     found = select_detections(boxes, scores, data.sizes[:n], DETECT_CONF, NMS_IOU)
     pictures = [draw_detections(image, f, classes, data.targets[i]["boxes"].tolist())
                 for i, (image, f) in enumerate(zip(originals, found))]
@@ -1976,6 +2224,12 @@ def load_detector(path, device):
     return fold_batchnorm(model).to(device, memory_format=MEMORY_FORMAT), cfg, checkpoint["classes"]
 
 
+def stored_confidence(path):
+    """The confidence threshold a best.pt was shipped with (the best F1 on its validation split);
+    None for a model trained before odscratch chose one."""
+    return read_checkpoint(path, "detector")["metrics"].get("conf")
+
+
 def load_model_split(cfg, data, split):
     """A split of the model's own data, read with the box format it was trained with, or of other
     `data` (whose box format is its own: detected)."""
@@ -1985,7 +2239,7 @@ def load_model_split(cfg, data, split):
 
 def read_image(path):
     try:
-        return PIL.Image.open(path).convert("RGB")
+        return upright(PIL.Image.open(path))
     except FileNotFoundError:
         raise UserError(f"image not found: {path}") from None
     except (OSError, PIL.Image.DecompressionBombError) as e:
@@ -2022,8 +2276,10 @@ def export_onnx(weights, path, img_size=None):
     program = torch.onnx.export(model, (example,),
                                 input_names=["images"], output_names=["boxes", "scores"],
                                 dynamic_shapes={"images": {0: "batch"}}, dynamo=True, verbose=False)
+    conf = stored_confidence(weights)
     program.model.metadata_props.update({"classes": json.dumps(classes), "img_size": str(img_size),
-                                         "stride": str(cfg.stride)})
+                                         "stride": str(cfg.stride),
+                                         **({"conf": str(conf)} if conf is not None else {})})
     write_atomically(path, lambda tmp: program.save(tmp, external_data=False))
     return path
 
@@ -2073,7 +2329,7 @@ def quantize_onnx(path, int8_path, calibration):
 
 def onnx_network(path):
     """model.onnx -> (a network for Detector, run by onnxruntime on the CPU with as many threads as
-    PyTorch has; class names; img_size)."""
+    PyTorch has; class names; img_size; its confidence threshold, if it has one)."""
     try:
         import onnxruntime  # only here: everything else runs without the onnx extra
     except ImportError:
@@ -2096,7 +2352,8 @@ def onnx_network(path):
         boxes, scores = session.run(["boxes", "scores"], {"images": images.numpy()})
         return torch.from_numpy(boxes), torch.from_numpy(scores)
 
-    return network, json.loads(metadata["classes"]), int(metadata["img_size"])
+    conf = float(metadata["conf"]) if "conf" in metadata else None
+    return network, json.loads(metadata["classes"]), int(metadata["img_size"]), conf
 
 
 ONE_THREAD = {"calls": 0, "threads": None, "lock": threading.Lock()}
@@ -2133,8 +2390,10 @@ class Detector:
     select_detections does the rest, the same for all.
     """
 
-    def __init__(self, network, classes, img_size, onnxruntime=False):
+    def __init__(self, network, classes, img_size, conf=None, onnxruntime=False):
         self.network, self.classes, self.img_size = network, classes, img_size
+        # the model's own confidence threshold (the best F1 on its validation split), if it has one
+        self.stored_conf = conf
         self.transform = inference_transform(img_size)
         # where PyTorch resizes and runs NMS around onnxruntime's network, it steps aside
         self.threads = pytorch_on_one_thread if onnxruntime else contextlib.nullcontext
@@ -2145,28 +2404,39 @@ class Detector:
             return cls(*onnx_network(path), onnxruntime=True)
         device = pick_device(device)
         model, cfg, classes = load_detector(path, device)
-        return cls(model_network(model, use_bf16(device, fp32)), classes, cfg.img_size)
+        return cls(model_network(model, use_bf16(device, fp32)), classes, cfg.img_size,
+                   stored_confidence(path))
+
+    @property
+    def conf(self):
+        """The confidence threshold used when a call gives none: the model's own, else 0.25."""
+        return DETECT_CONF if self.stored_conf is None else self.stored_conf
 
     @torch.no_grad()
-    def __call__(self, images, conf=DETECT_CONF, iou=NMS_IOU, max_det=MAX_DETECTIONS):
+    def __call__(self, images, conf=None, iou=NMS_IOU, max_det=MAX_DETECTIONS, classes=None):
         """Images -> per image {boxes [N, 4] xyxy pixels, scores [N], labels [N], names [N],
-        objectness [h, w]: each cell's 1 - p(background), the grid behind the boxes}."""
+        objectness [h, w]: each cell's 1 - p(background), the grid behind the boxes}. conf: None
+        for self.conf; classes: class indices to keep (None: all)."""
         with self.threads():
-            images = [read_image(i) if isinstance(i, (str, Path)) else i.convert("RGB")
+            images = [read_image(i) if isinstance(i, (str, Path)) else upright(i)
                       for i in (images if isinstance(images, (list, tuple)) else [images])]
             batch = torch.stack([self.transform(image) for image in images])  # [B, 3, S, S]
             boxes, scores = self.network(batch)                    # [B, h*w, 4], [B, h*w, K]
             sizes = [(image.height, image.width) for image in images]
-            found = select_detections(boxes, scores, sizes, conf, iou, max_det)
+            found = select_detections(boxes, scores, sizes, self.conf if conf is None else conf,
+                                      iou, max_det)
+        if classes is not None:
+            found = [{k: v[torch.isin(f["labels"], torch.tensor(classes))] for k, v in f.items()}
+                     for f in found]
         return [{**f, "names": [self.classes[label] for label in f["labels"].tolist()],
                  "objectness": grid} for f, grid in zip(found, objectness_grid(scores.cpu()))]
 
     def evaluate(self, data, batch):
-        """COCO mAP on a DetectionDataset (resized to img_size), whichever runtime runs the
-        network."""
+        """A DetectionDataset (resized to img_size) -> COCO mAP with the F1-best confidence
+        (with_confidence), and the detections behind it; whichever runtime runs the network."""
         with self.threads():
             found = predict(self.network, data, batch, EVAL_CONF, NMS_IOU)
-        return evaluate(found, data.targets, len(self.classes))
+        return with_confidence(evaluate(found, data.targets, len(self.classes))), found
 
 
 BENCH_BATCH = 16  # images per call for bench's throughput
@@ -2280,14 +2550,20 @@ def newest_weights():
 
 
 def metrics_table(title, metrics, classes):
+    """AP per class, and precision and recall at the confidence with_confidence chose."""
     table = Table(title=title)
-    for column in ["class", "AP50", "AP50-95"]:
+    for column in ["class", "AP50", "AP50-95", "precision", "recall"]:
         table.add_column(column, justify="right" if column != "class" else "left")
     fmt = lambda v: "-" if v < 0 else f"{v:.3f}"
-    table.add_row("all", fmt(metrics["map50"]), fmt(metrics["map"]), style="bold")
-    for name, ap50, ap in zip(classes, metrics["ap50_per_class"], metrics["ap_per_class"]):
-        table.add_row(name, fmt(ap50), fmt(ap))
-    table.caption = f"mAP75 {fmt(metrics['map75'])}   mAP90 {fmt(metrics['map90'])}"
+    mean = lambda values: np.mean([v for v in values if v >= 0] or [-1.0])
+    precision, recall = metrics["precision_per_class"], metrics["recall_per_class"]
+    table.add_row("all", fmt(metrics["map50"]), fmt(metrics["map"]), fmt(mean(precision)),
+                  fmt(mean(recall)), style="bold")
+    for row in zip(classes, metrics["ap50_per_class"], metrics["ap_per_class"], precision, recall):
+        table.add_row(row[0], *map(fmt, row[1:]))
+    table.caption = (f"mAP75 {fmt(metrics['map75'])}   mAP90 {fmt(metrics['map90'])}\nprecision "
+                     f"and recall at confidence {metrics['conf']:.2f}, the best F1 "
+                     f"({fmt(metrics['f1'])}, classes averaged, IoU 0.5)")
     return table
 
 
@@ -2335,6 +2611,10 @@ def train(
     batch: int = Config.batch,
     lr: float = Config.lr,
     seed: Seed = Config.seed,
+    patience: int = typer.Option(Config.patience, help="stop after this many epochs without a "
+                                 "better validation mAP50-95; 0: never"),
+    weights: str = typer.Option(None, help="fine-tune: start from a trained detector's best.pt "
+                                "(a new run; the classes both have keep their weights)"),
     backbone: str = typer.Option(None, help="start from a backbone.pt of `odscratch pretrain`"),
     resume: Resume = None,
     fp32: Fp32 = False,
@@ -2344,16 +2624,21 @@ def train(
     """Train a detector; writes runs/train/<name>/{best.pt,last.pt,results.csv}. Also under
     torchrun."""
     with user_errors(), torchrun_processes():
+        if sum(bool(x) for x in (weights, backbone, resume)) > 1:
+            raise UserError("--weights (fine-tune a detector), --backbone (start from a "
+                            "pretrained backbone) and --resume (go on with a run) exclude each "
+                            "other: pass one")
         cfg = Config(data=data, bbox_format=bbox_format, img_size=img_size, stride=stride,
                      assign_radius=assign_radius, epochs=epochs, time=time_budget, batch=batch,
-                     lr=lr, seed=seed, fp32=fp32, device=device)
-        run_dir, best, classes = train_detector(cfg, name, backbone, resume)
+                     lr=lr, patience=patience, seed=seed, fp32=fp32, device=device)
+        run_dir, best, classes = train_detector(cfg, name, backbone, resume, weights)
         if best:  # under torchrun, rank 0's
             title = f"best validation epoch: {best['epoch']} ({run_dir / 'best.pt'})"
             console.print(metrics_table(title, best, classes))
             console.print(f"pictures: {run_dir}/results.png (losses, mAP per epoch), val_pred.jpg "
                           "(predicted and true boxes), pr_curve.png, objectness.jpg (per-cell "
-                          "objectness)", soft_wrap=True)
+                          "objectness), f1_curve.png and confusion_matrix.png (at the confidence "
+                          "best.pt keeps for detect)", soft_wrap=True)
 
 
 def scored_split(weights, cfg, classes, data, split):
@@ -2373,17 +2658,22 @@ def evaluate_command(
     batch: int = typer.Option(Config.batch),
     fp32: Fp32 = False,
     device: Device = Config.device,
+    name: Name = "exp",
 ):
-    """COCO mAP of a trained model on a split, overall and per class."""
+    """COCO mAP of a trained model on a split, overall and per class; precision and recall at the
+    best F1's confidence; writes runs/eval/<name>/{confusion_matrix.png,f1_curve.png}."""
     with user_errors():
         device = pick_device(device)
         weights = Path(weights) if weights else newest_weights()
         model, cfg, classes = load_detector(weights, device)
         dataset = scored_split(weights, cfg, classes, data, split)
         detector = Detector(model_network(model, use_bf16(device, fp32)), classes, cfg.img_size)
-        metrics = detector.evaluate(dataset, batch)
+        metrics, found = detector.evaluate(dataset, batch)
+        run_dir = new_run_dir("eval", name)
+        draw_confidence_pictures(found, dataset, metrics, classes, run_dir)
         title = f"{weights} on {dataset.name} ({len(dataset)} images)"
         console.print(metrics_table(title, metrics, classes))
+        console.print(f"pictures: {run_dir}/confusion_matrix.png, f1_curve.png", soft_wrap=True)
 
 
 SIZE_BINS = [0.02, 0.05, 0.1, 0.25, 0.5]  # box side (the square root of its area) over the image's
@@ -2507,49 +2797,89 @@ def coco_image_ids(names):
     return list(range(1, len(names) + 1))
 
 
-def coco_results(found, image_id):
-    """One image's detections in COCO's results format (bbox: x, y, width, height), which
-    pycocotools' loadRes reads."""
+def coco_annotations(found, image_id, first_id):
+    """One image's detections as COCO annotations with their scores (bbox: x, y, width, height;
+    category ids from 1), numbered from first_id: pre-labels a labelling tool imports."""
     boxes = box_convert(found["boxes"], "xyxy", "xywh").tolist()
-    return [{"image_id": image_id, "category_id": label, "score": round(score, 5),
-             "bbox": [round(v, 2) for v in box]}
-            for box, score, label in zip(boxes, found["scores"].tolist(), found["labels"].tolist())]
+    return [{"id": first_id + i, "image_id": image_id, "category_id": label + 1,
+             "bbox": [round(v, 2) for v in box], "area": round(box[2] * box[3], 2), "iscrowd": 0,
+             "score": round(score, 5)}
+            for i, (box, score, label) in enumerate(zip(boxes, found["scores"].tolist(),
+                                                        found["labels"].tolist()))]
 
 
-def yolo_labels(found, width, height):
+def yolo_labels(found, width, height, scores):
     """One image's detections as a YOLO label file: `class cx cy w h` per line, relative to the
-    image."""
+    image, and each box's score after it if `scores`."""
     size = torch.tensor([width, height, width, height])
     boxes = box_convert(found["boxes"], "xyxy", "cxcywh") / size
-    return "".join(f"{label} " + " ".join(f"{v:.6f}" for v in box) + "\n"
-                   for box, label in zip(boxes.tolist(), found["labels"].tolist()))
+    return "".join(f"{label} " + " ".join(f"{v:.6f}" for v in box)
+                   + (f" {score:.5f}" if scores else "") + "\n"
+                   for box, label, score in zip(boxes.tolist(), found["labels"].tolist(),
+                                                found["scores"].tolist()))
+
+
+def class_indices(wanted, classes):
+    """--classes (names or indices, repeated or separated by commas) -> the class indices."""
+    indices = []
+    for item in (part.strip() for entry in wanted for part in entry.split(",") if part.strip()):
+        if item in classes:
+            indices.append(classes.index(item))
+        elif item.isdigit() and int(item) < len(classes):
+            indices.append(int(item))
+        else:
+            raise UserError(f"--classes {item}: the model's classes are {classes} (names, or "
+                            f"indices 0 to {len(classes) - 1})")
+    return indices
 
 
 DETECT_BATCH = 16  # images per forward pass in `detect`
 
 
 def read_inputs(inputs, ids, unreadable):
-    """A batch of detect's inputs -> [(file name, PIL image, image id)]; an image PIL cannot read
-    is left out, its error added to `unreadable`."""
+    """A batch of detect's inputs -> [(file name, source, PIL image, image id)]; an image PIL
+    cannot read is left out, its error added to `unreadable`."""
     batch = []
     for (file_name, source), image_id in zip(inputs, ids):
         try:
             image = read_image(source) if isinstance(source, Path) else source
-            batch.append((file_name, image, image_id))
+            batch.append((file_name, source, image, image_id))
         except UserError as e:
             unreadable.append(str(e))
     return batch
+
+
+def write_prelabels(run_dir, classes, images, annotations, save_txt, json_output):
+    """The labels detect wrote, as datasets labelling tools import (and --data reads): a YOLO
+    dataset (images/, labels/, data.yaml, classes.txt) and a COCO annotation file
+    (annotations.json, its file names under images/)."""
+    if save_txt:
+        (run_dir / "classes.txt").write_text("".join(f"{name}\n" for name in classes))
+        spec = {"train": "images", "nc": len(classes), "names": classes}
+        (run_dir / "data.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    if json_output:
+        categories = [{"id": k + 1, "name": name, "supercategory": ""}
+                      for k, name in enumerate(classes)]
+        coco = {"images": images, "annotations": annotations, "categories": categories}
+        (run_dir / "annotations.json").write_text(json.dumps(coco))
 
 
 @app.command()
 def detect(
     sources: list[str] = typer.Argument(None, help="images, folders or globs; none: built-in ones"),
     weights: str = typer.Option(None, help="a best.pt or model.onnx; default: the newest best.pt"),
-    conf: float = typer.Option(DETECT_CONF, help="minimum score"),
+    conf: float = typer.Option(None, help="minimum score; default: the model's own (the best F1 "
+                               f"on its validation split), else {DETECT_CONF}"),
     iou: float = typer.Option(NMS_IOU, help="NMS IoU threshold"),
     max_det: int = typer.Option(MAX_DETECTIONS, help="at most this many boxes per image"),
-    json_output: bool = typer.Option(False, "--json", help="write COCO results: detections.json"),
-    save_txt: bool = typer.Option(False, "--save-txt", help="write YOLO labels/<image>.txt"),
+    classes: list[str] = typer.Option(None, "--classes", help="keep only these classes: names or "
+                                      "indices (--classes cat --classes 2, or cat,2)"),
+    json_output: bool = typer.Option(False, "--json", help="write annotations.json: COCO "
+                                     "pre-labels, with images/"),
+    save_txt: bool = typer.Option(False, "--save-txt", help="write a YOLO dataset of pre-labels: "
+                                  "images/, labels/, data.yaml, classes.txt"),
+    save_conf: bool = typer.Option(False, "--save-conf", help="add each box's score to the YOLO "
+                                   "labels (implies --save-txt)"),
     show_grid: bool = typer.Option(False, "--show-grid", help="also <image>_grid.jpg: objectness"),
     fp32: Fp32 = False,
     device: Device = Config.device,
@@ -2558,21 +2888,30 @@ def detect(
     """Detect objects; prints a table and writes annotated images to runs/detect/<name>/."""
     with user_errors():
         detector = Detector.load(weights or newest_weights(), device, fp32)
+        keep = class_indices(classes, detector.classes) if classes else None
         inputs, skipped = detect_inputs(sources)
         run_dir = new_run_dir("detect", name)
-        if save_txt:
-            (run_dir / "labels").mkdir()
+        save_txt = save_txt or save_conf
+        prelabels = save_txt or json_output
+        for folder in ["images"] * prelabels + ["labels"] * save_txt:
+            (run_dir / folder).mkdir(exist_ok=True)
+        if conf is None:
+            own = detector.stored_conf is not None
+            console.print(f"confidence {detector.conf:.2f}: " + ("the model's own, the best F1 on "
+                          "its validation split" if own else "the default") + " (--conf sets "
+                          "another)")
         ids = coco_image_ids([file_name for file_name, _ in inputs])
         table = Table("image", "class", "score", "box (x1, y1, x2, y2)")
-        results, images_json, unreadable = [], [], []
+        images_json, annotations, unreadable = [], [], []
         for start in range(0, len(inputs), DETECT_BATCH):
             end = start + DETECT_BATCH
             batch = read_inputs(inputs[start:end], ids[start:end], unreadable)
             if not batch:
                 continue
-            names, images, image_ids = zip(*batch)
-            found_all = detector(list(images), conf, iou, max_det)
-            for file_name, image, image_id, found in zip(names, images, image_ids, found_all):
+            names, sources_, images, image_ids = zip(*batch)
+            found_all = detector(list(images), conf, iou, max_det, keep)
+            for file_name, source, image, image_id, found in zip(names, sources_, images,
+                                                                image_ids, found_all):
                 stem = Path(file_name).stem
                 draw_detections(image, found, detector.classes).save(run_dir / f"{stem}.jpg")
                 if show_grid:
@@ -2582,20 +2921,23 @@ def detect(
                                              found["names"]):
                     xyxy = ", ".join(f"{v:.0f}" for v in box)
                     table.add_row(file_name, label, f"{score:.2f}", xyxy)
-                results += coco_results(found, image_id)
-                images_json.append({"id": image_id, "file_name": file_name,
+                annotations += coco_annotations(found, image_id, len(annotations) + 1)
+                images_json.append({"id": image_id, "file_name": f"images/{file_name}",
                                     "width": image.width, "height": image.height})
+                # the image as it came (a photo keeps its EXIF), beside its pre-labels
+                if prelabels and isinstance(source, Path):
+                    shutil.copy2(source, run_dir / "images" / file_name)
+                elif prelabels:
+                    image.save(run_dir / "images" / file_name)
                 if save_txt:
-                    labels = yolo_labels(found, image.width, image.height)
+                    labels = yolo_labels(found, image.width, image.height, save_conf)
                     (run_dir / "labels" / f"{stem}.txt").write_text(labels)
         console.print(table)
-        if json_output:  # detections.json + the image ids it uses; category_id is the class index
-            (run_dir / "detections.json").write_text(json.dumps(results))
-            (run_dir / "images.json").write_text(json.dumps(images_json))
+        write_prelabels(run_dir, detector.classes, images_json, annotations, save_txt, json_output)
         if len(unreadable) == len(inputs):
             more = f" (and {len(inputs) - 1} more unreadable)" if len(inputs) > 1 else ""
             raise UserError(unreadable[0] + more)
-        console.print(f"{len(results)} objects in {len(images_json)} images -> {run_dir}"
+        console.print(f"{len(annotations)} objects in {len(images_json)} images -> {run_dir}"
                       + (f" ({skipped} non-image files skipped)" if skipped else "")
                       + (f" (skipped {len(unreadable)} unreadable: "
                          f"{'; '.join(unreadable[:3])})" if unreadable else ""))
@@ -2675,7 +3017,7 @@ def bench(
             else:
                 console.print(f"onnxruntime left out: {ONNX_MISSING}")
             timings = bench_detectors(detectors, sample, batch, rounds, calls)
-            metrics = ({name: d.evaluate(scored, batch) for name, d in detectors.items()}
+            metrics = ({name: d.evaluate(scored, batch)[0] for name, d in detectors.items()}
                        if scored is not None else {})
         where = f"cpu ({cpu_kind()})" if device.type == "cpu" else str(device)
         table = Table(title=f"{weights}: {cfg.img_size} px, {where}, {threads} threads, "

@@ -14,6 +14,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import pytest
 import torch
 from torchvision import tv_tensors
@@ -288,6 +289,25 @@ def test_evaluate_perfect_detections_score_one_and_a_class_without_ground_truth_
     assert perfect["map"] == pytest.approx(1.0) and perfect["ap50_per_class"][2] == -1
 
 
+def test_precision_and_recall_by_confidence_and_the_f1_best_threshold():
+    # one class, two true boxes; detections at 0.9 (a hit), 0.6 (nothing there), 0.3 (a hit)
+    true = {"boxes": torch.tensor([[0.0, 0, 10, 10], [50, 50, 60, 60]]), "labels": torch.tensor([0, 0])}
+    pred = {"boxes": torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30], [50, 50, 60, 60]]),
+            "scores": torch.tensor([0.9, 0.6, 0.3]), "labels": torch.tensor([0, 0, 0])}
+    metrics = ods.evaluate([pred], [true], 2)
+    precision, recall = metrics["pr_by_confidence"][0]
+    at = {round(c, 2): i for i, c in enumerate(ods.CONFIDENCES)}
+    assert (precision[at[0.95]], recall[at[0.95]]) == (0, 0)  # nothing kept
+    assert (precision[at[0.7]], recall[at[0.7]]) == (1, 0.5)
+    assert (precision[at[0.5]], recall[at[0.5]]) == (0.5, 0.5)
+    assert precision[at[0.2]] == pytest.approx(2 / 3) and recall[at[0.2]] == 1
+    assert metrics["pr_by_confidence"][1] == []  # a class without ground truth
+    chosen = ods.with_confidence(metrics)
+    # F1 0.8 for every threshold up to 0.3 (0.67 above): the highest of them
+    assert chosen["conf"] == 0.3 and chosen["f1"] == pytest.approx(0.8)
+    assert chosen["precision_per_class"] == [pytest.approx(2 / 3), -1] and chosen["recall_per_class"] == [1, -1]
+
+
 def test_evaluate_no_detections_score_zero():
     boxes = torch.tensor([[10.0, 10, 50, 50], [60, 60, 90, 90]])
     none = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
@@ -320,6 +340,106 @@ def test_same_seed_same_weights(tmp_path, monkeypatch):
     a, b, c = (torch.load(tmp_path / "runs" / "train" / n / "last.pt", weights_only=True)["model"] for n in "abc")
     assert all(torch.equal(a[k], b[k]) for k in a)  # init, data order and augmentation all follow --seed
     assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def write_named_imagefolder(folder, names, n=20):
+    """An imagefolder (xywh boxes) whose two boxes per image are of the classes `names[:2]`, and
+    `names[2]` in every fourth image: a dataset with exactly these class names."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    with open(folder / "metadata.jsonl", "w") as f:
+        for i in range(n):
+            PIL.Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+            boxes, categories = [[4.0, 6.0, 20.0, 10.0], [30.0, 20.0, 20.0, 20.0]], list(names[:2])
+            if i % 4 == 0:
+                boxes, categories = boxes + [[10.0, 24.0, 16.0, 16.0]], categories + [names[2]]
+            f.write(json.dumps({"file_name": f"img{i}.png", "objects": {"bbox": boxes, "category": categories}}) + "\n")
+    return folder
+
+
+@pytest.mark.parametrize("names", [["ellipse", "rectangle", "triangle"], ["apple", "ellipse", "rectangle"]])
+def test_fine_tuning_keeps_the_head_rows_of_the_classes_both_have_by_name(names, trained, tmp_path, monkeypatch):
+    folder, _ = trained
+    weights = folder / "runs" / "train" / "exp" / "best.pt"
+    write_named_imagefolder(tmp_path / "data", names)
+    monkeypatch.chdir(tmp_path)
+    # learning rate 0: the weights stay where they started, so we can see where that was
+    result = runner.invoke(ods.app, TINY_TRAIN + ["--epochs", "1", "--lr", "0", "--weights", str(weights)])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "train" / "exp"
+    old, new = (torch.load(path, weights_only=True) for path in (weights, run / "last.pt"))
+    convolutions = [k for k, v in old["model"].items() if v.dim() == 4]
+    assert all(torch.equal(old["model"][k], new["model"][k]) for k in convolutions)
+    old_head, new_head = old["model"]["head.weight"], new["model"]["head.weight"]  # rows: 4 box, 3 classes, background
+    assert torch.equal(old_head[:4], new_head[:4]) and torch.equal(old_head[-1], new_head[-1])
+    for k, name in enumerate(new["classes"]):
+        if name in old["classes"]:  # matched by name: "ellipse" is old row 0 and, with "apple" first, new row 1
+            assert torch.equal(new_head[4 + k], old_head[4 + old["classes"].index(name)]), name
+        else:  # a class the detector never saw starts fresh
+            assert not any(torch.equal(new_head[4 + k], row) for row in old_head), name
+    output = " ".join(result.output.split())
+    if names == ods.SYNTHETIC_CLASSES:
+        assert f"fine-tuning from {weights}: all its weights" in output
+    else:
+        assert "kept by name for ['ellipse', 'rectangle']" in output
+    best = torch.load(run / "best.pt", weights_only=True)
+    assert best["start"] == f"weights {weights}" and "resume" not in best  # a new run, not a resumed one
+    rows = (run / "results.csv").read_text().splitlines()
+    assert rows[0].endswith(",start") and rows[1].endswith(f",weights {weights}")
+
+
+@pytest.mark.parametrize("case", ["stride", "backbone", "not a checkpoint", "with resume"])
+def test_fine_tuning_from_the_wrong_file_is_one_line_error(case, trained, pretrained, tmp_path, monkeypatch):
+    folder, _ = trained
+    weights = folder / "runs" / "train" / "exp" / "best.pt"
+    tiny_folder(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    args, expected = {
+        "stride": (["--weights", str(weights), "--stride", "8"], "was trained with --stride 16, but this run uses --stride 8"),
+        "backbone": (["--weights", str(pretrained / "backbone.pt")], "holds a pretrained backbone"),
+        "not a checkpoint": (["--weights", "notes.pt"], "notes.pt is not an odscratch checkpoint"),
+        "with resume": (["--weights", str(weights), "--resume", "x/last.pt"], "exclude each other"),
+    }[case]
+    one_line_error(runner.invoke(ods.app, TINY_TRAIN + args), expected)
+    assert not (tmp_path / "runs" / "train").exists()  # refused before any run folder
+
+
+def write_stalled_data(root):
+    """A YOLO dataset whose validation images have no boxes: validation mAP stays -1 whatever the
+    model learns, a run that has stalled."""
+    write_yolo(root, roboflow=False)
+    for label in (root / "labels" / "val").glob("*.txt"):
+        label.unlink()
+
+
+def test_patience_stops_a_stalled_run_and_resume_stays_exact(tmp_path, monkeypatch):
+    write_stalled_data(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--data", "data", "--img-size", "64", "--batch", "2", "--epochs", "10", "--patience", "2"]
+    whole = runner.invoke(ods.app, args + ["--name", "whole"])  # 6 train images: 3 steps an epoch
+    assert whole.exit_code == 0, whole.output
+    assert "stopped after epoch 3: no better validation mAP50-95 in 2 epochs (--patience); the best is epoch 1" in \
+        " ".join(whole.output.split())
+    loss, calls = ods.detection_loss, {"n": 0}
+
+    def loss_then_ctrl_c(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:  # epoch 2, step 2
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss(*a, **k)
+
+    monkeypatch.setattr(ods, "detection_loss", loss_then_ctrl_c)
+    one_line_error(runner.invoke(ods.app, args + ["--name", "cut"]), "stopped in epoch 2 at step 2 of 3")
+    monkeypatch.setattr(ods, "detection_loss", loss)
+    resumed = runner.invoke(ods.app, ["train", "--resume", "runs/train/cut/last.pt"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "stopped after epoch 3" in " ".join(resumed.output.split())
+    runs = [tmp_path / "runs" / "train" / name for name in ("whole", "cut")]
+    a, b = (torch.load(run / "last.pt", weights_only=True) for run in runs)
+    assert a["epoch"] == b["epoch"] == 3 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    rows = [[row.split(",", 2)[::2] for row in (run / "results.csv").read_text().splitlines()] for run in runs]
+    assert rows[0] == rows[1] and len(rows[0]) == 4  # the header and epochs 1-3, without the times
 
 
 # --- Learn To Detect: the crop sampler, pretraining, and its backbone in a detector ---------------
@@ -415,7 +535,7 @@ def test_train_from_a_pretrained_backbone(pretrained, trained, tmp_path, monkeyp
     assert result.exit_code == 0, result.output
     pretrained_weights = torch.load(backbone, weights_only=True)["backbone"]
     detector = torch.load(tmp_path / "runs" / "train" / "exp" / "last.pt", weights_only=True)
-    assert detector["backbone"] == str(backbone)
+    assert detector["start"] == f"backbone {backbone}"
     convolutions = [k for k in pretrained_weights if k.endswith("weight") and pretrained_weights[k].dim() == 4]
     assert len(convolutions) > 10
     for k in convolutions:
@@ -453,9 +573,27 @@ def canonical_images():
     return images
 
 
-def save_image(path, width, height):
+# What a camera stores for each EXIF orientation: the upright photo turned back, so that the tag
+# turns it upright again (PIL's exif_transpose undoes each of these)
+STORED_TURNED = {2: PIL.Image.Transpose.FLIP_LEFT_RIGHT, 3: PIL.Image.Transpose.ROTATE_180,
+                 4: PIL.Image.Transpose.FLIP_TOP_BOTTOM, 5: PIL.Image.Transpose.TRANSPOSE,
+                 6: PIL.Image.Transpose.ROTATE_90, 7: PIL.Image.Transpose.TRANSVERSE,
+                 8: PIL.Image.Transpose.ROTATE_270}
+
+
+def save_image(path, width, height, sideways=False):
+    """A colour ramp (a turn shows in its pixels), in the format the suffix names. sideways: stored
+    as a phone stores it, turned with an EXIF orientation tag, 2 to 8 by the image's number (img3 ->
+    5), that turns it back upright."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    PIL.Image.new("RGB", (width, height), (90, 120, 150)).save(path)
+    x, y = np.meshgrid(np.linspace(0, 255, width), np.linspace(0, 255, height))
+    image = PIL.Image.fromarray(np.stack([x, y, 255 - x], -1).astype(np.uint8))
+    exif = PIL.Image.Exif()
+    if sideways:
+        orientation = 2 + int(re.sub(r"\D", "", path.stem)) % 7
+        exif[ods.EXIF_ORIENTATION] = orientation
+        image = image.transpose(STORED_TURNED[orientation])
+    image.save(path, exif=exif)
 
 
 def yolo_lines(width, height, boxes, labels):
@@ -463,7 +601,7 @@ def yolo_lines(width, height, boxes, labels):
                    f"{(y2 - y1) / height!r}\n" for (x1, y1, x2, y2), k in zip(boxes, labels))
 
 
-def write_yolo(root, roboflow):
+def write_yolo(root, roboflow, sideways=False):
     """Ultralytics' images/train + labels/train (names as a dict), or Roboflow's train/images +
     train/labels + valid/ (names as a list, paths written as ../train/images)."""
     folders = {}
@@ -471,7 +609,7 @@ def write_yolo(root, roboflow):
         folder = (root / ("valid" if split == "val" else split) if roboflow else root / "images" / split)
         folders[split] = folder / "images" if roboflow else folder
         for name, width, height, boxes, labels in items:
-            save_image(folders[split] / name, width, height)
+            save_image(folders[split] / name, width, height, sideways)
             label = ods.yolo_label_path(folders[split] / name)
             label.parent.mkdir(parents=True, exist_ok=True)
             label.write_text(yolo_lines(width, height, boxes, labels))
@@ -497,19 +635,19 @@ def coco_json(items, file_prefix=""):
     return {"images": images, "annotations": annotations, "categories": categories}
 
 
-def write_coco(root, layout):
+def write_coco(root, layout, sideways=False):
     """one file (annotations.json + images/), Roboflow's train/_annotations.coco.json beside its images,
     or COCO's own annotations/instances_train2017.json + train2017/."""
     images = canonical_images()
     if layout == "one file":
         for name, width, height, *_ in sum(images.values(), []):
-            save_image(root / "images" / name, width, height)
+            save_image(root / "images" / name, width, height, sideways)
         (root / "annotations.json").write_text(json.dumps(coco_json(sum(images.values(), []))))
         return root / "annotations.json"
     for split, items in images.items():
         folder = root / ({"val": "valid"}.get(split, split) if layout == "roboflow" else f"{split}2017")
         for name, width, height, *_ in items:
-            save_image(folder / name, width, height)
+            save_image(folder / name, width, height, sideways)
         path = folder / "_annotations.coco.json" if layout == "roboflow" else \
             root / "annotations" / f"instances_{split}2017.json"
         path.parent.mkdir(exist_ok=True)
@@ -525,13 +663,13 @@ def voc_xml(name, width, height, boxes, labels, size=True, difficult=()):
     return f"<annotation><folder>x</folder><filename>{name}</filename>{size}{objects}</annotation>"
 
 
-def write_voc(root, standard):
+def write_voc(root, standard, sideways=False):
     """LabelImg's xml beside each image (some without <size>), or VOC's Annotations/ + JPEGImages/ +
     ImageSets/Main/{train,val,test}.txt."""
     for split, items in canonical_images().items():
         for i, (name, width, height, boxes, labels) in enumerate(items):
             image = root / "JPEGImages" / name if standard else root / name
-            save_image(image, width, height)
+            save_image(image, width, height, sideways)
             xml = root / "Annotations" / f"{Path(name).stem}.xml" if standard else image.with_suffix(".xml")
             xml.parent.mkdir(exist_ok=True)
             xml.write_text(voc_xml(name, width, height, boxes, labels, size=i % 2 == 0))
@@ -541,7 +679,7 @@ def write_voc(root, standard):
     return root
 
 
-def write_autotrain(root):
+def write_autotrain(root, sideways=False):
     """Hugging Face AutoTrain's imagefolder: train/ and validation/ folders, each with a metadata.jsonl
     of {"file_name", "objects": {"bbox": [[x, y, w, h]], "categories": [...]}}."""
     for split, items in canonical_images().items():
@@ -549,21 +687,21 @@ def write_autotrain(root):
         folder.mkdir(parents=True)
         with open(folder / "metadata.jsonl", "w") as f:
             for name, width, height, boxes, labels in items:
-                save_image(folder / name, width, height)
+                save_image(folder / name, width, height, sideways)
                 objects = {"bbox": [[x1, y1, x2 - x1, y2 - y1] for x1, y1, x2, y2 in boxes],
                            "categories": [CLASSES[k] for k in labels]}
                 f.write(json.dumps({"file_name": name, "objects": objects}) + "\n")
     return root
 
 
-LAYOUT_WRITERS = {
-    "yolo ultralytics": lambda root: write_yolo(root, roboflow=False),
-    "yolo roboflow": lambda root: write_yolo(root, roboflow=True) / "data.yaml",
-    "coco one file": lambda root: write_coco(root, "one file"),
-    "coco roboflow": lambda root: write_coco(root, "roboflow"),
-    "coco own": lambda root: write_coco(root, "own"),
-    "voc flat": lambda root: write_voc(root, standard=False),
-    "voc standard": lambda root: write_voc(root, standard=True),
+LAYOUT_WRITERS = {  # root, sideways -> what --data names
+    "yolo ultralytics": lambda root, sideways=False: write_yolo(root, False, sideways),
+    "yolo roboflow": lambda root, sideways=False: write_yolo(root, True, sideways) / "data.yaml",
+    "coco one file": lambda root, sideways=False: write_coco(root, "one file", sideways),
+    "coco roboflow": lambda root, sideways=False: write_coco(root, "roboflow", sideways),
+    "coco own": lambda root, sideways=False: write_coco(root, "own", sideways),
+    "voc flat": lambda root, sideways=False: write_voc(root, False, sideways),
+    "voc standard": lambda root, sideways=False: write_voc(root, True, sideways),
     "autotrain": write_autotrain,
 }
 
@@ -592,6 +730,38 @@ def test_every_layout_loads_the_same_boxes_and_classes(layout, tmp_path):
         assert np.allclose(found[name][1], boxes, atol=1e-3) and found[name][2] == labels, name
         if layout not in ("coco one file", "voc flat"):  # these have no splits: validation is carved
             assert found[name][0] == {"val": "validation"}.get(split, split), name
+
+
+@pytest.mark.parametrize("layout", ["yolo ultralytics", "coco one file", "voc flat", "autotrain"])
+@pytest.mark.parametrize("cached", [True, False])
+def test_photos_stored_sideways_read_as_their_upright_copy(layout, cached, tmp_path, monkeypatch):
+    """JPEGs stored turned with each EXIF orientation 2-8, labelled upright as labelling tools show
+    them: the same sizes, boxes and (up to JPEG's loss) pixels as an upright copy."""
+    upright, sideways = (LAYOUT_WRITERS[layout](tmp_path / name, name == "sideways")
+                         for name in ("upright", "sideways"))
+    if not cached:  # the images are then decoded at every draw, not once by the check
+        monkeypatch.setattr(ods, "CACHE_BYTES", 0)
+    compared = 0
+    for split in ["train", "validation", "test"]:
+        with contextlib.suppress(ods.UserError):  # the layouts without that split
+            a, b = (ods.DetectionDataset(ods.load_split(str(data), split), 64, train=False)
+                    for data in (upright, sideways))
+            assert (a.cache is not None) == cached and a.sizes == b.sizes
+            for i in range(len(a)):
+                assert torch.allclose(a.targets[i]["boxes"], b.targets[i]["boxes"], atol=1e-3)
+                assert (a[i][0] - b[i][0]).abs().mean() < 0.01  # a turn moves the ramp by ~0.3
+                compared += 1
+    assert compared == 10
+
+
+def test_the_data_command_counts_turned_photos_and_broken_exif(tmp_path):
+    data = write_yolo(tmp_path / "data", roboflow=False, sideways=True)
+    broken = data / "images" / "train" / "img0.jpg"  # a valid tag, then a block cut short
+    block = b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x02\x00\x12\x01\x03\x00\x01\x00\x00\x00\x02\x00\x00\x00"
+    PIL.Image.open(broken).save(broken, exif=block)
+    output = data_report(data)
+    assert "train: 6 images turned upright as their EXIF orientation says; 1 with a malformed EXIF block" in output
+    assert "validation: 2 images turned upright" in output and "test: 2 images turned upright" in output
 
 
 def test_hugging_face_integer_categories_without_names_are_named_by_number(tmp_path):
@@ -1160,13 +1330,27 @@ def test_training_draws_its_pictures(trained):
     folder, result = trained
     run = folder / "runs" / "train" / "exp"
     sizes = {"results.png": (3 * 320, 2 * 220), "val_pred.jpg": (4 * ods.TILE, 2 * ods.TILE),
-             "objectness.jpg": (4 * ods.TILE, 2 * ods.TILE), "pr_curve.png": (480, 360)}
+             "objectness.jpg": (4 * ods.TILE, 2 * ods.TILE), "pr_curve.png": (480, 360),
+             "f1_curve.png": (480, 360), "confusion_matrix.png": (2 * (96 + 4 * ods.CELL + 8), 96 + 4 * ods.CELL + 8)}
     for name, size in sizes.items():
         with PIL.Image.open(run / name) as image:
             image.verify()
         assert PIL.Image.open(run / name).size == size, name
     output = " ".join(result.output.split())
     assert "best validation epoch: " in output and "val_pred.jpg" in output and "objectness.jpg" in output
+    conf = torch.load(run / "best.pt", weights_only=True)["metrics"]["conf"]
+    assert f"precision and recall at confidence {conf:.2f}, the best F1" in output
+    assert "confusion_matrix.png" in output and "f1_curve.png" in output
+
+
+def test_the_confusion_matrix_counts_mix_ups_misses_and_inventions():
+    true = {"boxes": torch.tensor([[0.0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10]]), "labels": torch.tensor([0, 1, 1])}
+    pred = {"boxes": torch.tensor([[0.0, 0, 10, 10], [20, 0, 30, 10], [60, 0, 70, 10], [40, 0, 50, 10]]),
+            "scores": torch.tensor([0.9, 0.8, 0.7, 0.1]), "labels": torch.tensor([0, 0, 1, 1])}
+    matrix = ods.confusion_matrix([pred], [true], 2, conf=0.5)  # the 0.1 detection of the third box is below it
+    assert matrix.tolist() == [[1, 0, 0],   # the class-0 box found as class 0
+                               [1, 0, 1],   # a class-1 box taken for class 0, the other missed
+                               [0, 1, 0]]   # a class-1 detection where there is nothing
 
 
 def test_objectness_has_one_value_per_cell(trained, tmp_path, monkeypatch):
@@ -1253,6 +1437,8 @@ def test_onnx_export_matches_pytorch_in_onnxruntime(trained, monkeypatch):
     onnx_model = ods.Detector.load(folder / "runs" / "export" / "parity" / "model.onnx")
     pytorch = ods.Detector.load(folder / "runs" / "train" / "exp" / "best.pt", "cpu", fp32=True)
     assert onnx_model.classes == ods.SYNTHETIC_CLASSES and onnx_model.img_size == 128  # from the metadata
+    assert onnx_model.conf == pytorch.conf == torch.load(folder / "runs" / "train" / "exp" / "best.pt",
+                                                         weights_only=True)["metrics"]["conf"]
     images = [row["image"] for row in ods.load_split("synthetic", "test").select(range(8))]
     found = 0
     for a, b in zip(onnx_model(images), pytorch(images)):  # a batch of 8: the exported batch size is free
@@ -1398,6 +1584,10 @@ def test_eval_prints_the_ap_table_of_the_newest_model(trained, monkeypatch):
     assert result.exit_code == 0, result.output
     output = " ".join(result.output.split())
     assert "ellipse" in output and "AP50" in output and "synthetic validation (200 images)" in output
+    assert "precision and recall at confidence" in output
+    for name in ["confusion_matrix.png", "f1_curve.png"]:
+        with PIL.Image.open(folder / "runs" / "eval" / "exp" / name) as image:
+            image.verify()
 
 
 def test_detect_writes_each_image_with_its_boxes(trained, tmp_path, monkeypatch):
@@ -1418,7 +1608,7 @@ def test_detect_without_arguments_runs_the_newest_model_on_built_in_images(train
     assert len(list((folder / "runs" / "detect" / "builtin").glob("*.jpg"))) == 4
 
 
-def test_detect_writes_coco_json_that_pycocotools_loads_and_yolo_labels(trained, tmp_path, monkeypatch):
+def test_detect_pre_labels_read_back_as_datasets_that_pycocotools_and_labelling_tools_load(trained, tmp_path, monkeypatch):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -1427,46 +1617,120 @@ def test_detect_writes_coco_json_that_pycocotools_loads_and_yolo_labels(trained,
     test = ods.load_split("synthetic", "test").select(range(12))
     images = tmp_path / "images"
     images.mkdir()
-    gt = {"images": [], "annotations": [], "categories": [{"id": k} for k in range(3)]}
+    gt = {"images": [], "annotations": [], "categories": [{"id": k + 1} for k in range(3)]}
     for i, row in enumerate(test):
         row["image"].save(images / f"{i + 1:06d}.png")  # COCO-style names: the number is the image id
         gt["images"].append({"id": i + 1})
         for box, label in zip(row["objects"]["bbox"], row["objects"]["category"]):
             xywh = [box[0], box[1], box[2] - box[0], box[3] - box[1]]
-            gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": i + 1, "category_id": label,
+            gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": i + 1, "category_id": label + 1,
                                       "bbox": xywh, "area": xywh[2] * xywh[3], "iscrowd": 0})
     (images / "notes.txt").write_text("not an image")
-    result = runner.invoke(ods.app, ["detect", str(images), "--conf", "0.01", "--json", "--save-txt", "--name", "coco"])
+    args = ["detect", str(images), "--conf", "0.1", "--json", "--save-conf", "--name", "pre"]
+    result = runner.invoke(ods.app, args)
     assert result.exit_code == 0, result.output
     assert "12 images" in result.output and "1 non-image files skipped" in result.output
-    out = folder / "runs" / "detect" / "coco"
+    out = folder / "runs" / "detect" / "pre"
+    detector = ods.Detector.load(folder / "runs" / "train" / "exp" / "best.pt", "cpu")
+    expected = {f"{i + 1:06d}.png": found for i, found in enumerate(detector(sorted(images.glob("*.png")), conf=0.1))}
+    assert sum(len(f["boxes"]) for f in expected.values()) > 12
+
+    # the COCO annotation file: pycocotools loads it, and scores it against the truth through loadRes
     with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO()
-        coco.dataset = gt
-        coco.createIndex()
-        evaluation = COCOeval(coco, coco.loadRes(str(out / "detections.json")), "bbox")
+        coco = COCO(str(out / "annotations.json"))
+        truth = COCO()
+        truth.dataset = gt
+        truth.createIndex()
+        evaluation = COCOeval(truth, truth.loadRes(coco.dataset["annotations"]), "bbox")
         evaluation.evaluate()
         evaluation.accumulate()
         evaluation.summarize()
-    assert evaluation.stats[1] > 0.2  # AP50: the detections land on the right images, classes and pixels
+    assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == ods.SYNTHETIC_CLASSES
+    assert coco.imgs[1] == {"id": 1, "file_name": "images/000001.png", "width": 320, "height": 320}
+    assert evaluation.stats[1] > 0.2  # AP50: the boxes land on the right images, classes and pixels
+    assert {"bbox", "area", "category_id", "score", "iscrowd"} <= set(coco.anns[1])
 
-    detections = json.loads((out / "detections.json").read_text())
-    labels = sorted((out / "labels").glob("*.txt"))
-    assert [p.stem for p in labels] == [f"{i:06d}" for i in range(1, 13)]
-    first = [d for d in detections if d["image_id"] == 1]
-    lines = [line.split() for line in (labels[0]).read_text().splitlines()]
-    assert len(lines) == len(first)
-    for d, (label, cx, cy, w, h) in zip(first, lines):
-        x, y, bw, bh = d["bbox"]
-        assert int(label) == d["category_id"]
-        assert [float(cx), float(cy), float(w), float(h)] == pytest.approx(
-            [(x + bw / 2) / 320, (y + bh / 2) / 320, bw / 320, bh / 320], abs=1e-4)
+    # the YOLO dataset: the images as they came, labels with scores, data.yaml and classes.txt
+    assert (out / "classes.txt").read_text().split() == ods.SYNTHETIC_CLASSES
+    assert (out / "images" / "000001.png").read_bytes() == (images / "000001.png").read_bytes()
+    lines = (out / "labels" / "000001.txt").read_text().splitlines()
+    assert [float(line.split()[5]) for line in lines] == pytest.approx(expected["000001.png"]["scores"].tolist(), abs=1e-5)
+
+    # both read back through --data with the same boxes and class names: the loop closes
+    for data, tolerance in [(out, 1e-3), (out / "annotations.json", 0.01)]:
+        found, classes = loaded_objects(data)
+        assert sorted(found) == sorted(expected), data
+        for name, f in expected.items():
+            boxes, labels = found[name][1], found[name][2]
+            assert torch.allclose(torch.tensor(boxes).reshape(-1, 4), f["boxes"], atol=tolerance), (data, name)
+            assert [classes[k] for k in labels] == f["names"], (data, name)
 
     result = runner.invoke(ods.app, ["detect", str(images / "*.png"), "--conf", "0.01", "--max-det", "1", "--json"])
     assert result.exit_code == 0, result.output
     newest = max((folder / "runs" / "detect").iterdir(), key=lambda p: p.stat().st_mtime)
-    ids = [d["image_id"] for d in json.loads((newest / "detections.json").read_text())]
+    ids = [a["image_id"] for a in json.loads((newest / "annotations.json").read_text())["annotations"]]
     assert sorted(ids) == list(range(1, 13))  # a glob, and one box per image
+
+
+def test_detect_uses_the_confidence_the_model_was_shipped_with(trained, tmp_path, monkeypatch):
+    folder, _ = trained
+    monkeypatch.chdir(folder)
+    weights = folder / "runs" / "train" / "exp" / "best.pt"
+    conf = torch.load(weights, weights_only=True)["metrics"]["conf"]
+    assert 0.05 < conf < 0.95 and conf != ods.DETECT_CONF
+    image = tmp_path / "shapes.png"
+    ods.load_split("synthetic", "test")[1]["image"].save(image)
+    detector = ods.Detector.load(weights, "cpu")
+    assert detector.conf == conf
+    own, low = detector(image)[0], detector(image, conf=0.05)[0]
+    assert torch.equal(own["boxes"], detector(image, conf=conf)[0]["boxes"]) and own["scores"].min() > conf
+    assert len(low["boxes"]) > len(own["boxes"])  # an explicit value wins
+    result = runner.invoke(ods.app, ["detect", str(image), "--json", "--name", "own"])
+    assert result.exit_code == 0, result.output
+    assert f"confidence {conf:.2f}: the model's own, the best F1 on its validation split" in " ".join(result.output.split())
+    written = json.loads((folder / "runs" / "detect" / "own" / "annotations.json").read_text())["annotations"]
+    assert len(written) == len(own["boxes"])
+
+
+def test_detect_keeps_only_the_classes_asked_for(trained, tmp_path, monkeypatch):
+    folder, _ = trained
+    monkeypatch.chdir(folder)
+    detector = ods.Detector.load(folder / "runs" / "train" / "exp" / "best.pt", "cpu")
+    images = [row["image"] for row in ods.load_split("synthetic", "test").select(range(4))]
+    for i, image in enumerate(images):
+        image.save(tmp_path / f"{i}.png")
+    every = detector(images, conf=0.1)
+    assert {name for f in every for name in f["names"]} == set(ods.SYNTHETIC_CLASSES)
+    for asked in [["ellipse,2"], ["ellipse", "triangle"], ["0", "2"]]:
+        result = runner.invoke(ods.app, ["detect", str(tmp_path), "--conf", "0.1", "--json"]
+                               + [arg for value in asked for arg in ["--classes", value]])
+        assert result.exit_code == 0, result.output
+        newest = max((folder / "runs" / "detect").iterdir(), key=lambda p: p.stat().st_mtime)
+        written = json.loads((newest / "annotations.json").read_text())["annotations"]
+        assert sorted(a["category_id"] for a in written) == sorted(
+            k + 1 for f in every for k in f["labels"].tolist() if k in (0, 2))
+    one_line_error(runner.invoke(ods.app, ["detect", "--classes", "dog"]), "--classes dog: the model's classes are")
+
+
+def test_detect_reads_a_photo_stored_sideways_as_its_upright_copy(trained, tmp_path, monkeypatch):
+    folder, _ = trained
+    monkeypatch.chdir(folder)
+    detector = ods.Detector.load(folder / "runs" / "train" / "exp" / "best.pt", "cpu")
+    photo = ods.load_split("synthetic", "test")[2]["image"].crop((0, 0, 320, 240))
+    for orientation in [3, 6, 8]:
+        sideways = tmp_path / f"sideways_{orientation}.jpg"
+        exif = PIL.Image.Exif()
+        exif[ods.EXIF_ORIENTATION] = orientation
+        photo.transpose(STORED_TURNED[orientation]).save(sideways, exif=exif)
+        upright = tmp_path / f"upright_{orientation}.png"  # the same pixels, turned, without a tag
+        PIL.ImageOps.exif_transpose(PIL.Image.open(sideways)).save(upright)
+        a, b, c = detector([sideways, upright, PIL.Image.open(sideways)], conf=0.1)
+        assert len(a["boxes"]) > 0 and torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["labels"], b["labels"])
+        assert torch.equal(a["boxes"], c["boxes"])  # a PIL image opened from the file turns too
+        assert (a["boxes"][:, 2] <= 320).all() and (a["boxes"][:, 3] <= 240).all()  # in the upright photo's pixels
+        result = runner.invoke(ods.app, ["detect", str(sideways), "--name", f"sideways_{orientation}"])
+        assert result.exit_code == 0, result.output
+        assert PIL.Image.open(folder / "runs" / "detect" / f"sideways_{orientation}" / sideways.with_suffix(".jpg").name).size == (320, 240)
 
 
 def test_unknown_device_is_one_line_error(trained, monkeypatch):

@@ -123,7 +123,7 @@ def main():
             folder.mkdir()
             runtimes = odscratch_runtimes(weights["odscratch", seed], args.data, folder, args.fp32)
             for name, detector in runtimes.items():
-                metrics = detector.evaluate(test, 16)
+                metrics, _ = detector.evaluate(test, 16)
                 scores.setdefault(name, []).append((metrics["map50"], metrics["map"]))
                 print(f"seed {seed} {name}: "
                       f"mAP50 {metrics['map50']:.4f} mAP50-95 {metrics['map']:.4f}")
@@ -138,7 +138,7 @@ def main():
             name = f"onnxruntime int8, {weights_also} ({cfg.img_size} px)"
             detectors[name] = ods.Detector.load(out)
             own_size = ods.DetectionDataset(test.ds, cfg.img_size, train=False)
-            metrics = detectors[name].evaluate(own_size, 16)
+            metrics, _ = detectors[name].evaluate(own_size, 16)
             scores[name] = [(metrics["map50"], metrics["map"])]
         image = ods.open_image(test.ds[0]["image"]).convert("RGB")
         yolo = yolo_detector(weights["yolo11n", 0], img_size)
