@@ -18,9 +18,8 @@ Run it (offline, on built-in synthetic shapes unless --data names yours):
     odscratch eval                 # the newest best.pt on the test split: mAP per class
     odscratch detect photo.jpg     # a table of boxes, and runs/detect/exp/photo.jpg
 
-Part 2, the product, is what real data and a shipped model need, and a learner can skip: the
-layouts labelling tools export and their checks, training that loses nothing (checkpoints, Ctrl-C,
---resume, torchrun), pictures, `Detector`, ONNX, the command line. Each call into it is marked.
+Part 2, the product, is what real data and a shipped model need: a learner can skip it. Each call
+into it is marked.
 """
 
 # =============================================================================
@@ -30,13 +29,13 @@ layouts labelling tools export and their checks, training that loses nothing (ch
 import hashlib
 import io
 import math
-import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import datasets
 import numpy as np
+import PIL.ExifTags
 import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageOps
@@ -96,12 +95,6 @@ def synthetic_background(rng):
     return PIL.Image.fromarray(np.clip(np.asarray(img, np.int16) + noise, 0, 255).astype(np.uint8))
 
 
-def box_intersections(a, b):
-    """xyxy boxes a [N, 4], b [M, 4] -> their intersection areas [N, M]."""
-    lt, rb = torch.max(a[:, None, :2], b[None, :, :2]), torch.min(a[:, None, 2:], b[None, :, 2:])
-    return (rb - lt).clamp(min=0).prod(-1)
-
-
 def synthetic_example(rng):
     """One image with 1-8 shapes; colour is random, so only the shape tells the class."""
     img = synthetic_background(rng)
@@ -115,7 +108,9 @@ def synthetic_example(rng):
         box = [x0, y0, x0 + w, y0 + h]
         # some overlap is wanted, a shape hidden behind another is not
         if boxes:
-            inter = box_intersections(torch.tensor([box]), torch.tensor(boxes))
+            new, earlier = torch.tensor([box]), torch.tensor(boxes)  # [1, 4], [M, 4]
+            corners = torch.min(new[:, 2:], earlier[:, 2:]) - torch.max(new[:, :2], earlier[:, :2])
+            inter = corners.clamp(min=0).prod(-1)  # [M] intersection areas
             areas = torch.tensor([(b[2] - b[0]) * (b[3] - b[1]) for b in boxes])
             if (inter / areas).max() > SYNTHETIC_MAX_COVER:
                 continue
@@ -141,8 +136,7 @@ def detection_features(class_names):
 
 
 def synthetic_rows(split, recipe):
-    """The rows of one split, from one seeded numpy generator per split. `recipe` is not used here:
-    it is the hash that keys datasets' cache (see synthetic_split)."""
+    """The rows of one split, from one seeded numpy generator per split (`recipe`: see below)."""
     rng = np.random.default_rng([SPLIT_SEED, list(SYNTHETIC_SPLITS).index(split)])
     for _ in range(SYNTHETIC_SPLITS[split]):
         img, boxes, categories = synthetic_example(rng)
@@ -176,27 +170,16 @@ def open_image(record):
     return PIL.Image.open(io.BytesIO(record["bytes"]) if record["bytes"] else record["path"])
 
 
-EXIF_ORIENTATION = 0x0112  # an EXIF tag: 1 = stored upright, 2-8 = mirror and/or turn to show it
-
-
 def exif_orientation(image):
-    """An opened image's EXIF orientation (1-8), from its header. A broken EXIF block (real cameras
-    write some) is read as far as it goes; with no usable tag the image is read as stored (1)."""
-    if image.format == "PNG" and "exif" not in image.info:
-        return 1  # a PNG's EXIF after its pixels is found only by decoding them all
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Pillow warns of corrupt EXIF data, and reads on
-        try:
-            orientation = image.getexif().get(EXIF_ORIENTATION, 1)
-        except Exception:  # what Pillow raises on worse EXIF depends on its version
-            return 1
+    """An opened image's EXIF orientation, from its header: 2-8 say how to turn it, else 1."""
+    known = image.format != "PNG" or "exif" in image.info  # a PNG's after its pixels: not read
+    orientation = image.getexif().get(PIL.ExifTags.Base.Orientation, 1) if known else 1
     return orientation if orientation in range(1, 9) else 1
 
 
 def upright(image):
-    """An opened image, decoded as labelling tools show it, in RGB. Phones store most photos
-    sideways, with an EXIF tag saying how to turn them: the tools turn them, and the boxes are
-    drawn on the turned photo."""
+    """An opened image as labelling tools show it, in RGB: phones store most photos sideways, with
+    an EXIF tag saying how to turn them, and the boxes are drawn on the turned photo."""
     if exif_orientation(image) != 1:
         image = PIL.ImageOps.exif_transpose(image)
     return image.convert("RGB")
@@ -261,10 +244,12 @@ class DetectionDataset(torch.utils.data.Dataset):
         boxes = sample["boxes"].as_subclass(torch.Tensor)
         return image, {"boxes": boxes, "labels": sample["labels"], "index": i}
 
-    @staticmethod
-    def collate(batch):
-        images, targets = zip(*batch)
-        return torch.stack(images), list(targets)
+
+def collate(batch):
+    """[(input, target)] -> (the inputs stacked, [targets]): images hold different numbers of
+    boxes, so the targets stay a list. (LTD's input is a pair, stacked into [R, S].)"""
+    inputs, targets = zip(*batch)
+    return torch.utils.data.default_collate(inputs), list(targets)
 
 
 # -----------------------------------------------------------------------------
@@ -283,8 +268,7 @@ def resnet18_backbone(stride):
 
 def cells_to_boxes(raw, h, w, radius):
     """Raw head outputs [B, h*w, 4] -> boxes (cx, cy, w, h) relative to the image. A cell's centre
-    prediction reaches `radius` cells from the cell's centre: as far as the cells it learns from
-    (see Loss)."""
+    prediction reaches `radius` cells from its centre: as far as the cells it learns from (Loss)."""
     rows, cols = torch.meshgrid(torch.arange(h, device=raw.device),
                                 torch.arange(w, device=raw.device), indexing="ij")
     cx = (cols.flatten() + 0.5 + radius * (2 * raw[..., 0].sigmoid() - 1)) / w
@@ -301,7 +285,6 @@ class GridDetector(nn.Module):
         super().__init__()
         self.radius = radius
         self.backbone = resnet18_backbone(stride)
-        # per cell: a box, K class logits and background's
         self.head = nn.Linear(BACKBONE_CHANNELS[stride], 4 + num_classes + 1)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
@@ -323,13 +306,13 @@ MEMORY_FORMAT = torch.channels_last
 
 
 def run_model(model, images, bf16):
-    """The one forward pass: images (or LTD's (R, S) pair) moved to the model's device in
+    """The one forward pass: images (or LTD's [R, S] pair) moved to the model's device in
     channels_last, under bf16 autocast where bf16 is on (float32 outputs either way)."""
     device = next(model.parameters()).device
-    pair = isinstance(images, tuple)  # a detector's batch is one tensor; LTD's is (R, S)
+    pair = isinstance(images, list)  # a detector's batch is one tensor; LTD's is [R, S]
     moved = [x.to(device, memory_format=MEMORY_FORMAT) for x in (images if pair else [images])]
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        return model(tuple(moved) if pair else moved[0])
+        return model(moved if pair else moved[0])
 
 
 # -----------------------------------------------------------------------------
@@ -382,8 +365,7 @@ def detection_loss(boxes, logits, targets, img_size, radius):
                                       t["labels"], grid, grid, background, radius) for t in targets]
     classes = torch.stack([a[0] for a in assigned]).to(logits.device)  # [B, h*w]
     target_boxes = torch.stack([a[1] for a in assigned]).to(boxes.device)  # [B, h*w, 4]
-    weight = torch.ones(background + 1, device=logits.device)
-    weight[background] = BACKGROUND_WEIGHT
+    weight = torch.tensor([1.0] * background + [BACKGROUND_WEIGHT], device=logits.device)
     cls = F.cross_entropy(logits.flatten(0, 1), classes.flatten(), weight=weight)
     positive = classes != background
     pred, true = boxes[positive], target_boxes[positive]  # [P, 4]
@@ -398,9 +380,8 @@ def detection_loss(boxes, logits, targets, img_size, radius):
 
 
 # -----------------------------------------------------------------------------
-# Decoding: per-cell outputs -> a short list of boxes per image, in the original image's pixels.
-# score_cells keeps every cell (fixed shapes: it goes inside the exported ONNX graph);
-# select_detections keeps a different number of boxes per image (threshold + NMS), after it.
+# Decoding: per-cell outputs -> a short list of boxes per image, in its original pixels. score_cells
+# keeps every cell (fixed shapes: inside the ONNX export); select_detections thresholds, then NMS.
 
 MAX_DETECTIONS = 100
 NMS_IOU = 0.5
@@ -415,9 +396,8 @@ def score_cells(boxes, logits):
 
 
 def select_detections(boxes, scores, sizes, conf, iou, max_det=MAX_DETECTIONS):
-    """score_cells' output, sizes [(height, width)] -> per image {boxes [N, 4] xyxy pixels,
-    scores [N], labels [N]}: each cell's best class, scores above conf, per-class NMS, the max_det
-    best."""
+    """score_cells' output, sizes [(height, width)] -> per image {boxes [N, 4] xyxy pixels, scores
+    [N], labels [N]}: each cell's best class, scores above conf, per-class NMS, the max_det best."""
     scores, labels = scores.max(-1)  # [B, h*w]
     results = []
     for b, (height, width) in enumerate(sizes):
@@ -438,6 +418,7 @@ def select_detections(boxes, scores, sizes, conf, iou, max_det=MAX_DETECTIONS):
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 RECALL_POINTS = np.linspace(0, 1, 101)
+CONFIDENCES = np.linspace(0, 1, 101)  # thresholds a user may detect with: what each one trades
 
 
 def match_detections(pred_boxes, true_boxes):
@@ -457,8 +438,7 @@ def match_detections(pred_boxes, true_boxes):
 
 
 def precision_curve(hits, num_true):
-    """hits [D] in descending score order -> COCO's interpolated precision at the 101
-    RECALL_POINTS."""
+    """hits [D] in descending score order -> COCO's interpolated precision at RECALL_POINTS."""
     tp = np.cumsum(hits).astype(float)
     fp = np.cumsum(~hits).astype(float)
     recall = tp / num_true
@@ -469,23 +449,11 @@ def precision_curve(hits, num_true):
     return np.append(precision, 0)[at]  # recall points never reached count as precision 0
 
 
-CONFIDENCES = np.linspace(0, 1, 101)  # thresholds a user may detect with: what each one trades
-
-
-def confidence_curves(scores, hits, num_true):
-    """scores [D] descending and hits [D] at IoU 0.5 -> [precision, recall] of the detections
-    scoring at least c, for each c in CONFIDENCES."""
-    kept = np.searchsorted(-scores, -CONFIDENCES, side="right")  # [101] detections kept
-    true_positives = np.append(0, np.cumsum(hits))[kept]
-    return [(true_positives / np.maximum(kept, 1)).tolist(), (true_positives / num_true).tolist()]
-
-
 def evaluate(predictions, targets, num_classes):
     """COCO-style mAP. predictions / targets: one dict per image, `boxes` [N, 4] xyxy pixels,
     `labels` [N] (and `scores` [N] in predictions). Classes with no ground truth are left out of
     the means and reported as -1, as COCO does."""
-    scores = [[] for _ in range(num_classes)]
-    hits = [[] for _ in range(num_classes)]
+    scores, hits = [[] for _ in range(num_classes)], [[] for _ in range(num_classes)]
     num_true = np.zeros(num_classes, int)
     for pred, true in zip(predictions, targets):
         for k in range(num_classes):
@@ -498,25 +466,24 @@ def evaluate(predictions, targets, num_classes):
             scores[k].append(score[order])
             hits[k].append(match_detections(pred["boxes"][mine].double()[order], true_boxes))
     ap = -np.ones((len(IOU_THRESHOLDS), num_classes))
-    pr50 = [[] for _ in range(num_classes)]  # the PR curve at IoU 0.5, for pr_curve.png
-    by_conf = [[] for _ in range(num_classes)]  # and against the confidence threshold
+    pr50, by_conf = [[] for _ in range(num_classes)], [[] for _ in range(num_classes)]  # IoU 0.5
     for k in np.flatnonzero(num_true):
-        order = np.argsort(-np.concatenate(scores[k]), kind="mergesort")
+        class_scores = np.concatenate(scores[k])
+        order = np.argsort(-class_scores, kind="mergesort")
         class_hits = np.concatenate(hits[k], axis=1)[:, order]
         # AP: the area under the curve, its mean over the 101 recall points
         ap[:, k] = [precision_curve(h, num_true[k]).mean() for h in class_hits]
         pr50[k] = precision_curve(class_hits[0], num_true[k]).tolist()
-        by_conf[k] = confidence_curves(np.concatenate(scores[k])[order], class_hits[0],
-                                       num_true[k])
-
-    def mean(rows):
-        valid = ap[rows][:, num_true > 0]
-        return float(valid.mean()) if valid.size else -1.0
-
+        # what each threshold c keeps, the detections scoring >= c: [precision, recall] at IoU 0.5
+        kept = np.searchsorted(-class_scores[order], -CONFIDENCES, side="right")  # [101]
+        true_positives = np.append(0, np.cumsum(class_hits[0]))[kept]
+        by_conf[k] = [(true_positives / np.maximum(kept, 1)).tolist(),
+                      (true_positives / num_true[k]).tolist()]
+    valid = ap[:, num_true > 0]  # [T, classes with ground truth]
     at = {round(t * 100): i for i, t in enumerate(IOU_THRESHOLDS)}
-    return {"map": mean(slice(None)), "map50": mean([at[50]]), "map75": mean([at[75]]),
-            "map90": mean([at[90]]), "ap50_per_class": ap[at[50]].tolist(), "pr50_per_class": pr50,
-            "pr_by_confidence": by_conf,
+    means = {f"map{t}": float(valid[at[t]].mean()) if valid.size else -1.0 for t in (50, 75, 90)}
+    return {"map": float(valid.mean()) if valid.size else -1.0, **means, "pr50_per_class": pr50,
+            "ap50_per_class": ap[at[50]].tolist(), "pr_by_confidence": by_conf,
             "ap_per_class": [float(ap[:, k].mean()) if num_true[k] else -1.0
                              for k in range(num_classes)]}
 
@@ -544,8 +511,7 @@ def train_epoch(model, data, batches, compute_loss, optimizer, cfg, bf16, run):
     and says when to stop: the planned run is done, or Ctrl-C was pressed."""
     model.train()
     for indices in batches[run.state.step:]:
-        images, targets = data.collate([data[i] for i in indices])
-        # learning rate: warm-up, then a cosine to zero
+        images, targets = collate([data[i] for i in indices])
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg, run.progress())
         # forward: a box and class logits per cell, and the loss of the boxes assigned to cells
@@ -564,8 +530,7 @@ def train_epoch(model, data, batches, compute_loss, optimizer, cfg, bf16, run):
 
 
 def model_network(model, bf16):
-    """A GridDetector, set to eval -> its network: images [B, 3, I, I] in [0, 1] -> score_cells'
-    boxes and class scores. (An exported model is another network: Part 2.)"""
+    """A GridDetector, set to eval -> its network: images [B, 3, I, I] in [0, 1] -> score_cells'."""
     model.eval()
     return lambda images: score_cells(*run_model(model, images, bf16))
 
@@ -573,9 +538,8 @@ def model_network(model, bf16):
 @torch.no_grad()
 def predict(network, data, batch, conf, iou):
     """A DetectionDataset -> one detections dict per image, in original pixels."""
-    loader = torch.utils.data.DataLoader(data, batch_size=batch, collate_fn=data.collate)
     results = []
-    for images, targets in loader:
+    for images, targets in torch.utils.data.DataLoader(data, batch_size=batch, collate_fn=collate):
         sizes = [data.sizes[t["index"]] for t in targets]
         results += select_detections(*network(images), sizes, conf, iou)
     return results
@@ -618,9 +582,8 @@ def sample_ltd_crop(R):
 
 
 class LTDDataset(torch.utils.data.Dataset):
-    """Any split's images (labels ignored) -> ((R [3, img_size, img_size],
-    S [3, LTD_CROP_SIZE, LTD_CROP_SIZE]), {boxes [1, 4], labels [1], index}): one object per
-    image, S, in detection's target format. A new S at every draw."""
+    """Any split's images, labels ignored -> ((R [3, I, I], S [3, LTD_CROP_SIZE, LTD_CROP_SIZE]),
+    {boxes [1, 4], labels [1], index}): S as one object in detection's format, new at each draw."""
 
     def __init__(self, ds, img_size, mask_crop, name="data"):
         self.ds = without_unreadable_images(ds.select_columns(["image"]), name)  # Part 2
@@ -639,12 +602,6 @@ class LTDDataset(torch.utils.data.Dataset):
             R[:, y1:y2, x1:x2] = MASK_GREY  # S was already cut from the intact R
         return (R, S), {"boxes": box[None], "labels": torch.zeros(1, dtype=torch.long), "index": i}
 
-    @staticmethod
-    def collate(batch):
-        pairs, targets = zip(*batch)
-        R, S = zip(*pairs)
-        return (torch.stack(R), torch.stack(S)), list(targets)
-
 
 class LTDNet(nn.Module):
     """Where in R is S? One GridDetector with one class (and the centre-cell rule) sees both images.
@@ -658,8 +615,7 @@ class LTDNet(nn.Module):
     def forward(self, pair):
         R, S = pair  # [B, 3, img_size, img_size], [B, 3, LTD_CROP_SIZE, LTD_CROP_SIZE]
         features = self.detector.features(R)                   # [B, C, h, w]
-        # S is normalised with R's running batch-norm statistics, in training as at test: mixing
-        # in the other statistics of zoomed-in crops made the held-out metric collapse
+        # S uses R's running batch-norm statistics in training too: the crops' own made LTD collapse
         self.detector.backbone.train(False)
         query = self.detector.features(S).mean((2, 3))         # [B, C]
         self.detector.backbone.train(self.training)
@@ -676,7 +632,7 @@ def locate_crops(model, data, n, batch, bf16):
     with torch.random.fork_rng():
         torch.manual_seed(LTD_HELD_OUT_SEED)
         for start in range(0, n, batch):
-            pairs, targets = data.collate([data[i] for i in range(start, min(start + batch, n))])
+            pairs, targets = collate([data[i] for i in range(start, min(start + batch, n))])
             boxes, logits = run_model(model, pairs, bf16)  # [b, h*w, 4], [b, h*w, 2]
             best = logits.softmax(-1)[..., 0].argmax(1)     # [b]
             found = box_convert(boxes[torch.arange(len(best)), best], "cxcywh", "xyxy")
@@ -695,7 +651,9 @@ def validate_ltd(model, data, batch, bf16):
 # =============================================================================
 # PART 2: THE PRODUCT
 # =============================================================================
-# Part 2's own imports: the recipe above needs none of them.
+# The layouts labelling tools export and their checks, training that loses nothing (checkpoints,
+# Ctrl-C, --resume, torchrun), pictures, `Detector`, ONNX, the command line. Its own imports: the
+# recipe above needs none of them.
 import contextlib
 import copy
 import csv
@@ -709,6 +667,7 @@ import signal
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import asdict, field
 from typing import Annotated
 from xml.etree import ElementTree
@@ -728,8 +687,9 @@ from torchvision.utils import make_grid
 console = Console()
 datasets.disable_progress_bars()
 datasets.logging.set_verbosity_error()
-# read_targets counts broken EXIF blocks in one line: Pillow's warning per image would repeat it
-warnings.filterwarnings("ignore", "Corrupt EXIF data", UserWarning)
+# read_targets counts broken EXIF blocks in one line: Pillow's warnings per image would repeat it
+warnings.filterwarnings("ignore", category=UserWarning, module="PIL.TiffImagePlugin")
+warnings.filterwarnings("ignore", "Possibly corrupt EXIF", UserWarning)
 
 
 class UserError(Exception):
@@ -844,7 +804,7 @@ def malformed_exif(image):
         try:
             exif = PIL.Image.Exif()
             exif.load(data)
-            bad_orientation = exif.get(EXIF_ORIENTATION, 1) not in range(1, 9)
+            bad_orientation = exif.get(PIL.ExifTags.Base.Orientation, 1) not in range(1, 9)
         except Exception:
             return True
     header = data.removeprefix(b"Exif\x00\x00")[:4]
@@ -1621,8 +1581,9 @@ def log_epoch(run_dir, state, elapsed, scalars, start=None):
 
 def out_of_patience(cfg, best, epoch):
     """--patience N: the N validations before `epoch` found no better model. (Under torchrun only
-    rank 0 validates: its answer is everyone's.)"""
-    waited = epoch - 1 - best["epoch"] if best else 0
+    rank 0 validates: its answer is everyone's; the others may hold a resumed run's old `best`.)"""
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    waited = epoch - 1 - best["epoch"] if best and main else 0
     return bool(max_over_processes(cfg.patience and waited >= cfg.patience))
 
 
@@ -1667,9 +1628,13 @@ def fit(model, data, batches, compute_loss, validate, cfg, bf16, run_dir, meta, 
             return "no epoch had finished, so nothing was saved"
         return f"{run_dir}/last.pt holds the last finished epoch; continue from it with: {command}"
 
+    stalled = False  # --patience ran out
     try:
         with run:
-            while run.progress() < 1 and not out_of_patience(cfg, best, run.state.epoch):
+            while run.progress() < 1:
+                stalled = out_of_patience(cfg, best, run.state.epoch)
+                if stalled:
+                    break
                 if distributed:  # a new shuffle each epoch, the same in every process
                     sampler.set_epoch(run.state.epoch)
                 else:  # drawn afresh from the epoch's start state
@@ -1702,7 +1667,7 @@ def fit(model, data, batches, compute_loss, validate, cfg, bf16, run_dir, meta, 
     except FloatingPointError as e:
         raise UserError(f"{e} in epoch {run.state.epoch}: stopped (try a lower --lr, or check the "
                         f"data's boxes); {what_is_saved()}") from None
-    if out_of_patience(cfg, best, run.state.epoch) and main:
+    if stalled and main:
         name = {"map": "mAP50-95"}.get(best_metric, best_metric)
         console.print(f"stopped after epoch {run.state.epoch - 1}: no better validation {name} in "
                       f"{cfg.patience} epochs (--patience); the best is epoch {best['epoch']}")
@@ -1834,6 +1799,10 @@ def train_detector(cfg, name, backbone=None, resume=None, weights=None):
     that run exactly where it stopped, in its folder, with its settings and weights (cfg, backbone
     and weights are then ignored)."""
     checkpoint = read_checkpoint(resume, "detector", resumable=True) if resume else None
+    if checkpoint and "conf" not in (checkpoint["resume"]["best"] or {"conf": None}):
+        raise UserError(f"{resume} was written by an older odscratch, whose runs this one "
+                        f"cannot go on with: fine-tune its model instead (--weights "
+                        f"{Path(resume).parent}/best.pt)")
     if checkpoint:
         cfg, backbone, weights = Config(**checkpoint["config"]), None, None
     check_grid(cfg)
@@ -1963,8 +1932,9 @@ def with_confidence(metrics):
     best = len(mean_f1) - 1 - int(mean_f1[::-1].argmax()) if mean_f1.max() > 0 else None
     at = lambda values: -1.0 if best is None or not values else values[best]
     curves = metrics["pr_by_confidence"]
-    return {**metrics, "conf": DETECT_CONF if best is None else round(float(CONFIDENCES[best]), 2),
-            "f1": at(mean_f1.tolist()),
+    # 0 would keep every cell: evaluation saw the detections above EVAL_CONF
+    conf = DETECT_CONF if best is None else max(round(float(CONFIDENCES[best]), 2), EVAL_CONF)
+    return {**metrics, "conf": conf, "f1": at(mean_f1.tolist()),
             "precision_per_class": [at(curve and curve[0]) for curve in curves],
             "recall_per_class": [at(curve and curve[1]) for curve in curves]}
 
@@ -2152,7 +2122,7 @@ def draw_validation_pictures(model, data, classes, metrics, run_dir, bf16, batch
                              data, metrics, classes, run_dir)
     model.eval()
     n = min(PICTURE_IMAGES, len(data))
-    images, _ = data.collate([data[i] for i in range(n)])
+    images, _ = collate([data[i] for i in range(n)])
     boxes, scores = score_cells(*run_model(model, images, bf16))
     originals = [upright(open_image(data.ds[i]["image"])) for i in range(n)]
     found = select_detections(boxes, scores, data.sizes[:n], DETECT_CONF, NMS_IOU)
@@ -2416,18 +2386,20 @@ class Detector:
     def __call__(self, images, conf=None, iou=NMS_IOU, max_det=MAX_DETECTIONS, classes=None):
         """Images -> per image {boxes [N, 4] xyxy pixels, scores [N], labels [N], names [N],
         objectness [h, w]: each cell's 1 - p(background), the grid behind the boxes}. conf: None
-        for self.conf; classes: class indices to keep (None: all)."""
+        for self.conf; classes: the names or indices to keep (None: all)."""
+        keep = None if classes is None else class_indices([str(c) for c in classes], self.classes)
         with self.threads():
             images = [read_image(i) if isinstance(i, (str, Path)) else upright(i)
                       for i in (images if isinstance(images, (list, tuple)) else [images])]
             batch = torch.stack([self.transform(image) for image in images])  # [B, 3, S, S]
             boxes, scores = self.network(batch)                    # [B, h*w, 4], [B, h*w, K]
             sizes = [(image.height, image.width) for image in images]
-            found = select_detections(boxes, scores, sizes, self.conf if conf is None else conf,
+            wanted = scores
+            if keep is not None:  # before NMS and max_det: a cell whose best class is another goes
+                best = scores.argmax(-1, keepdim=True)  # [B, h*w, 1]
+                wanted = scores * torch.isin(best, torch.tensor(keep, device=best.device))
+            found = select_detections(boxes, wanted, sizes, self.conf if conf is None else conf,
                                       iou, max_det)
-        if classes is not None:
-            found = [{k: v[torch.isin(f["labels"], torch.tensor(classes))] for k, v in f.items()}
-                     for f in found]
         return [{**f, "names": [self.classes[label] for label in f["labels"].tolist()],
                  "objectness": grid} for f, grid in zip(found, objectness_grid(scores.cpu()))]
 
@@ -2785,7 +2757,21 @@ def detect_inputs(sources):
         files, skipped = files + images, skipped + len(found) - len(images)
     if not files:
         raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {' '.join(sources)}")
-    return [(p.name, p) for p in files], skipped
+    return list(zip(output_names(files), files)), skipped
+
+
+def output_names(paths):
+    """A file name per image for detect's outputs, each stem once: two folders' img.jpg, or img.jpg
+    beside img.png, would write over each other's picture and labels, so later ones get _2, _3..."""
+    names, taken = [], set()
+    for path in paths:
+        stem, n = path.stem, 1
+        while stem.lower() in taken:
+            n += 1
+            stem = f"{path.stem}_{n}"
+        taken.add(stem.lower())
+        names.append(stem + path.suffix)
+    return names
 
 
 def coco_image_ids(names):
@@ -2830,6 +2816,8 @@ def class_indices(wanted, classes):
         else:
             raise UserError(f"--classes {item}: the model's classes are {classes} (names, or "
                             f"indices 0 to {len(classes) - 1})")
+    if not indices:
+        raise UserError(f"--classes names no class: give names or indices of {classes}")
     return indices
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import PIL.ExifTags
 import PIL.Image
 import PIL.ImageOps
 import pytest
@@ -306,6 +307,9 @@ def test_precision_and_recall_by_confidence_and_the_f1_best_threshold():
     # F1 0.8 for every threshold up to 0.3 (0.67 above): the highest of them
     assert chosen["conf"] == 0.3 and chosen["f1"] == pytest.approx(0.8)
     assert chosen["precision_per_class"] == [pytest.approx(2 / 3), -1] and chosen["recall_per_class"] == [1, -1]
+    # F1 falls from the first threshold on: detect gets what evaluation kept, not every cell
+    falling = {**metrics, "pr_by_confidence": [[[0.5] * 101, np.linspace(1, 0, 101).tolist()], []]}
+    assert ods.with_confidence(falling)["conf"] == ods.EVAL_CONF
 
 
 def test_evaluate_no_detections_score_zero():
@@ -440,6 +444,21 @@ def test_patience_stops_a_stalled_run_and_resume_stays_exact(tmp_path, monkeypat
     assert a["epoch"] == b["epoch"] == 3 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     rows = [[row.split(",", 2)[::2] for row in (run / "results.csv").read_text().splitlines()] for run in runs]
     assert rows[0] == rows[1] and len(rows[0]) == 4  # the header and epochs 1-3, without the times
+    # a run that ends on schedule as patience runs out was not stopped by it, and says nothing of it
+    planned = runner.invoke(ods.app, args[:-4] + ["--epochs", "3", "--patience", "2", "--name", "planned"])
+    assert planned.exit_code == 0 and "--patience" not in planned.output, planned.output
+
+
+def test_resuming_a_run_of_an_older_version_says_to_fine_tune_instead(trained, tmp_path, monkeypatch):
+    folder, _ = trained
+    monkeypatch.chdir(folder)
+    old = torch.load(folder / "runs" / "train" / "exp" / "last.pt", weights_only=True)
+    for key in ("conf", "f1", "precision_per_class", "recall_per_class", "pr_by_confidence"):
+        del old["resume"]["best"][key]  # what a last.pt of the version before held
+    (tmp_path / "run").mkdir()
+    torch.save(old, tmp_path / "run" / "last.pt")
+    result = runner.invoke(ods.app, ["train", "--resume", str(tmp_path / "run" / "last.pt")])
+    one_line_error(result, "written by an older odscratch", f"--weights {tmp_path / 'run'}/best.pt")
 
 
 # --- Learn To Detect: the crop sampler, pretraining, and its backbone in a detector ---------------
@@ -591,7 +610,7 @@ def save_image(path, width, height, sideways=False):
     exif = PIL.Image.Exif()
     if sideways:
         orientation = 2 + int(re.sub(r"\D", "", path.stem)) % 7
-        exif[ods.EXIF_ORIENTATION] = orientation
+        exif[PIL.ExifTags.Base.Orientation] = orientation
         image = image.transpose(STORED_TURNED[orientation])
     image.save(path, exif=exif)
 
@@ -1710,6 +1729,37 @@ def test_detect_keeps_only_the_classes_asked_for(trained, tmp_path, monkeypatch)
         assert sorted(a["category_id"] for a in written) == sorted(
             k + 1 for f in every for k in f["labels"].tolist() if k in (0, 2))
     one_line_error(runner.invoke(ods.app, ["detect", "--classes", "dog"]), "--classes dog: the model's classes are")
+    one_line_error(runner.invoke(ods.app, ["detect", "--classes", ","]), "--classes names no class")
+    # classes are kept before max_det: the best box of a class that is not the image's best
+    for image in images:
+        alone = detector(image, conf=0.1)[0]  # boxes by falling score
+        if len(set(alone["names"])) > 1:
+            second = next(i for i, name in enumerate(alone["names"]) if name != alone["names"][0])
+            only = detector(image, conf=0.1, max_det=1, classes=[alone["names"][second]])[0]
+            assert only["names"] == [alone["names"][second]], (alone["names"], only["names"])
+            assert torch.equal(only["boxes"][0], alone["boxes"][second])
+            break
+    else:
+        pytest.fail("no test image has boxes of two classes")
+
+
+def test_detect_gives_images_of_the_same_name_outputs_of_their_own(trained, tmp_path, monkeypatch):
+    folder, _ = trained
+    monkeypatch.chdir(folder)
+    test = ods.load_split("synthetic", "test")
+    for i, (sub, name) in enumerate([("a", "img.png"), ("b", "img.png"), ("b", "img.jpg")]):
+        (tmp_path / sub).mkdir(exist_ok=True)
+        test[i]["image"].save(tmp_path / sub / name)
+    result = runner.invoke(ods.app, ["detect", str(tmp_path / "a"), str(tmp_path / "b"), "--save-txt", "--json",
+                                     "--conf", "0.1", "--name", "same"])
+    assert result.exit_code == 0, result.output
+    out = folder / "runs" / "detect" / "same"
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["img.png", "img_2.jpg", "img_3.png"]
+    assert sorted(p.name for p in (out / "labels").iterdir()) == ["img.txt", "img_2.txt", "img_3.txt"]
+    assert {"img.jpg", "img_2.jpg", "img_3.jpg"} <= {p.name for p in out.iterdir()}
+    coco = json.loads((out / "annotations.json").read_text())
+    assert sorted(image["file_name"] for image in coco["images"]) == [
+        "images/img.png", "images/img_2.jpg", "images/img_3.png"]
 
 
 def test_detect_reads_a_photo_stored_sideways_as_its_upright_copy(trained, tmp_path, monkeypatch):
@@ -1720,7 +1770,7 @@ def test_detect_reads_a_photo_stored_sideways_as_its_upright_copy(trained, tmp_p
     for orientation in [3, 6, 8]:
         sideways = tmp_path / f"sideways_{orientation}.jpg"
         exif = PIL.Image.Exif()
-        exif[ods.EXIF_ORIENTATION] = orientation
+        exif[PIL.ExifTags.Base.Orientation] = orientation
         photo.transpose(STORED_TURNED[orientation]).save(sideways, exif=exif)
         upright = tmp_path / f"upright_{orientation}.png"  # the same pixels, turned, without a tag
         PIL.ImageOps.exif_transpose(PIL.Image.open(sideways)).save(upright)

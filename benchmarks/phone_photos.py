@@ -17,6 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import PIL.ExifTags
 import PIL.Image
 
 import odscratch as ods
@@ -55,7 +56,7 @@ def write_yolo_copy(data, root, sideways):
             exif = PIL.Image.Exif()
             if sideways:
                 orientation = ORIENTATIONS[i % len(ORIENTATIONS)]
-                exif[ods.EXIF_ORIENTATION] = orientation
+                exif[PIL.ExifTags.Base.Orientation] = orientation
                 image = image.transpose(STORE[orientation])
             image.save(root / "images" / split / f"{name}.jpg", quality=QUALITY, exif=exif)
             lines = [f"{k} {(x1 + x2) / 2 / width:.6f} {(y1 + y2) / 2 / height:.6f} "

@@ -71,7 +71,7 @@ def main():
             timings = {}
         t = time.perf_counter()
         indices = torch.randint(len(data), (args.batch,), generator=generator).tolist()
-        images, targets = data.collate([data[i] for i in indices])
+        images, targets = ods.collate([data[i] for i in indices])
         t = clock(timings, "data", t)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             outputs = model(images.to(device, memory_format=ods.MEMORY_FORMAT))
