@@ -4,6 +4,7 @@ split (after the next batch was pre-labelled and corrected), against training on
 from random weights for as long, and for as long as both steps together.
 
     python benchmarks/the_loop.py --data PATH/TO/DATASET [--first 10] [--then 5] [--scratch 5 15]
+                                  [--then-lr LR [LR ...]]
 
 Every run: 320 px, seed 0, --time in minutes; every model scored on the test split. Not part of CI.
 """
@@ -54,8 +55,10 @@ def main():
     parser.add_argument("--data", required=True)
     parser.add_argument("--first", type=float, default=10, help="minutes on half of train")
     parser.add_argument("--then", type=float, default=5, help="minutes of fine-tuning")
-    parser.add_argument("--scratch", type=float, nargs="+", default=[5, 15],
+    parser.add_argument("--scratch", type=float, nargs="*", default=[5, 15],
                         help="minutes from random weights on the whole train split")
+    parser.add_argument("--then-lr", type=float, nargs="+", default=[ods.Config.lr],
+                        help="fine-tune once at each of these learning rates")
     args = parser.parse_args()
     data = str(Path(args.data).resolve())
     results = {}
@@ -64,8 +67,11 @@ def main():
         half = half_of_train(data, work / "half")
         first = train(half, args.first, "first", work)
         results[f"half of train, {args.first:g} min"] = test_map(first, data)
-        tuned = train(data, args.then, "fine_tuned", work, "--weights", str(first))
-        results[f"then --weights on all of train, {args.then:g} min"] = test_map(tuned, data)
+        for lr in args.then_lr:
+            tuned = train(data, args.then, f"fine_tuned_{lr:g}", work, "--weights", str(first),
+                          "--lr", str(lr))
+            results[f"then --weights on all of train, {args.then:g} min, --lr {lr:g}"] = \
+                test_map(tuned, data)
         for minutes in args.scratch:
             scratch = train(data, minutes, f"scratch_{minutes:g}", work)
             results[f"random weights on all of train, {minutes:g} min"] = test_map(scratch, data)
