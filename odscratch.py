@@ -2216,6 +2216,31 @@ def read_image(path):
         raise UserError(f"cannot read image {path}: {e}") from None
 
 
+def image_from_pixels(pixels):
+    """A frame from your own code -> a PIL image: a numpy array H x W x 3 of uint8 in RGB order
+    (OpenCV's frames are BGR: pass frame[..., ::-1]), or a tensor 3 x H x W, uint8 or floats in
+    [0, 1] (as torchvision reads images)."""
+    if isinstance(pixels, torch.Tensor):
+        if pixels.ndim != 3 or pixels.shape[0] != 3:
+            raise UserError(f"an image tensor must be 3 x H x W; got {tuple(pixels.shape)}")
+        if pixels.is_floating_point():
+            pixels = (pixels.clamp(0, 1) * 255).round().to(torch.uint8)
+        pixels = pixels.permute(1, 2, 0).cpu().numpy()  # [H, W, 3]
+    if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
+        raise UserError(f"an image array must be H x W x 3 uint8 (RGB); got shape "
+                        f"{pixels.shape}, {pixels.dtype}")
+    return PIL.Image.fromarray(np.ascontiguousarray(pixels))
+
+
+def as_image(item):
+    """What Detector takes, one image: a path, a PIL image, a numpy array or a tensor."""
+    if isinstance(item, (str, Path)):
+        return read_image(item)
+    if isinstance(item, (np.ndarray, torch.Tensor)):
+        return image_from_pixels(item)
+    return upright(item)
+
+
 class ScoredCells(nn.Module):
     """What `export` writes: GridDetector + score_cells, so an ONNX user gets boxes and class scores
     per cell, [B, h*w, 4] (x1, y1, x2, y2 relative to the image) and [B, h*w, K]; threshold + NMS
@@ -2352,7 +2377,7 @@ class Detector:
     """A trained model, ready to use (a best.pt, or a model.onnx that `export` wrote):
 
         detector = Detector.load("runs/train/exp/best.pt")
-        for found in detector(["a.jpg", "b.jpg"]):  # paths or PIL images, or just one
+        for found in detector(["a.jpg", "b.jpg"]):  # paths, PIL images, arrays, or just one
             print(found["names"], found["boxes"], found["scores"])  # boxes: xyxy pixels
 
     `network` maps a batch [B, 3, img_size, img_size] in [0, 1] to score_cells' output: PyTorch
@@ -2389,8 +2414,8 @@ class Detector:
         for self.conf; classes: the names or indices to keep (None: all)."""
         keep = None if classes is None else class_indices([str(c) for c in classes], self.classes)
         with self.threads():
-            images = [read_image(i) if isinstance(i, (str, Path)) else upright(i)
-                      for i in (images if isinstance(images, (list, tuple)) else [images])]
+            images = [as_image(i) for i in (images if isinstance(images, (list, tuple))
+                                            else [images])]
             batch = torch.stack([self.transform(image) for image in images])  # [B, 3, S, S]
             boxes, scores = self.network(batch)                    # [B, h*w, 4], [B, h*w, K]
             sizes = [(image.height, image.width) for image in images]

@@ -1447,6 +1447,26 @@ def test_detector_takes_a_path_a_pil_image_or_a_batch(trained, tmp_path):
     assert batch[1]["boxes"][:, 2].max() > 200  # x reaches past the height: scaled to 400 x 200, not square
 
 
+def test_detector_takes_numpy_frames_and_tensors_as_the_same_image(trained, monkeypatch):
+    folder, _ = trained
+    detector = ods.Detector.load(folder / "runs" / "train" / "exp" / "best.pt", "cpu")
+    image = ods.load_split("synthetic", "test")[1]["image"].resize((300, 200))
+    rgb = np.asarray(image)                      # [200, 300, 3] uint8
+    bgr = np.ascontiguousarray(rgb[..., ::-1])   # as OpenCV hands frames over
+    want = detector(image)[0]
+    assert len(want["boxes"])
+    for frame in [rgb, bgr[..., ::-1], torch.from_numpy(rgb).permute(2, 0, 1),
+                  torch.from_numpy(rgb).permute(2, 0, 1).float() / 255]:
+        found = detector(frame)[0]
+        assert torch.equal(found["boxes"], want["boxes"]) and torch.equal(found["labels"], want["labels"])
+    assert detector([rgb, image])[1]["names"] == want["names"]
+    monkeypatch.chdir(folder)
+    for bad, said in [(rgb[..., 0], "H x W x 3 uint8"), (rgb.astype(np.float32), "H x W x 3 uint8"),
+                      (torch.zeros(200, 300, 3), "3 x H x W")]:
+        with pytest.raises(ods.UserError, match=said):
+            detector(bad)
+
+
 def test_onnx_export_matches_pytorch_in_onnxruntime(trained, monkeypatch):
     pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
     folder, _ = trained
