@@ -18,8 +18,7 @@ Run it (offline, on built-in synthetic shapes unless --data names yours):
     odscratch eval                 # the newest best.pt on the test split: mAP per class
     odscratch detect photo.jpg     # a table of boxes, and runs/detect/exp/photo.jpg
 
-Part 2, the product, is what real data and a shipped model need: a learner can skip it. Each call
-into it is marked.
+Part 2, the product (your data, safe training, shipping), can be skipped: calls into it are marked.
 """
 
 # =============================================================================
@@ -171,15 +170,15 @@ def open_image(record):
 
 
 def exif_orientation(image):
-    """An opened image's EXIF orientation, from its header: 2-8 say how to turn it, else 1."""
+    """An opened image's EXIF orientation, from its header: 2-8 say how to turn it, else 1. Phones
+    store most photos sideways with this tag; labelling tools turn them, and boxes are drawn so."""
     known = image.format != "PNG" or "exif" in image.info  # a PNG's after its pixels: not read
     orientation = image.getexif().get(PIL.ExifTags.Base.Orientation, 1) if known else 1
     return orientation if orientation in range(1, 9) else 1
 
 
 def upright(image):
-    """An opened image as labelling tools show it, in RGB: phones store most photos sideways, with
-    an EXIF tag saying how to turn them, and the boxes are drawn on the turned photo."""
+    """An opened image as labelling tools show it (turned as its EXIF says), in RGB."""
     if exif_orientation(image) != 1:
         image = PIL.ImageOps.exif_transpose(image)
     return image.convert("RGB")
@@ -334,8 +333,7 @@ def assign_boxes_to_cells(boxes, labels, h, w, background, radius):
     while a box smaller than a cell keeps one cell (a neighbour's copy, a cell off, would escape
     NMS: docs/yolo11n.md). A cell claimed by several boxes goes to the box whose centre it holds,
     then to the largest (a relative area is below 1, so the centre always wins; the largest
-    dominates the cell's features); a box left with no cell is lost for this image: a collision.
-    """
+    dominates the cell's features); a box left with no cell is a collision, lost for this image."""
     classes = torch.full((h * w,), background, dtype=torch.long)
     targets = torch.zeros(h * w, 4)
     if len(boxes) == 0:
