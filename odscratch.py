@@ -659,14 +659,17 @@ import glob
 import importlib.util
 import json
 import os
+import queue
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
 import warnings
 from dataclasses import asdict, field
+from fractions import Fraction
 from typing import Annotated
 from xml.etree import ElementTree
 
@@ -676,10 +679,12 @@ import typer
 import yaml
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.table import Table
 from torch.utils.data.distributed import DistributedSampler
 from torchvision.ops import remove_small_boxes
+from urllib.parse import urlparse
 from torchvision.utils import make_grid
 
 console = Console()
@@ -2239,6 +2244,176 @@ def as_image(item):
     return upright(item)
 
 
+# -----------------------------------------------------------------------------
+# Video: files, cameras and streams, decoded and written by PyAV (FFmpeg's Python bindings, what
+# torchvision reads video with). Measured against OpenCV (docs/shipping.md): the same decoding
+# cost, and only PyAV's wheels write H.264, the video every player and browser plays.
+
+VIDEO_SUFFIXES = {".mp4", ".m4v", ".avi", ".mov", ".mkv", ".webm"}
+VIDEO_MISSING = "videos, cameras and streams need the video extra: pip install 'odscratch[video]'"
+STREAM_TIMEOUT = 10.0  # seconds a camera or stream may stay silent before it counts as stopped
+# a camera index -> FFmpeg's camera input on this system (Windows names its cameras instead)
+CAMERAS = {"linux": ("v4l2", "/dev/video{}"), "darwin": ("avfoundation", "{}")}
+FRAMES_AHEAD = 4  # frames decoded while the model works on the current one
+
+
+def import_av():
+    try:
+        import av
+    except ImportError:
+        raise UserError(VIDEO_MISSING) from None
+    return av
+
+
+def is_camera_or_stream(source):
+    return str(source).isdigit() or "://" in str(source)
+
+
+class Video:
+    """An open video file, camera or stream: its frame rate, its frame count (None for a live
+    camera or stream, which has no end) and its frames, decoded by PyAV."""
+
+    def __init__(self, source):
+        av = import_av()
+        self.source = source = str(source)
+        if not is_camera_or_stream(source) and not Path(source).is_file():
+            raise UserError(f"video not found: {source}")
+        if source.isdigit() and sys.platform not in CAMERAS:
+            raise UserError(f"camera {source}: on this system give the camera's name as FFmpeg "
+                            "knows it (Windows: video=NAME), or a stream URL")
+        try:
+            if source.isdigit():
+                input_format, device = CAMERAS[sys.platform]
+                self.container = av.open(device.format(source), format=input_format,
+                                         timeout=STREAM_TIMEOUT)
+            else:
+                self.container = av.open(source, timeout=STREAM_TIMEOUT)
+        except av.FFmpegError as e:
+            raise UserError(f"cannot open video {source}: {e.strerror}") from None
+        streams = self.container.streams.video
+        if not streams or streams[0].codec_context is None:
+            self.container.close()
+            raise UserError(f"cannot read video {source}: " + ("no video in it" if not streams
+                            else "no decoder for its codec in this FFmpeg"))
+        self.stream = streams[0]
+        self.live = self.container.duration is None
+        # a camera may not say its rate: 30 frames a second is what most record
+        self.rate = self.stream.average_rate or self.stream.guessed_rate or Fraction(30)
+        self.frames = None if self.live else self.stream.frames or round(
+            self.container.duration / 1e6 * self.rate)
+        if not self.live:  # FFmpeg decodes a file's frames on its own threads too
+            self.stream.thread_type = "AUTO"
+
+    def read(self, vid_stride=1):
+        """(frame index, seconds, PIL image) of every vid_stride-th frame; closes the video."""
+        av = import_av()
+        index = -1
+        try:
+            with self.container:
+                for index, frame in enumerate(self.container.decode(self.stream)):
+                    if index % vid_stride == 0:
+                        seconds = frame.time if frame.time is not None else index / self.rate
+                        yield index, float(seconds), frame.to_image()
+        except av.FFmpegError as e:
+            raise UserError(f"{self.source} stopped after frame {index}: {e.strerror}") from None
+
+
+def read_ahead(frames, live):
+    """Iterate `frames` on a thread, FRAMES_AHEAD ahead of the caller, so that decoding overlaps
+    the model. From a live camera or stream the oldest waiting frame is dropped when the model
+    falls behind, so that results stay live; from a file every frame is kept."""
+    waiting, stop, end = queue.Queue(FRAMES_AHEAD), threading.Event(), object()
+
+    def put(item):
+        while not stop.is_set():
+            try:
+                return waiting.put(item, timeout=0.1)
+            except queue.Full:
+                if live and item is not end:
+                    with contextlib.suppress(queue.Empty):
+                        waiting.get_nowait()
+
+    def read():
+        try:
+            for item in frames:
+                if stop.is_set():
+                    break
+                put(item)
+            put(end)
+        except Exception as e:  # the caller raises it
+            put(e)
+        finally:
+            frames.close()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        while (item := waiting.get()) is not end:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+class VideoWriter:
+    """Frames -> an H.264 .mp4 that ordinary players play; close() (also on Ctrl-C) finishes it."""
+
+    def __init__(self, path, width, height, rate):
+        av = import_av()
+        self.container = av.open(str(path), "w")
+        self.stream = self.container.add_stream("libx264", rate=rate,
+                                                options={"preset": "veryfast"})
+        # H.264's colour planes are half size: even sides (a frame is scaled to them)
+        self.stream.width, self.stream.height = width - width % 2, height - height % 2
+        self.stream.pix_fmt = "yuv420p"
+        self.av, self.written, self.rate = av, 0, Fraction(rate)
+
+    def write(self, image):
+        frame = self.av.VideoFrame.from_image(image)
+        frame.pts, frame.time_base = self.written, 1 / self.rate  # frame n at n / rate seconds
+        self.container.mux(self.stream.encode(frame))
+        self.written += 1
+
+    def close(self):
+        self.container.mux(self.stream.encode())  # the frames the encoder still holds
+        self.container.close()
+
+
+# -----------------------------------------------------------------------------
+# Large photos: tiles of the model's input size, at the photo's own scale
+
+DETECT_BATCH = 16  # images (or tiles) per forward pass in `detect`
+TILE_OVERLAP = 0.25  # of a tile's side: an object up to this wide lies whole in some tile
+TILE_EDGE = 2  # pixels: a box this close to a tile's inner edge is cut by it
+
+
+def tile_corners(width, height, side):
+    """Top-left corners of side x side tiles covering a width x height image, overlapping by
+    TILE_OVERLAP of a side; the last row and column end at the image's far edges."""
+    step = side - round(side * TILE_OVERLAP)
+
+    def starts(length):
+        last = max(length - side, 0)
+        return sorted({*range(0, last + 1, step), last})
+
+    return [(x, y) for y in starts(height) for x in starts(width)]
+
+
+def uncut_by_tile(boxes, x, y, side, width, height):
+    """boxes [N, 4] in a tile's pixels -> [N] bool: does the box keep clear of the tile's inner
+    edges (those inside the image)? One that touches one is cut, and found whole elsewhere."""
+    clear = torch.ones(len(boxes), dtype=torch.bool)
+    if x > 0:
+        clear &= boxes[:, 0] > TILE_EDGE
+    if y > 0:
+        clear &= boxes[:, 1] > TILE_EDGE
+    if x + side < width:
+        clear &= boxes[:, 2] < side - TILE_EDGE
+    if y + side < height:
+        clear &= boxes[:, 3] < side - TILE_EDGE
+    return clear
+
+
 class ScoredCells(nn.Module):
     """What `export` writes: GridDetector + score_cells, so an ONNX user gets boxes and class scores
     per cell, [B, h*w, 4] (x1, y1, x2, y2 relative to the image) and [B, h*w, K]; threshold + NMS
@@ -2377,6 +2552,8 @@ class Detector:
         detector = Detector.load("runs/train/exp/best.pt")
         for found in detector(["a.jpg", "b.jpg"]):  # paths, PIL images, arrays, or just one
             print(found["names"], found["boxes"], found["scores"])  # boxes: xyxy pixels
+        for found in detector.stream("clip.mp4"):  # or a camera (0), a stream URL, frames
+            print(found["frame"], found["names"], found["boxes"])
 
     `network` maps a batch [B, 3, img_size, img_size] in [0, 1] to score_cells' output: PyTorch
     (bf16 where the hardware has it, unless fp32=True) or onnxruntime (model.onnx, model_int8.onnx).
@@ -2406,25 +2583,75 @@ class Detector:
         return DETECT_CONF if self.stored_conf is None else self.stored_conf
 
     @torch.no_grad()
-    def __call__(self, images, conf=None, iou=NMS_IOU, max_det=MAX_DETECTIONS, classes=None):
+    def __call__(self, images, conf=None, iou=NMS_IOU, max_det=MAX_DETECTIONS, classes=None,
+                 tile=False):
         """Images -> per image {boxes [N, 4] xyxy pixels, scores [N], labels [N], names [N],
         objectness [h, w]: each cell's 1 - p(background), the grid behind the boxes}. conf: None
-        for self.conf; classes: the names or indices to keep (None: all)."""
+        for self.conf; classes: the names or indices to keep (None: all); tile: also look at
+        img_size tiles of an image larger than that, at its own scale (small objects)."""
         keep = None if classes is None else class_indices([str(c) for c in classes], self.classes)
+        conf = self.conf if conf is None else conf
         with self.threads():
             images = [as_image(i) for i in (images if isinstance(images, (list, tuple))
                                             else [images])]
-            batch = torch.stack([self.transform(image) for image in images])  # [B, 3, S, S]
-            boxes, scores = self.network(batch)                    # [B, h*w, 4], [B, h*w, K]
-            sizes = [(image.height, image.width) for image in images]
-            wanted = scores
-            if keep is not None:  # before NMS and max_det: a cell whose best class is another goes
-                best = scores.argmax(-1, keepdim=True)  # [B, h*w, 1]
-                wanted = scores * torch.isin(best, torch.tensor(keep, device=best.device))
-            found = select_detections(boxes, wanted, sizes, self.conf if conf is None else conf,
-                                      iou, max_det)
+            found = self.detect_resized(images, conf, iou, max_det, keep)
+            if tile:
+                found = [self.with_tiles(image, whole, conf, iou, max_det, keep)
+                         for image, whole in zip(images, found)]
+        return found
+
+    def detect_resized(self, images, conf, iou, max_det, keep):
+        """PIL images, each resized to img_size -> their detections (see __call__)."""
+        batch = torch.stack([self.transform(image) for image in images])  # [B, 3, S, S]
+        boxes, scores = self.network(batch)                    # [B, h*w, 4], [B, h*w, K]
+        sizes = [(image.height, image.width) for image in images]
+        wanted = scores
+        if keep is not None:  # before NMS and max_det: a cell whose best class is another goes
+            best = scores.argmax(-1, keepdim=True)  # [B, h*w, 1]
+            wanted = scores * torch.isin(best, torch.tensor(keep, device=best.device))
+        found = select_detections(boxes, wanted, sizes, conf, iou, max_det)
         return [{**f, "names": [self.classes[label] for label in f["labels"].tolist()],
                  "objectness": grid} for f, grid in zip(found, objectness_grid(scores.cpu()))]
+
+    def with_tiles(self, image, whole, conf, iou, max_det, keep):
+        """One image's detections (`whole`, from the resized image) joined by those in its
+        img_size tiles: a tile's box cut by the tile's inner edge is dropped (whole in a
+        neighbour if it is at most TILE_OVERLAP of a tile wide; larger ones come from the
+        resized image), then per-class NMS over all of them."""
+        side = self.img_size
+        if image.width <= side and image.height <= side:
+            return whole
+        corners = tile_corners(image.width, image.height, side)
+        parts = [whole]
+        for start in range(0, len(corners), DETECT_BATCH):
+            chunk = corners[start:start + DETECT_BATCH]
+            tiles = [image.crop((x, y, x + side, y + side)) for x, y in chunk]  # black past edges
+            for (x, y), found in zip(chunk, self.detect_resized(tiles, conf, iou, max_det, keep)):
+                clear = uncut_by_tile(found["boxes"], x, y, side, image.width, image.height)
+                shifted = found["boxes"][clear] + torch.tensor([x, y, x, y])
+                parts.append({"boxes": clip_boxes_to_image(shifted, (image.height, image.width)),
+                              "scores": found["scores"][clear], "labels": found["labels"][clear]})
+        boxes, scores, labels = (torch.cat([p[k] for p in parts]) for k in
+                                 ("boxes", "scores", "labels"))
+        kept = batched_nms(boxes, scores, labels, iou)[:max_det]
+        return {**whole, "boxes": boxes[kept], "scores": scores[kept], "labels": labels[kept],
+                "names": [self.classes[label] for label in labels[kept].tolist()]}
+
+    def stream(self, source, vid_stride=1, **options):
+        """A video file, camera index (0), stream URL (rtsp://, http://) or any iterable of images
+        -> one result per frame, as it comes: the call's result (options: its conf, iou,
+        max_det, classes, tile) with the frame's index, its time in seconds (None for your own
+        images) and the image. Frames are decoded on a thread, ahead of the model."""
+        if isinstance(source, (str, Path, int)):
+            source = Video(source)
+        if isinstance(source, Video):
+            frames, live = source.read(vid_stride), source.live
+        else:
+            frames = ((i, None, image) for i, image in enumerate(source) if i % vid_stride == 0)
+            live = False
+        for index, seconds, image in read_ahead(frames, live):
+            found, = self(image, **options)
+            yield {**found, "frame": index, "time": seconds, "image": image}
 
     def evaluate(self, data, batch):
         """A DetectionDataset (resized to img_size) -> COCO mAP with the F1-best confidence
@@ -2757,30 +2984,52 @@ def data_command(
                       "8 and a larger --img-size", soft_wrap=True)
 
 
+def source_files(source, skipped):
+    """One of detect's sources -> the images and videos it names (paths; a camera index or a URL
+    as given), counting the files of a folder or glob that are neither in `skipped`."""
+    if is_camera_or_stream(source):
+        return [source]
+    path = Path(source)
+    if path.is_file() and path.suffix.lower() == ".txt":
+        # a list, a source per line (relative to the list's folder), as Ultralytics reads one
+        lines = [line.strip() for line in path.read_text().splitlines()]
+        return [file for line in lines if line and not line.startswith("#")
+                for file in source_files(line if is_camera_or_stream(line)
+                                         else str(path.parent / line), skipped)]
+    if path.is_file():  # named by the user: a video by its suffix, else an image
+        return [path]
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir() if p.is_file())
+    elif any(c in source for c in "*?["):
+        found = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file())
+    else:
+        raise UserError(f"image, video or folder not found: {source}")
+    media = [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES]
+    skipped.append(len(found) - len(media))
+    return media
+
+
+def is_video(source):
+    return not isinstance(source, Path) or source.suffix.lower() in VIDEO_SUFFIXES
+
+
 def detect_inputs(sources):
-    """Images, folders or globs -> [(name, path)] and how many files were skipped as not images;
-    no source: a few built-in synthetic test images, as [(name, PIL image)]."""
+    """Images, videos, cameras, streams, folders, globs and .txt lists -> [(name, source)] and how
+    many files were skipped as neither image nor video; no source: a few built-in synthetic test
+    images, as [(name, PIL image)]."""
     if not sources:
         ds = synthetic_split("test")
         return [(f"synthetic_test_{i}.jpg", ds[i]["image"]) for i in range(4)], 0
-    files, skipped = [], 0
-    for source in sources:
-        path = Path(source)
-        if path.is_file():
-            # named by the user: an image whatever its suffix, or a one-line error
-            files.append(path)
-            continue
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file())
-        elif any(c in source for c in "*?["):
-            found = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file())
-        else:
-            raise UserError(f"image or folder not found: {source}")
-        images = [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES]
-        files, skipped = files + images, skipped + len(found) - len(images)
+    skipped = []
+    files = [file for source in sources for file in source_files(source, skipped)]
     if not files:
-        raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {' '.join(sources)}")
-    return list(zip(output_names(files), files)), skipped
+        raise UserError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) or videos "
+                        f"({', '.join(sorted(VIDEO_SUFFIXES))}) in {' '.join(sources)}")
+    # a camera is named camera<N>, a stream after the last part of its URL
+    paths = [file if isinstance(file, Path) else Path(f"camera{file}.mp4") if file.isdigit()
+             else Path(Path(urlparse(file).path).stem or "stream").with_suffix(".mp4")
+             for file in files]
+    return list(zip(output_names(paths), files)), sum(skipped)
 
 
 def output_names(paths):
@@ -2844,8 +3093,6 @@ def class_indices(wanted, classes):
     return indices
 
 
-DETECT_BATCH = 16  # images per forward pass in `detect`
-
 
 def read_inputs(inputs, ids, unreadable):
     """A batch of detect's inputs -> [(file name, source, PIL image, image id)]; an image PIL
@@ -2875,9 +3122,55 @@ def write_prelabels(run_dir, classes, images, annotations, save_txt, json_output
         (run_dir / "annotations.json").write_text(json.dumps(coco))
 
 
+def detect_video(detector, file_name, source, run_dir, vid_stride, options):
+    """Detections on every vid_stride-th frame of a video, camera or stream, written as they come:
+    <name>.mp4 with the boxes drawn (at the source's frame rate / vid_stride, so it lasts as long)
+    and <name>.jsonl, a line per frame. Ctrl-C or a source that stops ends it, both kept whole.
+    -> (frames, objects, how it ended if not at the source's end)."""
+    video = Video(source)
+    stem = Path(file_name).stem
+    total = video.frames and -(-video.frames // vid_stride)
+    columns = [TextColumn(f"{file_name}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[fps]:.1f} frames/s"), TimeElapsedColumn()]
+    writer, frames, objects, stopped, last = None, 0, 0, None, -1
+    started = time.perf_counter()
+    with (run_dir / f"{stem}.jsonl").open("w") as lines, Progress(*columns, console=console,
+                                                                   transient=True) as progress:
+        task = progress.add_task("", total=total, fps=0.0)
+        try:
+            for found in detector.stream(video, vid_stride, **options):
+                image = found["image"]
+                if writer is None:
+                    writer = VideoWriter(run_dir / f"{stem}.mp4", image.width, image.height,
+                                         video.rate / vid_stride)
+                writer.write(draw_detections(image, found, detector.classes))
+                boxes = [{"class": name, "score": round(score, 4),
+                          "box": [round(v, 1) for v in box]}
+                         for name, score, box in zip(found["names"], found["scores"].tolist(),
+                                                     found["boxes"].tolist())]
+                lines.write(json.dumps({"frame": found["frame"], "time": round(found["time"], 3),
+                                        "boxes": boxes}) + "\n")
+                frames, objects, last = frames + 1, objects + len(boxes), found["frame"]
+                progress.update(task, advance=1,
+                                fps=frames / (time.perf_counter() - started))
+        except KeyboardInterrupt:
+            stopped = "stopped by Ctrl-C"
+        except UserError as e:  # a stream that stops, a frame that cannot be decoded
+            stopped = str(e)
+        finally:
+            if writer is not None:
+                writer.close()
+    if not stopped and video.frames and last + 1 < video.frames - vid_stride:
+        stopped = (f"only {last + 1} of the {video.frames} frames its header counts could be read: "
+                   "the file is cut short or damaged")
+    return frames, objects, stopped
+
+
 @app.command()
 def detect(
-    sources: list[str] = typer.Argument(None, help="images, folders or globs; none: built-in ones"),
+    sources: list[str] = typer.Argument(None, help="images, videos, folders, globs, a camera (0), "
+                                        "a stream URL or a .txt list of these; none: built-in "
+                                        "images"),
     weights: str = typer.Option(None, help="a best.pt or model.onnx; default: the newest best.pt"),
     conf: float = typer.Option(None, help="minimum score; default: the model's own (the best F1 "
                                f"on its validation split), else {DETECT_CONF}"),
@@ -2885,6 +3178,9 @@ def detect(
     max_det: int = typer.Option(MAX_DETECTIONS, help="at most this many boxes per image"),
     classes: list[str] = typer.Option(None, "--classes", help="keep only these classes: names or "
                                       "indices (--classes cat --classes 2, or cat,2)"),
+    tile: bool = typer.Option(False, "--tile", help="large photos: also detect in overlapping "
+                              "tiles of the model's input size, for small objects"),
+    vid_stride: int = typer.Option(1, "--vid-stride", min=1, help="videos: every Nth frame"),
     json_output: bool = typer.Option(False, "--json", help="write annotations.json: COCO "
                                      "pre-labels, with images/"),
     save_txt: bool = typer.Option(False, "--save-txt", help="write a YOLO dataset of pre-labels: "
@@ -2896,11 +3192,16 @@ def detect(
     device: Device = Config.device,
     name: Name = "exp",
 ):
-    """Detect objects; prints a table and writes annotated images to runs/detect/<name>/."""
+    """Detect objects in images and videos; prints a table, writes annotated images and videos (a
+    .jsonl of detections beside each video) to runs/detect/<name>/."""
     with user_errors():
         detector = Detector.load(weights or newest_weights(), device, fp32)
         keep = class_indices(classes, detector.classes) if classes else None
         inputs, skipped = detect_inputs(sources)
+        videos = [(file_name, source) for file_name, source in inputs if is_video(source)]
+        inputs = [(file_name, source) for file_name, source in inputs if not is_video(source)]
+        if videos:
+            import_av()  # before anything is written
         run_dir = new_run_dir("detect", name)
         save_txt = save_txt or save_conf
         prelabels = save_txt or json_output
@@ -2920,7 +3221,7 @@ def detect(
             if not batch:
                 continue
             names, sources_, images, image_ids = zip(*batch)
-            found_all = detector(list(images), conf, iou, max_det, keep)
+            found_all = detector(list(images), conf, iou, max_det, keep, tile)
             for file_name, source, image, image_id, found in zip(names, sources_, images,
                                                                 image_ids, found_all):
                 stem = Path(file_name).stem
@@ -2943,15 +3244,34 @@ def detect(
                 if save_txt:
                     labels = yolo_labels(found, image.width, image.height, save_conf)
                     (run_dir / "labels" / f"{stem}.txt").write_text(labels)
-        console.print(table)
-        write_prelabels(run_dir, detector.classes, images_json, annotations, save_txt, json_output)
-        if len(unreadable) == len(inputs):
-            more = f" (and {len(inputs) - 1} more unreadable)" if len(inputs) > 1 else ""
+        if inputs:
+            console.print(table)
+            write_prelabels(run_dir, detector.classes, images_json, annotations, save_txt,
+                            json_output)
+        options = {"conf": conf, "iou": iou, "max_det": max_det, "classes": keep, "tile": tile}
+        for file_name, source in videos:
+            try:
+                frames, objects, stopped = detect_video(detector, file_name, source, run_dir,
+                                                        vid_stride, options)
+            except UserError as e:  # cannot be opened: the next source
+                unreadable.append(str(e))
+                continue
+            stem = Path(file_name).stem
+            written = f"{run_dir / stem}.mp4, {stem}.jsonl" if frames else f"{run_dir}"
+            console.print(f"{source}: {objects} objects in {frames} frames -> {written}"
+                          + (f" ({stopped})" if stopped else ""), soft_wrap=True)
+            if stopped == "stopped by Ctrl-C":
+                break
+        if unreadable and len(unreadable) == len(inputs) + len(videos):
+            more = f" (and {len(unreadable) - 1} more unreadable)" if len(unreadable) > 1 else ""
             raise UserError(unreadable[0] + more)
-        console.print(f"{len(annotations)} objects in {len(images_json)} images -> {run_dir}"
-                      + (f" ({skipped} non-image files skipped)" if skipped else "")
-                      + (f" (skipped {len(unreadable)} unreadable: "
-                         f"{'; '.join(unreadable[:3])})" if unreadable else ""))
+        notes = [f"{skipped} files neither image nor video skipped"] * bool(skipped) + [
+            f"skipped {len(unreadable)} unreadable: {'; '.join(unreadable[:3])}"] * bool(unreadable)
+        if inputs:
+            console.print(f"{len(annotations)} objects in {len(images_json)} images -> {run_dir}"
+                          + "".join(f" ({note})" for note in notes))
+        elif notes:
+            console.print("; ".join(notes), soft_wrap=True)
 
 
 @app.command()

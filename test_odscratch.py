@@ -1668,7 +1668,7 @@ def test_detect_pre_labels_read_back_as_datasets_that_pycocotools_and_labelling_
     args = ["detect", str(images), "--conf", "0.1", "--json", "--save-conf", "--name", "pre"]
     result = runner.invoke(ods.app, args)
     assert result.exit_code == 0, result.output
-    assert "12 images" in result.output and "1 non-image files skipped" in result.output
+    assert "12 images" in result.output and "1 files neither image nor video skipped" in result.output
     out = folder / "runs" / "detect" / "pre"
     detector = ods.Detector.load(folder / "runs" / "train" / "exp" / "best.pt", "cpu")
     expected = {f"{i + 1:06d}.png": found for i, found in enumerate(detector(sorted(images.glob("*.png")), conf=0.1))}
@@ -1803,6 +1803,197 @@ def test_detect_reads_a_photo_stored_sideways_as_its_upright_copy(trained, tmp_p
         assert PIL.Image.open(folder / "runs" / "detect" / f"sideways_{orientation}" / sideways.with_suffix(".jpg").name).size == (320, 240)
 
 
+
+# --- video: files, streams, lists; Detector.stream; large photos in tiles ------------------------
+
+def write_clip(path, frames, rate=12):
+    """A video as cameras and phones record them (H.264), written by PyAV: a built-in test image
+    sliding 4 pixels a frame, so that its shapes move."""
+    av = pytest.importorskip("av", reason="the video extra is not installed")
+    scene = np.asarray(ods.load_split("synthetic", "test")[0]["image"])[:240]  # [240, 320, 3]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.roll(scene, 4 * i, axis=1), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return path
+
+
+def read_clip(path):
+    """A video's frames as PIL images, and its frame rate, as PyAV decodes them."""
+    import av
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return [frame.to_image() for frame in container.decode(stream)], stream.base_rate
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    return write_clip(tmp_path_factory.mktemp("video") / "clip.mp4", frames=24)
+
+
+def json_lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("stride", [1, 5])
+def test_detect_on_a_video_writes_a_playable_video_and_the_detectors_boxes_per_frame(stride, trained, clip, monkeypatch):
+    folder, _ = trained
+    monkeypatch.chdir(folder)
+    detector = ods.Detector.load(folder / "runs" / "train" / "exp" / "best.pt", "cpu")
+    result = runner.invoke(ods.app, ["detect", str(clip), "--vid-stride", str(stride), "--name", f"video{stride}"])
+    assert result.exit_code == 0, result.output
+    out = folder / "runs" / "detect" / f"video{stride}"
+    assert f"in {len(range(0, 24, stride))} frames" in result.output
+    written, rate = read_clip(out / "clip.mp4")  # it plays: PyAV (FFmpeg) decodes every frame
+    frames, source_rate = read_clip(clip)
+    assert len(written) == len(range(0, 24, stride)) and rate == source_rate / stride  # as long as the source
+    assert written[0].size == (320, 240)
+    lines = json_lines(out / "clip.jsonl")
+    assert [line["frame"] for line in lines] == list(range(0, 24, stride))
+    assert [line["time"] for line in lines] == [round(i / 12, 3) for i in range(0, 24, stride)]
+    for line in lines:
+        want = detector(frames[line["frame"]])[0]
+        assert len(want["boxes"]) and [box["class"] for box in line["boxes"]] == want["names"]
+        assert np.allclose([box["box"] for box in line["boxes"]], want["boxes"].numpy(), atol=0.05)
+        assert np.allclose([box["score"] for box in line["boxes"]], want["scores"].numpy(), atol=1e-4)
+
+
+def test_detect_reads_a_list_of_images_and_videos_and_a_stream_url(trained, clip, tmp_path, monkeypatch):
+    import functools
+    import http.server
+    import threading
+    folder, _ = trained
+    monkeypatch.chdir(folder)
+    ods.load_split("synthetic", "test")[1]["image"].save(tmp_path / "photo.jpg")
+    (tmp_path / "list.txt").write_text(f"photo.jpg\n\n# a comment\n{clip}\n")  # relative to the list's folder
+    result = runner.invoke(ods.app, ["detect", str(tmp_path / "list.txt"), "--name", "list"])
+    assert result.exit_code == 0, result.output
+    out = folder / "runs" / "detect" / "list"
+    assert (out / "photo.jpg").is_file() and len(json_lines(out / "clip.jsonl")) == 24
+    # a stream from a server, as a camera on the network sends it
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(clip.parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/clip.mp4"
+        result = runner.invoke(ods.app, ["detect", url, "--name", "url"])
+    finally:
+        server.shutdown()
+    assert result.exit_code == 0, result.output
+    assert json_lines(folder / "runs" / "detect" / "url" / "clip.jsonl") == json_lines(out / "clip.jsonl")
+
+
+def test_videos_that_cannot_be_read_are_one_line_errors(trained, clip, tmp_path, monkeypatch):
+    folder, _ = trained
+    monkeypatch.chdir(folder)
+    (tmp_path / "notes.mp4").write_text("not a video, whatever its name says")
+    one_line_error(runner.invoke(ods.app, ["detect", str(tmp_path / "notes.mp4")]), "cannot open video", "notes.mp4")
+    one_line_error(runner.invoke(ods.app, ["detect", str(tmp_path / "gone.mp4")]), "image, video or folder not found")
+    # a video cut short (a copy stopped mid-way, a camera unplugged): what was read is kept, and said
+    cut = tmp_path / "cut.mkv"
+    write_clip(tmp_path / "whole.mkv", frames=96)
+    cut.write_bytes((tmp_path / "whole.mkv").read_bytes()[:(tmp_path / "whole.mkv").stat().st_size * 6 // 10])
+    result = runner.invoke(ods.app, ["detect", str(cut), "--name", "cut"])
+    assert result.exit_code == 0, result.output
+    lines = json_lines(folder / "runs" / "detect" / "cut" / "cut.jsonl")
+    assert 0 < len(lines) < 96 and f"only {len(lines)} of the 96 frames" in result.output
+    assert len(read_clip(folder / "runs" / "detect" / "cut" / "cut.mp4")[0]) == len(lines)
+    # without the video extra: one line naming it, before anything is written
+    code = "import sys; sys.modules['av'] = None; import odscratch; odscratch.app()"
+    run = subprocess.run([sys.executable, "-c", code, "detect", str(clip), "--name", "no_extra"],
+                         cwd=folder, capture_output=True, text=True)
+    assert run.returncode == 1 and "Traceback" not in run.stdout + run.stderr, run.stdout + run.stderr
+    assert run.stdout.strip().splitlines()[-1] == ("error: videos, cameras and streams need the video extra: "
+                                                   "pip install 'odscratch[video]'")
+    assert not (folder / "runs" / "detect" / "no_extra").exists()
+
+
+def test_ctrl_c_on_a_video_keeps_what_was_written_playable(trained, tmp_path):
+    folder, _ = trained
+    long_clip = write_clip(tmp_path / "long.mp4", frames=600)
+    process = subprocess.Popen([sys.executable, "-m", "odscratch", "detect", str(long_clip), "--name", "ctrl_c"],
+                               cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = folder / "runs" / "detect" / "ctrl_c" / "long.jsonl"
+    while not (lines.is_file() and len(lines.read_text().splitlines()) >= 3):  # 3 frames done
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=0.05)  # (and still running)
+        assert process.returncode is None, process.communicate()[0]
+    process.send_signal(signal.SIGINT)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 0 and "(stopped by Ctrl-C)" in output and "Traceback" not in output, output
+    done = len(json_lines(lines))
+    assert 3 <= done < 600 and len(read_clip(lines.with_suffix(".mp4"))[0]) == done
+
+
+def test_detector_stream_yields_each_frame_as_it_comes(trained, clip):
+    folder, _ = trained
+    detector = ods.Detector.load(folder / "runs" / "train" / "exp" / "best.pt", "cpu")
+    frames, _ = read_clip(clip)
+    read = []
+
+    def camera():  # frames from your own code: numpy arrays, as a capture loop hands them over
+        for frame in frames:
+            read.append(frame)
+            yield np.asarray(frame)
+
+    results = detector.stream(camera())
+    first = next(results)
+    assert len(read) < len(frames)  # the first result comes before the last frame is read
+    streamed = [first, *results]
+    from_file = list(detector.stream(clip, conf=0.3))
+    assert [r["frame"] for r in streamed] == [r["frame"] for r in from_file] == list(range(24))
+    assert from_file[5]["time"] == pytest.approx(5 / 12) and streamed[5]["time"] is None
+    for frame, mine, filed in zip(frames, streamed, from_file):
+        want, low = detector(frame)[0], detector(frame, conf=0.3)[0]
+        assert torch.equal(mine["boxes"], want["boxes"]) and mine["names"] == want["names"]
+        assert torch.equal(filed["boxes"], low["boxes"]) and filed["image"].size == (320, 240)
+
+
+def large_photo(rng, side, count, sizes):
+    """A photo side x side pixels with `count` built-in shapes of `sizes` pixels (at the scale the
+    model was trained at), one per cell of a grid so that none hides another -> image, boxes, labels."""
+    import PIL.ImageDraw
+    image = ods.synthetic_background(rng).resize((side, side))
+    draw, boxes, labels = PIL.ImageDraw.Draw(image), [], []
+    cells = int(np.ceil(np.sqrt(count)))
+    cell = side // cells
+    for i in rng.permutation(cells * cells)[:count]:
+        w, h = rng.uniform(*sizes, 2)
+        x0, y0 = (i % cells) * cell + rng.uniform(0, cell - w), (i // cells) * cell + rng.uniform(0, cell - h)
+        box, label = [x0, y0, x0 + w, y0 + h], int(rng.integers(3))
+        colour = tuple(rng.integers(0, 256, 3).tolist())
+        if label == 2:
+            draw.polygon([((x0 + box[2]) / 2, y0), tuple(box[2:]), (x0, box[3])], fill=colour)
+        else:
+            getattr(draw, ods.SYNTHETIC_CLASSES[label])(box, fill=colour)
+        boxes.append(box)
+        labels.append(label)
+    return image, torch.tensor(boxes), torch.tensor(labels)
+
+
+def test_tiles_find_the_small_objects_of_a_large_photo_that_one_pass_misses(trained, tmp_path, monkeypatch):
+    folder, _ = trained
+    detector = ods.Detector.load(folder / "runs" / "train" / "exp" / "best.pt", "cpu")
+    photo, boxes, labels = large_photo(np.random.default_rng(0), 768, 16, (30, 50))  # the model's 128 px scale
+
+    def hits(found):  # objects found: a box of their class at IoU 0.5
+        iou = box_iou(boxes, found["boxes"]) * (labels[:, None] == found["labels"][None])
+        return int((iou >= 0.5).any(1).sum()) if len(found["boxes"]) else 0
+
+    whole, tiled = detector(photo)[0], detector(photo, tile=True)[0]
+    assert hits(whole) <= 2 and hits(tiled) >= 10, (hits(whole), hits(tiled))
+    assert len(tiled["boxes"]) <= 2 * len(boxes)  # a shape seen by several tiles is kept once
+    photo.save(tmp_path / "large.jpg")
+    monkeypatch.chdir(folder)
+    result = runner.invoke(ods.app, ["detect", str(tmp_path / "large.jpg"), "--tile", "--json", "--name", "tiles"])
+    assert result.exit_code == 0, result.output
+    coco = json.loads((folder / "runs" / "detect" / "tiles" / "annotations.json").read_text())
+    assert len(coco["annotations"]) == len(detector(tmp_path / "large.jpg", tile=True)[0]["boxes"])
+
+
 def test_unknown_device_is_one_line_error(trained, monkeypatch):
     folder, _ = trained
     monkeypatch.chdir(folder)
@@ -1816,7 +2007,7 @@ def test_missing_image_is_one_line_error(trained, monkeypatch):
     monkeypatch.chdir(folder)
     result = runner.invoke(ods.app, ["detect", "no/such/image.jpg"])
     assert result.exit_code == 1
-    assert result.output.strip() == "error: image or folder not found: no/such/image.jpg"
+    assert result.output.strip() == "error: image, video or folder not found: no/such/image.jpg"
 
 
 def test_decompression_bomb_in_detect_is_refused_and_named(trained, tmp_path, monkeypatch):
