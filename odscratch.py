@@ -3010,7 +3010,11 @@ def source_files(source, skipped):
 
 
 def is_video(source):
-    return not isinstance(source, Path) or source.suffix.lower() in VIDEO_SUFFIXES
+    """A video file, camera index or stream URL (a str); an image path or a built-in PIL image
+    is not."""
+    if isinstance(source, Path):
+        return source.suffix.lower() in VIDEO_SUFFIXES
+    return isinstance(source, str)
 
 
 def detect_inputs(sources):
@@ -3269,7 +3273,7 @@ def detect(
             f"skipped {len(unreadable)} unreadable: {'; '.join(unreadable[:3])}"] * bool(unreadable)
         if inputs:
             console.print(f"{len(annotations)} objects in {len(images_json)} images -> {run_dir}"
-                          + "".join(f" ({note})" for note in notes))
+                          + "".join(f" ({note})" for note in notes), soft_wrap=True)
         elif notes:
             console.print("; ".join(notes), soft_wrap=True)
 
