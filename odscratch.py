@@ -2170,7 +2170,8 @@ def draw_ltd_samples(model, data, batch, bf16, path):
 # -----------------------------------------------------------------------------
 # Shipping: a trained model as a Python object (`Detector`, which `detect` uses too), as an ONNX
 # file (`export`) that onnxruntime or another runtime can run, in float32 or int8 (`export --int8`),
-# and how fast and how accurate each one is (`bench`).
+# and how fast and how accurate each one is (`bench`). First what it reads: checkpoints and images
+# here, then videos, cameras and streams, then photos larger than the model's input.
 
 
 def fold_batchnorm(model):
@@ -2414,6 +2415,10 @@ def uncut_by_tile(boxes, x, y, side, width, height):
     return clear
 
 
+# -----------------------------------------------------------------------------
+# ONNX and int8: the model as one file other runtimes run, then `Detector`, which runs a best.pt or
+# that file on images, frames, videos and tiles, and `bench`, which times each runtime.
+
 class ScoredCells(nn.Module):
     """What `export` writes: GridDetector + score_cells, so an ONNX user gets boxes and class scores
     per cell, [B, h*w, 4] (x1, y1, x2, y2 relative to the image) and [B, h*w, K]; threshold + NMS
@@ -2506,6 +2511,9 @@ def onnx_network(path):
         raise UserError(f"model file not found: {path}")
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
+    # its threads sleep between calls instead of spinning: on few cores a video's decoding thread
+    # needs those cycles (measured on 2 cores: video end to end 127 -> 145 frames/s)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         session = onnxruntime.InferenceSession(str(path), options,
                                                providers=["CPUExecutionProvider"])

@@ -1418,9 +1418,9 @@ def test_fold_batchnorm_keeps_the_outputs():
             assert torch.allclose(a, b, atol=1e-4)
 
 
-def readme_python_example():
+def readme_python_example(n=1):
     readme = (Path(__file__).resolve().parent / "README.md").read_text()
-    return readme.split("```python\n")[1].split("```")[0]
+    return readme.split("```python\n")[n].split("```")[0]
 
 
 def test_readme_python_example_runs(trained, monkeypatch, capsys):
@@ -1950,6 +1950,17 @@ def test_detector_stream_yields_each_frame_as_it_comes(trained, clip):
         want, low = detector(frame)[0], detector(frame, conf=0.3)[0]
         assert torch.equal(mine["boxes"], want["boxes"]) and mine["names"] == want["names"]
         assert torch.equal(filed["boxes"], low["boxes"]) and filed["image"].size == (320, 240)
+
+
+def test_readme_video_example_runs_on_a_video(trained, clip, monkeypatch, capsys):
+    folder, _ = trained
+    monkeypatch.chdir(folder)
+    Path("clip.mp4").write_bytes(clip.read_bytes())
+    exec(readme_python_example(2), {"Detector": ods.Detector})
+    printed = capsys.readouterr().out.splitlines()
+    assert [int(line.split()[0]) for line in printed] == list(range(24)), printed
+    assert [float(line.split()[1]) for line in printed] == pytest.approx([i / 12 for i in range(24)])
+    assert sum(any(name in line for name in ods.SYNTHETIC_CLASSES) for line in printed) == 24
 
 
 def large_photo(rng, side, count, sizes):

@@ -11,9 +11,10 @@ Every library picks its kernels by what the CPU says it has. This holds each one
 kernels: PyTorch (ATen, oneDNN, MKL), NumPy and glibc by their own switches, and onnxruntime, which
 has none, by a copy of its library in which the two jumps into its AVX-VNNI and AVX-512 kernels are
 never taken (onnxruntime 1.32.0 for x86-64 Linux; any other build is refused rather than guessed
-at); PyTorch is told the CPU has no bf16, so odscratch trains and runs in float32 as there. The
-script can be a file, a command such as `"$(which odscratch)" train`, or pytest (`as_avx2_cpu.py
-pytest`); child processes are held too. Then it checks: Linux says, per thread, when AVX-512
+at); FFmpeg in the wheels that bundle it (PyAV, OpenCV) by its own switch, but not x264, its H.264
+encoder, which has none; PyTorch is told the CPU has no bf16, so odscratch trains and runs in
+float32 as there. The script can be a file, a command such as `"$(which odscratch)" train`, or
+pytest (`as_avx2_cpu.py pytest`); child processes are held too. Then it checks: Linux says, per thread, when AVX-512
 registers were last in use (/proc/<pid>/task/<tid>/arch_status), and the run fails if any thread of
 the benchmark's process used them after it started (child processes are held by the same switches
 but not watched). What it cannot change is the core, its caches and memory: an older AVX2 CPU is
@@ -71,9 +72,18 @@ def onnxruntime_held_to_avx2(folder, vnni):
 
 
 # Python runs sitecustomize at start from PYTHONPATH: it tells PyTorch, once imported, that this CPU
-# has no bf16 (odscratch's use_bf16 asks it), in the benchmark's process and every child process.
+# has no bf16 (odscratch's use_bf16 asks it), in the benchmark's process and every child process;
+# and every copy of FFmpeg that a wheel bundles (PyAV's, OpenCV's) that the CPU has no AVX-512
+# (av_force_cpu_flags, before the wheel loads the library: it then finds it loaded). x264, the
+# H.264 encoder, has no such switch: a benchmark held by this script cannot write H.264.
 NO_BF16 = """
-import importlib.abc, importlib.machinery, sys
+import ctypes, glob, importlib.abc, importlib.machinery, site, sys
+
+AV_CPU_FLAG_AVX512 = 0x100000 | 0x200000  # AVX-512 and AVX-512 ICL
+for libavutil in sorted({path for folder in site.getsitepackages()
+                         for path in glob.glob(folder + "/*.libs/libavutil-*.so*")}):
+    ffmpeg = ctypes.CDLL(libavutil)
+    ffmpeg.av_force_cpu_flags(ffmpeg.av_get_cpu_flags() & ~AV_CPU_FLAG_AVX512)
 
 class NoBf16(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
@@ -139,7 +149,7 @@ def main():
         if vnni:
             env["ONEDNN_MAX_CPU_ISA"] = "AVX2_VNNI"
         print(f"held to AVX2{' + AVX-VNNI' if vnni else ' (no VNNI)'}: no AVX-512, no bf16 "
-              "(PyTorch, oneDNN, MKL, NumPy, glibc, onnxruntime)", flush=True)
+              "(PyTorch, oneDNN, MKL, NumPy, glibc, onnxruntime, FFmpeg)", flush=True)
         command = [sys.executable, __file__, *sys.argv[1 + vnni:]]
         sys.exit(subprocess.run(command, env=env, check=False).returncode)
 
