@@ -125,13 +125,9 @@ def synthetic_example(rng):
 
 
 def detection_features(class_names):
-    return datasets.Features({
-        "image": datasets.Image(),
-        "objects": {
-            "bbox": datasets.List(datasets.List(datasets.Value("float32"), length=4)),
-            "category": datasets.List(datasets.ClassLabel(names=class_names)),
-        },
-    })
+    objects = {"bbox": datasets.List(datasets.List(datasets.Value("float32"), length=4)),
+               "category": datasets.List(datasets.ClassLabel(names=class_names))}
+    return datasets.Features({"image": datasets.Image(), "objects": objects})
 
 
 def synthetic_rows(split, recipe):
@@ -417,22 +413,40 @@ def select_detections(boxes, scores, sizes, conf, iou, max_det=MAX_DETECTIONS):
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 RECALL_POINTS = np.linspace(0, 1, 101)
 CONFIDENCES = np.linspace(0, 1, 101)  # thresholds a user may detect with: what each one trades
+MATCH_CHUNK = 500  # images matched at once: memory for [images, detections, ground truths]
 
 
-def match_detections(pred_boxes, true_boxes):
-    """Detections [D, 4] (sorted by score) vs ground truth [G, 4] of one image and class ->
-    [T, D] bool: was detection d a true positive at IoU threshold t?"""
-    ious = box_iou(pred_boxes, true_boxes).numpy()  # [D, G]
-    hit = np.zeros((len(IOU_THRESHOLDS), len(pred_boxes)), bool)
-    for t, threshold in enumerate(IOU_THRESHOLDS):
-        taken = np.zeros(len(true_boxes), bool)
-        for d in range(len(pred_boxes)):
-            free = np.flatnonzero(~taken & (ious[d] >= min(threshold, 1 - 1e-10)))
-            if len(free):
-                # COCO keeps the last of equals
-                best = free[ious[d, free] == ious[d, free].max()][-1]
-                taken[best] = hit[t, d] = True
-    return hit
+def match_detections(predictions, targets):
+    """-> hits [T, N, D]: was image n's d-th detection by score a hit at IoU threshold t? Each in
+    turn takes the free ground truth of its class it overlaps most (COCO's greedy rule), for all
+    images and thresholds at once. Also the labels and scores in that order [N, D] (-1: padding)."""
+    ranked = []  # each image's detections by score, at most MAX_DETECTIONS per class (as COCO)
+    for pred in predictions:
+        order = torch.sort(pred["scores"], descending=True, stable=True).indices
+        labels = pred["labels"][order]
+        ranked.append(order[(labels[:, None] == labels[None]).tril().sum(1) <= MAX_DETECTIONS])
+    most = max(map(len, ranked))
+    labels, scores = (torch.stack([F.pad(p[key][o], (0, most - len(o)), value=-1) for p, o in
+                                   zip(predictions, ranked)]) for key in ("labels", "scores"))
+    thresholds = torch.tensor(np.minimum(IOU_THRESHOLDS, 1 - 1e-10))[:, None, None]  # [T, 1, 1]
+    hits = torch.zeros(len(IOU_THRESHOLDS), len(ranked), most, dtype=torch.bool)
+    for start in range(0, len(ranked), MATCH_CHUNK):  # MATCH_CHUNK images at a time
+        part = slice(start, start + MATCH_CHUNK)
+        # IoU with each ground truth of the same image and class, zero-padded: [n, D, G]
+        most_true = max(len(t["labels"]) for t in targets[part]) + 1
+        ious = torch.zeros(len(ranked[part]), most, most_true, dtype=torch.float64)
+        for i, (true, order) in enumerate(zip(targets[part], ranked[part])):
+            iou = box_iou(predictions[start + i]["boxes"][order].double(), true["boxes"].double())
+            same_class = labels[start + i, :len(order), None] == true["labels"][None]
+            ious[i, :len(order), :len(true["labels"])] = iou * same_class
+        taken = torch.zeros(len(IOU_THRESHOLDS), len(ious), most_true, dtype=torch.bool)
+        for d in range(most):
+            free = (ious[:, d] >= thresholds) & ~taken  # [T, n, G]
+            # the best free one; COCO keeps the last of equals (argmax finds the first: flip)
+            best = most_true - 1 - torch.where(free, ious[:, d], -1.0).flip(-1).argmax(-1)
+            hits[:, part, d] = found = free.any(-1)  # [T, n]
+            taken |= F.one_hot(best, most_true).bool() & found[..., None]
+    return hits, labels, scores
 
 
 def precision_curve(hits, num_true):
@@ -449,26 +463,16 @@ def precision_curve(hits, num_true):
 
 def evaluate(predictions, targets, num_classes):
     """COCO-style mAP. predictions / targets: one dict per image, `boxes` [N, 4] xyxy pixels,
-    `labels` [N] (and `scores` [N] in predictions). Classes with no ground truth are left out of
-    the means and reported as -1, as COCO does."""
-    scores, hits = [[] for _ in range(num_classes)], [[] for _ in range(num_classes)]
-    num_true = np.zeros(num_classes, int)
-    for pred, true in zip(predictions, targets):
-        for k in range(num_classes):
-            true_boxes = true["boxes"][true["labels"] == k].double()
-            mine = pred["labels"] == k
-            score = pred["scores"][mine].double().numpy()
-            # at most MAX_DETECTIONS per image and class, as COCO
-            order = np.argsort(-score, kind="mergesort")[:MAX_DETECTIONS]
-            num_true[k] += len(true_boxes)
-            scores[k].append(score[order])
-            hits[k].append(match_detections(pred["boxes"][mine].double()[order], true_boxes))
+    `labels` [N] (and `scores` [N]). Classes with no ground truth: -1, left out of the means."""
+    hits, labels, scores = match_detections(predictions, targets)  # [T, N, D], [N, D], [N, D]
+    num_true = np.bincount(torch.cat([t["labels"] for t in targets]), minlength=num_classes)
     ap = -np.ones((len(IOU_THRESHOLDS), num_classes))
     pr50, by_conf = [[] for _ in range(num_classes)], [[] for _ in range(num_classes)]  # IoU 0.5
     for k in np.flatnonzero(num_true):
-        class_scores = np.concatenate(scores[k])
+        mine = labels == k  # [N, D]
+        class_scores = scores[mine].double().numpy()
         order = np.argsort(-class_scores, kind="mergesort")
-        class_hits = np.concatenate(hits[k], axis=1)[:, order]
+        class_hits = hits[:, mine].numpy()[:, order]
         # AP: the area under the curve, its mean over the 101 recall points
         ap[:, k] = [precision_curve(h, num_true[k]).mean() for h in class_hits]
         pr50[k] = precision_curve(class_hits[0], num_true[k]).tolist()

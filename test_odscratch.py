@@ -270,7 +270,8 @@ def pycocotools_metrics(predictions, targets, num_classes):
 
 
 @pytest.mark.parametrize("case", range(25))
-def test_evaluate_matches_pycocotools(case):
+def test_evaluate_matches_pycocotools(case, monkeypatch):
+    monkeypatch.setattr(ods, "MATCH_CHUNK", 1 + case % 4)  # images matched at once: any count gives the same
     rng = np.random.default_rng(case)
     predictions, targets = random_case(rng, num_images=int(rng.integers(1, 12)), num_classes=3)
     if not any(len(p["boxes"]) for p in predictions):  # pycocotools cannot load an empty result list
@@ -280,6 +281,20 @@ def test_evaluate_matches_pycocotools(case):
     for key in ["map", "map50", "map75", "map90"]:
         assert ours[key] == pytest.approx(theirs[key], abs=1e-6), key
     assert ours["ap50_per_class"] == pytest.approx(theirs["ap50_per_class"], abs=1e-6)
+
+
+def test_evaluate_counts_the_best_100_detections_of_a_class_in_an_image_as_coco():
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 500, (150, 2))
+    true = torch.tensor(np.concatenate([xy, xy + 30], 1))
+    pred = true + torch.tensor(rng.normal(0, 4, (150, 4)))
+    # 150 detections of class 0 and 30 of class 1 in one image: COCO keeps 100 of class 0, all of class 1
+    predictions = [{"boxes": torch.cat([pred, pred[:30]]), "scores": torch.tensor(rng.random(180)),
+                    "labels": torch.tensor([0] * 150 + [1] * 30)}]
+    targets = [{"boxes": torch.cat([true, true[:30]]), "labels": torch.tensor([0] * 150 + [1] * 30)}]
+    ours, theirs = ods.evaluate(predictions, targets, 2), pycocotools_metrics(predictions, targets, 2)
+    assert ours["ap50_per_class"] == pytest.approx(theirs["ap50_per_class"], abs=1e-6)
+    assert ours["map"] == pytest.approx(theirs["map"], abs=1e-6) and ours["ap50_per_class"][0] < 0.7
 
 
 def test_evaluate_perfect_detections_score_one_and_a_class_without_ground_truth_minus_one():
