@@ -201,13 +201,20 @@ AUGMENT = v2.Compose([  # on the resized image, at training time only
 CACHE_BYTES = 2 * 2**30  # a split whose resized images fit in this is decoded once and kept
 
 
+def sample_seed(seed, epoch, i):
+    """A seed for image i's random draws in this epoch: the same in any worker process, any rank
+    and a resumed run, different for every image and epoch."""
+    return int(np.random.SeedSequence([seed, epoch, i]).generate_state(1, np.uint64)[0])
+
+
 class DetectionDataset(torch.utils.data.Dataset):
     """A load_split dataset as tensors: (image [3, img_size, img_size] in [0, 1], {boxes [N, 4]
     xyxy in those pixels, labels [N], index i}). `targets[i]` keeps image i's boxes in its
     original pixels and `sizes[i]` its (height, width): what the evaluator compares against."""
 
-    def __init__(self, ds, img_size, train, name="data"):
+    def __init__(self, ds, img_size, train, name="data", seed=0):
         self.train, self.img_size, self.name = train, img_size, name
+        self.seed, self.epoch = seed, 0  # augmentation: sample_seed(seed, epoch, i)
         self.resize = resize_transform(img_size)
         # a small split is decoded once, by the readability check, and kept resized
         self.cache = {} if len(ds) * 3 * img_size**2 <= CACHE_BYTES else None
@@ -234,7 +241,9 @@ class DetectionDataset(torch.utils.data.Dataset):
                                          canvas_size=image.shape[-2:])
         sample = {"image": image, "boxes": boxes, "labels": target["labels"]}
         if self.train:
-            sample = AUGMENT(sample)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed(self.seed, self.epoch, i))
+                sample = AUGMENT(sample)
         image = v2.functional.to_dtype(sample["image"], torch.float32, scale=True)
         boxes = sample["boxes"].as_subclass(torch.Tensor)
         return image, {"boxes": boxes, "labels": sample["labels"], "index": i}
@@ -305,7 +314,8 @@ def run_model(model, images, bf16):
     channels_last, under bf16 autocast where bf16 is on (float32 outputs either way)."""
     device = next(model.parameters()).device
     pair = isinstance(images, list)  # a detector's batch is one tensor; LTD's is [R, S]
-    moved = [x.to(device, memory_format=MEMORY_FORMAT) for x in (images if pair else [images])]
+    moved = [x.to(device, memory_format=MEMORY_FORMAT, non_blocking=True)
+             for x in (images if pair else [images])]
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         return model(moved if pair else moved[0])
 
@@ -507,13 +517,12 @@ def learning_rate(cfg, progress):
     return cfg.lr * 0.5 * (1 + cosine)
 
 
-def train_epoch(model, data, batches, compute_loss, optimizer, cfg, bf16, run):
-    """One pass over `batches` (lists of dataset indices, not a DataLoader: a stopped epoch must
-    resume exactly) from run.state.step on. `run` (Part 2) keeps the place and the running sums,
-    and says when to stop: the planned run is done, or Ctrl-C was pressed."""
+def train_epoch(model, batches, compute_loss, optimizer, cfg, bf16, run):
+    """One pass over `batches` of (images, targets), from step run.state.step on (a DataLoader
+    that Part 2 starts there). `run` (Part 2) keeps the place and the running sums, and says when
+    to stop: the planned run is done, or Ctrl-C was pressed."""
     model.train()
-    for indices in batches[run.state.step:]:
-        images, targets = collate([data[i] for i in indices])
+    for images, targets in batches:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg, run.progress())
         # forward: a box and class logits per cell, and the loss of the boxes assigned to cells
@@ -565,7 +574,7 @@ LTD_CROP_SIZE = 96       # S's fixed size: its scale in R must be inferred, not 
 LTD_JITTER = v2.Compose([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.05),
                          v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 2.0))], p=0.5)])
 MASK_GREY = 0.5
-LTD_HELD_OUT_SEED = 0  # held-out crops come from their own seed: the same every epoch
+LTD_HELD_OUT_SEED = 0  # held-out crops come from their own seed (and epoch 0): the same every time
 
 
 def log_uniform(low, high):
@@ -587,9 +596,10 @@ class LTDDataset(torch.utils.data.Dataset):
     """Any split's images, labels ignored -> ((R [3, I, I], S [3, LTD_CROP_SIZE, LTD_CROP_SIZE]),
     {boxes [1, 4], labels [1], index}): S as one object in detection's format, new at each draw."""
 
-    def __init__(self, ds, img_size, mask_crop, name="data"):
+    def __init__(self, ds, img_size, mask_crop, name="data", seed=LTD_HELD_OUT_SEED):
         self.ds = without_unreadable_images(ds.select_columns(["image"]), name)  # Part 2
         self.img_size, self.mask_crop = img_size, mask_crop
+        self.seed, self.epoch = seed, 0  # the crops: sample_seed(seed, epoch, i)
         self.transform = inference_transform(img_size)  # R is only resized: S is the augmentation
 
     def __len__(self):
@@ -597,8 +607,10 @@ class LTDDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         R = self.transform(upright(open_image(self.ds[i]["image"])))
-        S, box = sample_ltd_crop(R)
-        S = LTD_JITTER(S)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, self.epoch, i))
+            S, box = sample_ltd_crop(R)
+            S = LTD_JITTER(S)
         if self.mask_crop:
             x1, y1, x2, y2 = box.int().tolist()
             R[:, y1:y2, x1:x2] = MASK_GREY  # S was already cut from the intact R
@@ -630,16 +642,13 @@ def locate_crops(model, data, n, batch, bf16):
     prediction is the box of the cell most sure that it holds S."""
     model.eval()
     predicted, true = [], []
-    # no DataLoader: it draws a seed from torch's generator, which would move the held-out crops
-    with torch.random.fork_rng():
-        torch.manual_seed(LTD_HELD_OUT_SEED)
-        for start in range(0, n, batch):
-            pairs, targets = collate([data[i] for i in range(start, min(start + batch, n))])
-            boxes, logits = run_model(model, pairs, bf16)  # [b, h*w, 4], [b, h*w, 2]
-            best = logits.softmax(-1)[..., 0].argmax(1)     # [b]
-            found = box_convert(boxes[torch.arange(len(best)), best], "cxcywh", "xyxy")
-            predicted.append(found.cpu() * data.img_size)
-            true.append(torch.cat([t["boxes"] for t in targets]))
+    first_n = torch.utils.data.Subset(data, range(n))
+    for pairs, targets in torch.utils.data.DataLoader(first_n, batch, collate_fn=collate):
+        boxes, logits = run_model(model, pairs, bf16)  # [b, h*w, 4], [b, h*w, 2]
+        best = logits.softmax(-1)[..., 0].argmax(1)     # [b]
+        found = box_convert(boxes[torch.arange(len(best)), best], "cxcywh", "xyxy")
+        predicted.append(found.cpu() * data.img_size)
+        true.append(torch.cat([t["boxes"] for t in targets]))
     return torch.cat(predicted), torch.cat(true)
 
 
@@ -686,6 +695,7 @@ from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 from rich.table import Table
+from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from torchvision.ops import remove_small_boxes
 from urllib.parse import urlparse
@@ -1422,6 +1432,9 @@ def read_split(data, split, bbox_format, labels):
 # bf16.
 
 NONFINITE_LIMIT = 5  # steps in a row with a NaN or inf loss before training gives up
+WORKERS_ON_CPU = 0  # loader processes when training on a CPU (measured: docs/scale.md)
+WORKERS_ON_GPU = 8  # at most, with a GPU: the cores but one
+WORKERS_HELP = f"{WORKERS_ON_CPU} on a CPU; with a GPU the cores but one, at most {WORKERS_ON_GPU}"
 
 
 def pick_device(name):
@@ -1595,10 +1608,10 @@ def out_of_patience(cfg, best, epoch):
 
 
 def fit(model, data, batches, compute_loss, validate, cfg, bf16, run_dir, meta, best_metric,
-        resume=None):
+        workers, resume=None):
     """Train `model` on `data` in `batches` (a BatchSampler of a seeded RandomSampler, or of a
-    DistributedSampler under torchrun; no DataLoader: a resumed epoch must be cut exactly as
-    before, from the shuffle's saved state); after each epoch `validate(model)` -> metrics.
+    DistributedSampler under torchrun), loaded by `workers` processes (a resumed epoch is cut
+    exactly as before, from the shuffle's saved state); after each epoch `validate(model)`.
     Writes last.pt (with what --resume needs), best.pt (highest `best_metric`) and results.csv to
     run_dir; returns the best metrics. `resume`: a last.pt's "resume" entry, to go on with that
     run. Under torchrun `model` is in DistributedDataParallel; rank 0 validates and writes."""
@@ -1647,8 +1660,12 @@ def fit(model, data, batches, compute_loss, validate, cfg, bf16, run_dir, meta, 
                 else:  # drawn afresh from the epoch's start state
                     sampler.generator.set_state(run.state.order)
                 epoch_batches = list(batches)  # this epoch's batches of dataset indices
+                data.epoch = run.state.epoch  # its augmentation
+                loader = DataLoader(data, batch_sampler=epoch_batches[run.state.step:],
+                                    num_workers=workers, collate_fn=collate,
+                                    pin_memory=next(model.parameters()).is_cuda)
                 with run.epoch_bar(f"epoch {run.state.epoch}{shown}", len(epoch_batches)):
-                    train_epoch(model, data, epoch_batches, compute_loss, optimizer, cfg, bf16, run)
+                    train_epoch(model, loader, compute_loss, optimizer, cfg, bf16, run)
                 if run.stopped:
                     if main:
                         save_checkpoint(run_dir / "last.pt", checkpoint(best))
@@ -1782,6 +1799,13 @@ def keep_shared_classes(model, checkpoint, classes):
     return shared
 
 
+def default_workers(device):
+    """--workers' default: processes that decode and augment the next batches while the model
+    trains. A GPU needs them to keep busy; on a CPU they take cores from the model."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(cores - 1, WORKERS_ON_GPU) if device.type == "cuda" else WORKERS_ON_CPU
+
+
 def seeded_batches(data, cfg, processes=1):
     """Batches of dataset indices in an order that --seed fixes (under torchrun, each process's
     share of the shuffle)."""
@@ -1800,11 +1824,11 @@ def load_best(model, run_dir, device):
     model.load_state_dict(best["model"])
 
 
-def train_detector(cfg, name, backbone=None, resume=None, weights=None):
+def train_detector(cfg, name, backbone=None, resume=None, weights=None, workers=None):
     """Train a detector in runs/train/<name>, from random weights, a pretrained backbone, or a
     trained detector's weights (fine-tuning: a new run); or, with resume = a last.pt, go on with
     that run exactly where it stopped, in its folder, with its settings and weights (cfg, backbone
-    and weights are then ignored)."""
+    and weights are then ignored). workers: loader processes (None: default_workers)."""
     checkpoint = read_checkpoint(resume, "detector", resumable=True) if resume else None
     if checkpoint and "conf" not in (checkpoint["resume"]["best"] or {"conf": None}):
         raise UserError(f"{resume} was written by an older odscratch, whose runs this one "
@@ -1829,7 +1853,8 @@ def train_detector(cfg, name, backbone=None, resume=None, weights=None):
     bf16 = use_bf16(device, cfg.fp32)
     train_ds = load_split(cfg.data, "train", cfg.bbox_format)
     classes = category_feature(train_ds).names
-    train_data = DetectionDataset(train_ds, cfg.img_size, train=True, name=f"{cfg.data} train")
+    train_data = DetectionDataset(train_ds, cfg.img_size, train=True, name=f"{cfg.data} train",
+                                  seed=cfg.seed)
     val_data = DetectionDataset(load_split(cfg.data, "validation", cfg.bbox_format), cfg.img_size,
                                 train=False, name=f"{cfg.data} validation")
     # rank 0 writes
@@ -1867,6 +1892,7 @@ def train_detector(cfg, name, backbone=None, resume=None, weights=None):
     best = fit(model, train_data, batches, loss,
                lambda m: with_confidence(validate_detector(m, val_data, len(classes), cfg, bf16)),
                cfg, bf16, run_dir, meta, best_metric="map",
+               workers=default_workers(device) if workers is None else workers,
                resume=checkpoint and checkpoint["resume"])
     if rank == 0:  # the pictures show the best epoch's model
         inner = getattr(model, "module", model)
@@ -1875,7 +1901,7 @@ def train_detector(cfg, name, backbone=None, resume=None, weights=None):
     return run_dir, best, classes
 
 
-def pretrain_backbone(cfg, name, mask_crop, resume=None):
+def pretrain_backbone(cfg, name, mask_crop, resume=None, workers=None):
     """LTD pretraining in runs/pretrain/<name>: detection's loss and fit on LTDDataset's pairs;
     resume = a last.pt goes on with that run (as in train_detector)."""
     checkpoint = read_checkpoint(resume, "ltd", resumable=True) if resume else None
@@ -1886,8 +1912,9 @@ def pretrain_backbone(cfg, name, mask_crop, resume=None):
     device = pick_device(cfg.device)
     bf16 = use_bf16(device, cfg.fp32)
     train_data, val_data = (LTDDataset(load_split(cfg.data, split, labels=False), cfg.img_size,
-                                       mask_crop, f"{cfg.data} {split}")
-                            for split in ("train", "validation"))
+                                       mask_crop, f"{cfg.data} {split}", seed)
+                            for split, seed in [("train", cfg.seed),
+                                                ("validation", LTD_HELD_OUT_SEED)])
     run_dir = Path(resume).parent if resume else new_run_dir("pretrain", name)
     console.print(f"LTD pretraining on {cfg.data}: {len(train_data)} train / {len(val_data)} "
                   f"held-out images{', crop hole greyed out' if mask_crop else ''}, {device}, "
@@ -1903,6 +1930,7 @@ def pretrain_backbone(cfg, name, mask_crop, resume=None):
     best = fit(model, train_data, batches, loss,
                lambda m: validate_ltd(m, val_data, cfg.batch, bf16), cfg, bf16, run_dir,
                {"kind": "ltd", "mask_crop": mask_crop}, best_metric="iou",
+               workers=default_workers(device) if workers is None else workers,
                resume=checkpoint and checkpoint["resume"])
     load_best(model, run_dir, device)
     save_checkpoint(run_dir / "backbone.pt", {
@@ -2151,9 +2179,7 @@ def draw_ltd_samples(model, data, batch, bf16, path):
     each with the IoU under it."""
     n = min(LTD_SAMPLES, len(data))
     predicted, true = locate_crops(model, data, n, batch, bf16)
-    with torch.random.fork_rng():
-        torch.manual_seed(LTD_HELD_OUT_SEED)  # the same pairs locate_crops saw
-        pairs = [data[i][0] for i in range(n)]
+    pairs = [data[i][0] for i in range(n)]  # the same pairs locate_crops saw
     size, pad = data.img_size, 8
     tile = (size + LTD_CROP_SIZE + 2 * pad, max(size, LTD_CROP_SIZE + 16) + pad)
     grid = PIL.Image.new("RGB", (2 * tile[0], (n + 1) // 2 * tile[1]), "white")
@@ -2734,6 +2760,9 @@ Weights = Annotated[str, typer.Option(help="a best.pt; default: the newest under
 Name = Annotated[str, typer.Option(help="the run's folder name, under runs/<command>/")]
 Fp32 = Annotated[bool, typer.Option("--fp32", help="float32 even where the hardware has bf16")]
 Device = Annotated[str, typer.Option(help="auto, cpu or cuda")]
+Workers = Annotated[int, typer.Option(min=0, help="processes that load and augment the next "
+                                      "batches while the model trains (0: in the training "
+                                      "process); default: " + WORKERS_HELP)]
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                   help="odscratch: a small object detector you can read, train on a CPU, and ship.")
@@ -2819,6 +2848,7 @@ def pretrain(
     resume: Resume = None,
     fp32: Fp32 = False,
     device: Device = Config.device,
+    workers: Workers = None,
     name: Name = "exp",
 ):
     """LTD self-supervised pretraining; writes runs/pretrain/<name>/{backbone.pt,
@@ -2828,7 +2858,7 @@ def pretrain(
             raise UserError("pretrain runs in one process: start it without torchrun")
         cfg = Config(data=data, img_size=img_size, stride=stride, epochs=epochs, time=time_budget,
                      batch=batch, lr=lr, seed=seed, fp32=fp32, device=device)
-        run_dir, best = pretrain_backbone(cfg, name, mask_crop, resume)
+        run_dir, best = pretrain_backbone(cfg, name, mask_crop, resume, workers)
         console.print(f"held-out crops: mean IoU {best['iou']:.3f}, {best['hit50']:.1%} with IoU "
                       f">= 0.5 -> {run_dir / 'backbone.pt'}; see {run_dir / 'ltd_samples.jpg'}")
 
@@ -2853,6 +2883,7 @@ def train(
     resume: Resume = None,
     fp32: Fp32 = False,
     device: Device = Config.device,
+    workers: Workers = None,
     name: Name = "exp",
 ):
     """Train a detector; writes runs/train/<name>/{best.pt,last.pt,results.csv}. Also under
@@ -2865,7 +2896,7 @@ def train(
         cfg = Config(data=data, bbox_format=bbox_format, img_size=img_size, stride=stride,
                      assign_radius=assign_radius, epochs=epochs, time=time_budget, batch=batch,
                      lr=lr, patience=patience, seed=seed, fp32=fp32, device=device)
-        run_dir, best, classes = train_detector(cfg, name, backbone, resume, weights)
+        run_dir, best, classes = train_detector(cfg, name, backbone, resume, weights, workers)
         if best:  # under torchrun, rank 0's
             title = f"best validation epoch: {best['epoch']} ({run_dir / 'best.pt'})"
             console.print(metrics_table(title, best, classes))

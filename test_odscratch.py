@@ -93,7 +93,7 @@ LTD_SIZE = 64  # R's side in the pretraining tests
 def pretrained(tmp_path_factory):
     """One tiny LTD pretraining through the CLI on the synthetic images (under a minute)."""
     folder = tmp_path_factory.mktemp("pretrain")
-    invoke_in(folder, ["pretrain", "--img-size", str(LTD_SIZE), "--epochs", "3", "--batch", "32"])
+    invoke_in(folder, ["pretrain", "--img-size", str(LTD_SIZE), "--epochs", "4", "--batch", "32"])
     return folder / "runs" / "pretrain" / "exp"
 
 
@@ -113,15 +113,21 @@ def test_synthetic_is_seeded_and_in_schema():
     assert min(counts) >= 1 and max(counts) <= 8
 
 
-def test_a_small_split_is_decoded_once_and_augmented_afresh_on_every_draw():
+def test_a_small_split_is_decoded_once_and_augmented_afresh_every_epoch():
     ds = ods.load_split("synthetic", "validation").select(range(8))
     train = ods.DetectionDataset(ds, 64, train=True)
     assert sorted(train.cache) == list(range(8))  # filled by the readability check: decoded only there
     first = train[0]
     kept = train.cache[0].clone()
-    draws = [train[0][0] for _ in range(4)]
+    assert torch.equal(train[0][0], first[0])  # the same draw for the same (seed, epoch, image)
+    draws = []
+    for epoch in range(1, 5):
+        train.epoch = epoch
+        draws.append(train[0][0])
     assert torch.equal(train.cache[0], kept)  # augmentation works on a copy
-    assert any(not torch.equal(first[0], d) for d in draws)
+    assert all(not torch.equal(a, b) for a, b in zip([first[0]] + draws, draws))  # a new one each epoch
+    train.seed = 1
+    assert not torch.equal(train[0][0], draws[-1])  # and for another seed
 
 
 def test_validation_images_are_never_augmented_and_their_boxes_scale_as_resize_scales_them():
@@ -353,12 +359,14 @@ def test_train_writes_checkpoints_and_learns(trained):
 def test_same_seed_same_weights(tmp_path, monkeypatch):
     tiny_folder(tmp_path)  # 17 train images, batch 4: 4 steps, each with its own shuffle and augmentation
     monkeypatch.chdir(tmp_path)
-    for seed, name in [(0, "a"), (0, "b"), (1, "c")]:
-        result = runner.invoke(ods.app, TINY_TRAIN + ["--epochs", "2", "--seed", str(seed), "--name", name])
+    for seed, workers, name in [(0, 0, "a"), (0, 0, "b"), (1, 0, "c"), (0, 2, "d")]:
+        args = ["--epochs", "2", "--seed", str(seed), "--workers", str(workers), "--name", name]
+        result = runner.invoke(ods.app, TINY_TRAIN + args)
         assert result.exit_code == 0, result.output
-    a, b, c = (torch.load(tmp_path / "runs" / "train" / n / "last.pt", weights_only=True)["model"] for n in "abc")
+    a, b, c, d = (torch.load(tmp_path / "runs" / "train" / n / "last.pt", weights_only=True)["model"] for n in "abcd")
     assert all(torch.equal(a[k], b[k]) for k in a)  # init, data order and augmentation all follow --seed
     assert not all(torch.equal(a[k], c[k]) for k in a)
+    assert all(torch.equal(a[k], d[k]) for k in a)  # whatever process loads and augments an image
 
 
 def write_named_imagefolder(folder, names, n=20):
@@ -1233,10 +1241,11 @@ def test_run_names_never_collide(tmp_path, monkeypatch):
     assert (first / "best.pt").read_text() == "first"
 
 
-def test_ctrl_c_then_resume_ends_exactly_like_an_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ctrl_c_then_resume_ends_exactly_like_an_uninterrupted_run(workers, tmp_path, monkeypatch):
     tiny_folder(tmp_path)  # 4 steps per epoch, 3 epochs
     monkeypatch.chdir(tmp_path)
-    args = TINY_TRAIN + ["--epochs", "3", "--seed", "1"]
+    args = TINY_TRAIN + ["--epochs", "3", "--seed", "1", "--workers", str(workers)]
     assert runner.invoke(ods.app, args + ["--name", "whole"]).exit_code == 0
     loss, calls = ods.detection_loss, {"n": 0}
 
@@ -1250,7 +1259,7 @@ def test_ctrl_c_then_resume_ends_exactly_like_an_uninterrupted_run(tmp_path, mon
     one_line_error(runner.invoke(ods.app, args + ["--name", "cut"]), "stopped in epoch 2 at step 2 of 4",
                    "odscratch train --resume runs/train/cut/last.pt")
     monkeypatch.setattr(ods, "detection_loss", loss)
-    result = runner.invoke(ods.app, ["train", "--resume", "runs/train/cut/last.pt"])
+    result = runner.invoke(ods.app, ["train", "--resume", "runs/train/cut/last.pt", "--workers", str(workers)])
     assert result.exit_code == 0, result.output
     whole, cut = (tmp_path / "runs" / "train" / "whole", tmp_path / "runs" / "train" / "cut")
     for name in ["last.pt", "best.pt"]:
