@@ -198,8 +198,6 @@ AUGMENT = v2.Compose([  # on the resized image, at training time only
     v2.ClampBoundingBoxes(),
     v2.SanitizeBoundingBoxes(min_size=MIN_BOX_SIDE),  # boxes pushed out or squeezed thin go
 ])
-CACHE_BYTES = 2 * 2**30  # a split whose resized images fit in this is decoded once and kept
-
 
 def sample_seed(seed, epoch, i):
     """A seed for image i's random draws in this epoch: the same in any worker process, any rank
@@ -215,25 +213,16 @@ class DetectionDataset(torch.utils.data.Dataset):
     def __init__(self, ds, img_size, train, name="data", seed=0):
         self.train, self.img_size, self.name = train, img_size, name
         self.seed, self.epoch = seed, 0  # augmentation: sample_seed(seed, epoch, i)
-        self.resize = resize_transform(img_size)
-        # a small split is decoded once, by the readability check, and kept resized
-        self.cache = {} if len(ds) * 3 * img_size**2 <= CACHE_BYTES else None
-        keep = self.remember if self.cache is not None else None
-        self.ds = without_unreadable_images(ds, name, keep)  # checks: Part 2
+        # each image decoded once per machine, unreadable ones left out, kept resized (Part 2)
+        self.ds, self.pixels, sizes = prepare_split(ds, name, img_size)
         # boxes are read once: clipped to their image, checked for the wrong format (Part 2)
-        self.sizes, self.targets = read_targets(self.ds, name, train)
+        self.sizes, self.targets = read_targets(self.ds, sizes, name, train)
 
     def __len__(self):
         return len(self.ds)
 
-    def remember(self, i, image):
-        self.cache[i] = self.resize(image)
-
     def __getitem__(self, i):
-        if self.cache is None:
-            image = self.resize(upright(open_image(self.ds[i]["image"])))
-        else:
-            image = self.cache[i]  # [3, img_size, img_size] uint8
+        image = torch.from_numpy(np.array(self.pixels[i]))  # [3, img_size, img_size] uint8
         # the boxes in the resized image's pixels, as a tv_tensor that AUGMENT moves with it
         (height, width), target = self.sizes[i], self.targets[i]
         scale = torch.tensor([self.img_size / width, self.img_size / height] * 2)
@@ -597,16 +586,17 @@ class LTDDataset(torch.utils.data.Dataset):
     {boxes [1, 4], labels [1], index}): S as one object in detection's format, new at each draw."""
 
     def __init__(self, ds, img_size, mask_crop, name="data", seed=LTD_HELD_OUT_SEED):
-        self.ds = without_unreadable_images(ds.select_columns(["image"]), name)  # Part 2
+        # R: each image decoded once per machine and kept resized (Part 2); S is the augmentation
+        self.ds, self.pixels, _ = prepare_split(ds.select_columns(["image"]), name, img_size)
         self.img_size, self.mask_crop = img_size, mask_crop
         self.seed, self.epoch = seed, 0  # the crops: sample_seed(seed, epoch, i)
-        self.transform = inference_transform(img_size)  # R is only resized: S is the augmentation
 
     def __len__(self):
         return len(self.ds)
 
     def __getitem__(self, i):
-        R = self.transform(upright(open_image(self.ds[i]["image"])))
+        R = v2.functional.to_dtype(torch.from_numpy(np.array(self.pixels[i])), torch.float32,
+                                   scale=True)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, self.epoch, i))
             S, box = sample_ltd_crop(R)
@@ -668,6 +658,7 @@ def validate_ltd(model, data, batch, bf16):
 import contextlib
 import copy
 import csv
+import datetime
 import glob
 import importlib.util
 import json
@@ -681,6 +672,7 @@ import tempfile
 import threading
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, field
 from fractions import Fraction
 from typing import Annotated
@@ -690,6 +682,7 @@ import huggingface_hub
 import torch.distributed as dist
 import typer
 import yaml
+from filelock import FileLock
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
@@ -704,7 +697,7 @@ from torchvision.utils import make_grid
 console = Console()
 datasets.disable_progress_bars()
 datasets.logging.set_verbosity_error()
-# read_targets counts broken EXIF blocks in one line: Pillow's warnings per image would repeat it
+# prepare_split counts broken EXIF blocks in one line: Pillow's warnings per image would repeat it
 warnings.filterwarnings("ignore", category=UserWarning, module="PIL.TiffImagePlugin")
 warnings.filterwarnings("ignore", "Possibly corrupt EXIF", UserWarning)
 
@@ -741,31 +734,101 @@ def category_feature(ds):
 UNREADABLE = (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError)  # what PIL raises
 
 
-def decode_image(record):
-    """-> (the RGB image, None), or (None, why PIL cannot decode it: missing, corrupt, truncated, or
-    over PIL's decompression-bomb limit, Image.MAX_IMAGE_PIXELS: twice it is refused unread)."""
+# One-time work: decoding every image to check it (and, for training, to resize it) is done once
+# per machine. Threads decode (PIL lets go of Python's lock while it decodes) into a memory-mapped
+# uint8 file of the images resized to --img-size, kept in PREPARED (`rm -r` it to free the disk):
+# a second run, a --resume, or another process reads it at once; one process writes, the others
+# wait for it. Its name is a hash of the split's content as datasets fingerprints it, and of each
+# image file's size and time, so a changed file is prepared anew.
+PREPARED = Path(datasets.config.HF_DATASETS_CACHE) / "odscratch"
+PREPARE_BATCH = 256  # rows read at a time: a large split's images never sit in memory together
+EXIF_LOCK = threading.Lock()
+
+
+def cpu_cores():
+    """The cores this process may use (a container or taskset may allow fewer than the CPU has)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def prepare_image(record, resize):
+    """datasets' undecoded image -> (pixels [3, S, S] uint8, (height, width) upright, turned?,
+    malformed EXIF?), or (None, why PIL cannot decode it: missing, corrupt, truncated, or over
+    PIL's decompression-bomb limit, Image.MAX_IMAGE_PIXELS: twice it is refused unread)."""
     try:
         with open_image(record) as image:
-            return upright(image), None
+            image.load()  # the decoding, on this thread (Pillow lets go of Python's lock)
+            # reading EXIF may warn, and warnings are process-wide: one thread at a time
+            with EXIF_LOCK:
+                malformed, turned = malformed_exif(image), exif_orientation(image) != 1
+                image = upright(image)  # a decoded image turned: quick
+            return resize(image).numpy(), (image.height, image.width), turned, malformed
     except FileNotFoundError:
         return None, "file not found"
     except UNREADABLE as e:
         return None, str(e).split(". ")[0]
 
 
-def without_unreadable_images(ds, name, keep=None):
-    """Images PIL cannot decode leave the split, counted and named once; training goes on without
-    them. Each image is decoded here once: keep(j, image), if given, gets the j-th readable one."""
+def prepared_name(ds, img_size):
+    """What the prepared split is kept under: its content and img_size, and its image files'
+    sizes and times (an image embedded in the dataset is in its fingerprint)."""
+    key = hashlib.sha256(f"{ds._fingerprint} {img_size}".encode())
+    for batch in ds.select_columns(["image"]).iter(PREPARE_BATCH):
+        for record in batch["image"]:
+            if record["path"] and not record["bytes"] and os.path.isfile(record["path"]):
+                stat = os.stat(record["path"])
+                key.update(f"{record['path']} {stat.st_size} {stat.st_mtime_ns}".encode())
+    return PREPARED / key.hexdigest()[:20]
+
+
+def prepare_images(ds, img_size, path, name):
+    """Decode and resize every image of ds on threads, with a progress bar -> path.npy (the
+    readable images, in order) and path.json (what was unreadable, sizes, EXIF counts)."""
+    resize = resize_transform(img_size)
+    pixels = np.lib.format.open_memmap(path.with_suffix(".tmp.npy"), "w+", np.uint8,
+                                       (len(ds), 3, img_size, img_size))
+    info, readable = {"unreadable": {}, "sizes": [], "turned": 0, "malformed": 0}, 0
+    columns = [TextColumn(f"{name}: reading images once"), BarColumn(), MofNCompleteColumn()]
+    with ThreadPoolExecutor(cpu_cores()) as pool, Progress(
+            *columns, console=console, transient=True) as progress:
+        task = progress.add_task("", total=len(ds))
+        for start in range(0, len(ds), PREPARE_BATCH):
+            records = ds[start:start + PREPARE_BATCH]["image"]
+            for i, done in enumerate(pool.map(prepare_image, records, [resize] * len(records))):
+                if done[0] is None:
+                    info["unreadable"][start + i] = done[1]
+                    continue
+                pixels[readable], size, turned, malformed = done
+                info["sizes"].append(size)
+                info["turned"] += turned
+                info["malformed"] += malformed
+                readable += 1
+            progress.update(task, advance=len(records))
+    pixels.flush()
+    del pixels
+    os.replace(path.with_suffix(".tmp.npy"), path.with_suffix(".npy"))
+    write_atomically(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(info)))
+
+
+def prepare_split(ds, name, img_size):
+    """A split -> (its readable rows, their images resized to img_size [n, 3, S, S] uint8 (memory-
+    mapped), their (height, width) upright). Unreadable images are counted and named, and leave
+    the split: training goes on without them. Photos turned by their EXIF are counted."""
     ds = ds.cast_column("image", datasets.Image(decode=False))
-    bad = {}
-    for i, row in enumerate(ds.select_columns(["image"])):
-        image, problem = decode_image(row["image"])
-        if problem:
-            bad[i] = problem
-        elif keep:
-            keep(i - len(bad), image)
+    PREPARED.mkdir(parents=True, exist_ok=True)
+    path = prepared_name(ds, img_size)
+    with FileLock(path.with_suffix(".lock")):  # one process prepares; the others wait for it
+        if not path.with_suffix(".json").exists():
+            prepare_images(ds, img_size, path, name)
+    info = json.loads(path.with_suffix(".json").read_text())
+    bad = {int(i): problem for i, problem in info["unreadable"].items()}
+    if info["turned"] or info["malformed"]:
+        console.print(f"{name}: {info['turned']} images turned upright as their EXIF orientation "
+                      "says" + (f"; {info['malformed']} with a malformed EXIF block, read as far "
+                                "as it goes" if info["malformed"] else ""))
+    pixels = np.load(path.with_suffix(".npy"), mmap_mode="r")[:len(ds) - len(bad)]
+    sizes = [tuple(size) for size in info["sizes"]]
     if not bad:
-        return ds
+        return ds, pixels, sizes
     named = [f"{ds[i]['image']['path'] or f'image {i}'} ({problem})"
              for i, problem in list(bad.items())[:3]]
     more = " ..." if len(bad) > 3 else ""
@@ -773,7 +836,7 @@ def without_unreadable_images(ds, name, keep=None):
                   soft_wrap=True)
     if len(bad) == len(ds):
         raise UserError(f"{name}: none of its {len(ds)} images can be read")
-    return ds.select([i for i in range(len(ds)) if i not in bad])
+    return ds.select([i for i in range(len(ds)) if i not in bad]), pixels, sizes
 
 
 def clip_and_drop(boxes, width, height):
@@ -828,20 +891,14 @@ def malformed_exif(image):
     return bad_orientation or bool(caught) or header not in TIFF_HEADERS
 
 
-def read_targets(ds, name, train):
-    """A split's boxes, read row by row (a large dataset's images never sit in memory together)
-    -> image sizes [(height, width)], upright, and targets [{boxes [N, 4] xyxy pixels, labels
-    [N]}]. Boxes partly outside their image are clipped, boxes without area dropped, both
-    counted; a split where many boxes are impossible has the wrong --bbox-format, and is refused.
-    Images stored sideways (an EXIF orientation) and malformed EXIF blocks are counted."""
+def read_targets(ds, sizes, name, train):
+    """A split's boxes, read row by row, and its images' sizes [(height, width)] -> sizes and
+    targets [{boxes [N, 4] xyxy pixels, labels [N]}]. Boxes partly outside their image are
+    clipped, boxes without area dropped, both counted; a split where many boxes are impossible
+    has the wrong --bbox-format, and is refused."""
     classes = category_feature(ds).names
-    sizes, targets, n_boxes, n_impossible, n_clipped, n_dropped = [], [], 0, 0, 0, 0
-    n_turned = n_malformed = 0
-    for row in ds:
-        with open_image(row["image"]) as image:  # the header only
-            width, height = upright_size(image)
-            n_turned += exif_orientation(image) != 1
-            n_malformed += malformed_exif(image)
+    targets, n_boxes, n_impossible, n_clipped, n_dropped = [], 0, 0, 0, 0
+    for row, (height, width) in zip(ds.select_columns(["objects"]), sizes):
         boxes, cats = objects_columns(row["objects"])
         boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
         labels = torch.tensor(cats, dtype=torch.long)
@@ -852,7 +909,6 @@ def read_targets(ds, name, train):
         n_impossible += impossible_boxes(boxes, width, height)
         boxes, keep, clipped = clip_and_drop(boxes, width, height)
         n_clipped, n_dropped = n_clipped + clipped, n_dropped + int((~keep).sum())
-        sizes.append((height, width))
         targets.append({"boxes": boxes, "labels": labels[keep]})
     if train and n_boxes == 0:
         raise UserError(f"{name}: none of its {len(ds)} images has a box, so there is nothing to "
@@ -865,10 +921,6 @@ def read_targets(ds, name, train):
     if n_clipped or n_dropped:
         console.print(f"{name}: {n_clipped} boxes clipped to their image, "
                       f"{n_dropped} with no area dropped")
-    if n_turned or n_malformed:
-        console.print(f"{name}: {n_turned} images turned upright as their EXIF orientation says"
-                      + (f"; {n_malformed} with a malformed EXIF block, read as far as it goes"
-                         if n_malformed else ""))
     return sizes, targets
 
 
@@ -1433,6 +1485,9 @@ def read_split(data, split, bbox_format, labels):
 
 NONFINITE_LIMIT = 5  # steps in a row with a NaN or inf loss before training gives up
 WORKERS_ON_CPU = 0  # loader processes when training on a CPU (measured: docs/scale.md)
+# under torchrun, how long a process waits for the others: one machine's first process may be
+# preparing a large dataset while the rest wait at a barrier (NCCL's default is 10 minutes)
+PROCESS_TIMEOUT = datetime.timedelta(hours=2)
 WORKERS_ON_GPU = 8  # at most, with a GPU: the cores but one
 WORKERS_HELP = f"{WORKERS_ON_CPU} on a CPU; with a GPU the cores but one, at most {WORKERS_ON_GPU}"
 
@@ -1802,8 +1857,7 @@ def keep_shared_classes(model, checkpoint, classes):
 def default_workers(device):
     """--workers' default: processes that decode and augment the next batches while the model
     trains. A GPU needs them to keep busy; on a CPU they take cores from the model."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return min(cores - 1, WORKERS_ON_GPU) if device.type == "cuda" else WORKERS_ON_CPU
+    return min(cpu_cores() - 1, WORKERS_ON_GPU) if device.type == "cuda" else WORKERS_ON_CPU
 
 
 def seeded_batches(data, cfg, processes=1):
@@ -1819,6 +1873,38 @@ def seeded_batches(data, cfg, processes=1):
     return torch.utils.data.BatchSampler(sampler, cfg.batch // processes, drop_last=True)
 
 
+@contextlib.contextmanager
+def first_process_of_each_machine_first():
+    """Under torchrun: each machine's first process converts and prepares the data (datasets'
+    cache and the prepared images are per machine) while the others wait; then they read it.
+    The first ones reach the barrier even when the data is refused, so the others fail alike."""
+    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if dist.is_initialized() and not first:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if dist.is_initialized() and first:
+            dist.barrier()
+
+
+def read_on_rank_zero(read):
+    """Under torchrun: rank 0 alone calls read() (only its machine has the run's files) and sends
+    what it read, or the error it met, to every process."""
+    if not dist.is_initialized():
+        return read()
+    sent = [None]
+    if dist.get_rank() == 0:
+        try:
+            sent[0] = read()
+        except UserError as e:
+            sent[0] = e
+    dist.broadcast_object_list(sent, src=0)
+    if isinstance(sent[0], UserError):
+        raise sent[0]
+    return sent[0]
+
+
 def load_best(model, run_dir, device):
     best = torch.load(run_dir / "best.pt", map_location=device, weights_only=True)
     model.load_state_dict(best["model"])
@@ -1829,7 +1915,8 @@ def train_detector(cfg, name, backbone=None, resume=None, weights=None, workers=
     trained detector's weights (fine-tuning: a new run); or, with resume = a last.pt, go on with
     that run exactly where it stopped, in its folder, with its settings and weights (cfg, backbone
     and weights are then ignored). workers: loader processes (None: default_workers)."""
-    checkpoint = read_checkpoint(resume, "detector", resumable=True) if resume else None
+    checkpoint = read_on_rank_zero(lambda: read_checkpoint(resume, "detector", resumable=True)
+                                   if resume else None)
     if checkpoint and "conf" not in (checkpoint["resume"]["best"] or {"conf": None}):
         raise UserError(f"{resume} was written by an older odscratch, whose runs this one "
                         f"cannot go on with: fine-tune its model instead (--weights "
@@ -1851,12 +1938,13 @@ def train_detector(cfg, name, backbone=None, resume=None, weights=None, workers=
             raise UserError(f"--batch {cfg.batch} does not split evenly over {processes} "
                             "processes")
     bf16 = use_bf16(device, cfg.fp32)
-    train_ds = load_split(cfg.data, "train", cfg.bbox_format)
-    classes = category_feature(train_ds).names
-    train_data = DetectionDataset(train_ds, cfg.img_size, train=True, name=f"{cfg.data} train",
-                                  seed=cfg.seed)
-    val_data = DetectionDataset(load_split(cfg.data, "validation", cfg.bbox_format), cfg.img_size,
-                                train=False, name=f"{cfg.data} validation")
+    with first_process_of_each_machine_first():
+        train_ds = load_split(cfg.data, "train", cfg.bbox_format)
+        classes = category_feature(train_ds).names
+        train_data = DetectionDataset(train_ds, cfg.img_size, train=True,
+                                      name=f"{cfg.data} train", seed=cfg.seed)
+        val_data = DetectionDataset(load_split(cfg.data, "validation", cfg.bbox_format),
+                                    cfg.img_size, train=False, name=f"{cfg.data} validation")
     # rank 0 writes
     run_dir = Path(resume).parent if resume else new_run_dir("train", name) if rank == 0 else None
     where = f"{device}{f' x {processes} processes' if processes > 1 else ''}"
@@ -1877,6 +1965,9 @@ def train_detector(cfg, name, backbone=None, resume=None, weights=None, workers=
         check_same_classes(checkpoint["classes"], classes, resume, cfg.data)
         model.load_state_dict(checkpoint["model"])
     model = model.to(device, memory_format=MEMORY_FORMAT)
+    if processes > 1 and device.type == "cuda":
+        # BatchNorm's statistics over the whole batch, not each GPU's few images
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if processes > 1:  # gradients are averaged across processes after each backward pass
         ids = [device] if device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
@@ -2796,7 +2887,9 @@ def torchrun_processes():
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
         yield
         return
-    dist.init_process_group()
+    dist.init_process_group(timeout=PROCESS_TIMEOUT)
+    if torch.cuda.is_available():  # each process its own GPU, also for NCCL's own tensors
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     console.quiet = dist.get_rank() != 0
     try:
         yield

@@ -113,21 +113,38 @@ def test_synthetic_is_seeded_and_in_schema():
     assert min(counts) >= 1 and max(counts) <= 8
 
 
-def test_a_small_split_is_decoded_once_and_augmented_afresh_every_epoch():
+def test_a_split_is_decoded_once_per_machine_and_augmented_afresh_every_epoch(tmp_path, monkeypatch):
+    monkeypatch.setattr(ods, "PREPARED", tmp_path / "prepared")
+    decoded, prepare_image = [], ods.prepare_image
+    monkeypatch.setattr(ods, "prepare_image", lambda *a: decoded.append(1) or prepare_image(*a))
     ds = ods.load_split("synthetic", "validation").select(range(8))
-    train = ods.DetectionDataset(ds, 64, train=True)
-    assert sorted(train.cache) == list(range(8))  # filled by the readability check: decoded only there
+    val = ods.DetectionDataset(ds, 64, train=False)
+    assert len(decoded) == 8 and isinstance(val.pixels, np.memmap)  # on disk, memory-mapped
+    for i in range(8):  # the pixels kept are those a fresh resize gives
+        assert torch.equal(torch.from_numpy(np.array(val.pixels[i])), ods.resize_transform(64)(ds[i]["image"]))
+    train = ods.DetectionDataset(ds, 64, train=True)  # a second run, a --resume, another process
+    assert len(decoded) == 8 and train.sizes == val.sizes
+    ods.DetectionDataset(ds, 96, train=False)  # another --img-size is prepared anew
+    assert len(decoded) == 16
     first = train[0]
-    kept = train.cache[0].clone()
     assert torch.equal(train[0][0], first[0])  # the same draw for the same (seed, epoch, image)
     draws = []
     for epoch in range(1, 5):
         train.epoch = epoch
         draws.append(train[0][0])
-    assert torch.equal(train.cache[0], kept)  # augmentation works on a copy
     assert all(not torch.equal(a, b) for a, b in zip([first[0]] + draws, draws))  # a new one each epoch
     train.seed = 1
     assert not torch.equal(train[0][0], draws[-1])  # and for another seed
+
+
+def test_an_image_file_changed_under_the_same_name_is_prepared_anew(tmp_path, monkeypatch):
+    monkeypatch.setattr(ods, "PREPARED", tmp_path / "prepared")
+    data = tiny_folder(tmp_path)
+    before = ods.DetectionDataset(ods.load_split(str(data), "train", "xywh"), 32, train=False)
+    path = Path(before.ds[0]["image"]["path"])
+    PIL.Image.new("RGB", (64, 48), "white").save(path)  # relabelled nothing, replaced the photo
+    after = ods.DetectionDataset(ods.load_split(str(data), "train", "xywh"), 32, train=False)
+    assert (np.array(after.pixels[0]) == 255).all() and not (np.array(before.pixels[0]) == 255).all()
 
 
 def test_validation_images_are_never_augmented_and_their_boxes_scale_as_resize_scales_them():
@@ -775,20 +792,17 @@ def test_every_layout_loads_the_same_boxes_and_classes(layout, tmp_path):
 
 
 @pytest.mark.parametrize("layout", ["yolo ultralytics", "coco one file", "voc flat", "autotrain"])
-@pytest.mark.parametrize("cached", [True, False])
-def test_photos_stored_sideways_read_as_their_upright_copy(layout, cached, tmp_path, monkeypatch):
+def test_photos_stored_sideways_read_as_their_upright_copy(layout, tmp_path):
     """JPEGs stored turned with each EXIF orientation 2-8, labelled upright as labelling tools show
     them: the same sizes, boxes and (up to JPEG's loss) pixels as an upright copy."""
     upright, sideways = (LAYOUT_WRITERS[layout](tmp_path / name, name == "sideways")
                          for name in ("upright", "sideways"))
-    if not cached:  # the images are then decoded at every draw, not once by the check
-        monkeypatch.setattr(ods, "CACHE_BYTES", 0)
     compared = 0
     for split in ["train", "validation", "test"]:
         with contextlib.suppress(ods.UserError):  # the layouts without that split
             a, b = (ods.DetectionDataset(ods.load_split(str(data), split), 64, train=False)
                     for data in (upright, sideways))
-            assert (a.cache is not None) == cached and a.sizes == b.sizes
+            assert a.sizes == b.sizes
             for i in range(len(a)):
                 assert torch.allclose(a.targets[i]["boxes"], b.targets[i]["boxes"], atol=1e-3)
                 assert (a[i][0] - b[i][0]).abs().mean() < 0.01  # a turn moves the ramp by ~0.3
