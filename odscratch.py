@@ -61,6 +61,7 @@ class Config:
     lr: float = 2e-3
     weight_decay: float = 5e-4
     patience: int = 0               # stop after this many validations without a better model
+    val_every: int = 1              # validate after epoch 1, every val_every-th and the last
     seed: int = 0
     fp32: bool = False              # turn off bf16 autocast
     device: str = "auto"
@@ -213,16 +214,15 @@ class DetectionDataset(torch.utils.data.Dataset):
     def __init__(self, ds, img_size, train, name="data", seed=0):
         self.train, self.img_size, self.name = train, img_size, name
         self.seed, self.epoch = seed, 0  # augmentation: sample_seed(seed, epoch, i)
-        # each image decoded once per machine, unreadable ones left out, kept resized (Part 2)
+        # Part 2: images decoded once per machine and kept resized; boxes clipped and checked
         self.ds, self.pixels, sizes = prepare_split(ds, name, img_size)
-        # boxes are read once: clipped to their image, checked for the wrong format (Part 2)
         self.sizes, self.targets = read_targets(self.ds, sizes, name, train)
 
     def __len__(self):
         return len(self.ds)
 
     def __getitem__(self, i):
-        image = torch.from_numpy(np.array(self.pixels[i]))  # [3, img_size, img_size] uint8
+        image = torch.from_numpy(self.pixels[i])  # [3, img_size, img_size] uint8
         # the boxes in the resized image's pixels, as a tv_tensor that AUGMENT moves with it
         (height, width), target = self.sizes[i], self.targets[i]
         scale = torch.tensor([self.img_size / width, self.img_size / height] * 2)
@@ -595,8 +595,7 @@ class LTDDataset(torch.utils.data.Dataset):
         return len(self.ds)
 
     def __getitem__(self, i):
-        R = v2.functional.to_dtype(torch.from_numpy(np.array(self.pixels[i])), torch.float32,
-                                   scale=True)
+        R = v2.functional.to_dtype(torch.from_numpy(self.pixels[i]), torch.float32, scale=True)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, self.epoch, i))
             S, box = sample_ltd_crop(R)
@@ -735,11 +734,12 @@ UNREADABLE = (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError
 
 
 # One-time work: decoding every image to check it (and, for training, to resize it) is done once
-# per machine. Threads decode (PIL lets go of Python's lock while it decodes) into a memory-mapped
-# uint8 file of the images resized to --img-size, kept in PREPARED (`rm -r` it to free the disk):
-# a second run, a --resume, or another process reads it at once; one process writes, the others
-# wait for it. Its name is a hash of the split's content as datasets fingerprints it, and of each
-# image file's size and time, so a changed file is prepared anew.
+# per machine. Threads decode (PIL lets go of Python's lock while it decodes) into a file of the
+# images resized to --img-size as uint8, kept in PREPARED (`rm -r` it to free the disk): a second
+# run, a --resume, or another process reads it at once; one process writes, the others wait for
+# it. Training reads an image from it when it needs it: a large split never sits in memory. Its
+# name is a hash of the split's content as datasets fingerprints it, and of each image file's size
+# and time, so a changed file is prepared anew.
 PREPARED = Path(datasets.config.HF_DATASETS_CACHE) / "odscratch"
 PREPARE_BATCH = 256  # rows read at a time: a large split's images never sit in memory together
 EXIF_LOCK = threading.Lock()
@@ -780,16 +780,29 @@ def prepared_name(ds, img_size):
     return PREPARED / key.hexdigest()[:20]
 
 
+class PreparedImages:
+    """A prepared split's images, [3, S, S] uint8 each, read from its file one at a time when
+    asked for (the OS keeps what fits in its page cache; the process holds none of them)."""
+
+    def __init__(self, path, count, img_size):
+        self.path, self.count, self.shape = path, count, (3, img_size, img_size)
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, i):
+        size = math.prod(self.shape)
+        return np.fromfile(self.path, np.uint8, size, offset=i * size).reshape(self.shape)
+
+
 def prepare_images(ds, img_size, path, name):
-    """Decode and resize every image of ds on threads, with a progress bar -> path.npy (the
+    """Decode and resize every image of ds on threads, with a progress bar -> path.u8 (the
     readable images, in order) and path.json (what was unreadable, sizes, EXIF counts)."""
     resize = resize_transform(img_size)
-    pixels = np.lib.format.open_memmap(path.with_suffix(".tmp.npy"), "w+", np.uint8,
-                                       (len(ds), 3, img_size, img_size))
-    info, readable = {"unreadable": {}, "sizes": [], "turned": 0, "malformed": 0}, 0
+    info = {"unreadable": {}, "sizes": [], "turned": 0, "malformed": 0}
     columns = [TextColumn(f"{name}: reading images once"), BarColumn(), MofNCompleteColumn()]
-    with ThreadPoolExecutor(cpu_cores()) as pool, Progress(
-            *columns, console=console, transient=True) as progress:
+    with ThreadPoolExecutor(cpu_cores()) as pool, open(path.with_suffix(".tmp"), "wb") as out, \
+            Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task("", total=len(ds))
         for start in range(0, len(ds), PREPARE_BATCH):
             records = ds[start:start + PREPARE_BATCH]["image"]
@@ -797,27 +810,25 @@ def prepare_images(ds, img_size, path, name):
                 if done[0] is None:
                     info["unreadable"][start + i] = done[1]
                     continue
-                pixels[readable], size, turned, malformed = done
+                pixels, size, turned, malformed = done
+                out.write(pixels.tobytes())
                 info["sizes"].append(size)
                 info["turned"] += turned
                 info["malformed"] += malformed
-                readable += 1
             progress.update(task, advance=len(records))
-    pixels.flush()
-    del pixels
-    os.replace(path.with_suffix(".tmp.npy"), path.with_suffix(".npy"))
+    os.replace(path.with_suffix(".tmp"), path.with_suffix(".u8"))
     write_atomically(path.with_suffix(".json"), lambda tmp: tmp.write_text(json.dumps(info)))
 
 
 def prepare_split(ds, name, img_size):
-    """A split -> (its readable rows, their images resized to img_size [n, 3, S, S] uint8 (memory-
-    mapped), their (height, width) upright). Unreadable images are counted and named, and leave
-    the split: training goes on without them. Photos turned by their EXIF are counted."""
+    """A split -> (its readable rows, their images resized to img_size (PreparedImages), their
+    (height, width) upright). Unreadable images are counted and named, and leave the split:
+    training goes on without them. Photos turned by their EXIF are counted."""
     ds = ds.cast_column("image", datasets.Image(decode=False))
     PREPARED.mkdir(parents=True, exist_ok=True)
     path = prepared_name(ds, img_size)
     with FileLock(path.with_suffix(".lock")):  # one process prepares; the others wait for it
-        if not path.with_suffix(".json").exists():
+        if not (path.with_suffix(".json").exists() and path.with_suffix(".u8").exists()):
             prepare_images(ds, img_size, path, name)
     info = json.loads(path.with_suffix(".json").read_text())
     bad = {int(i): problem for i, problem in info["unreadable"].items()}
@@ -825,7 +836,7 @@ def prepare_split(ds, name, img_size):
         console.print(f"{name}: {info['turned']} images turned upright as their EXIF orientation "
                       "says" + (f"; {info['malformed']} with a malformed EXIF block, read as far "
                                 "as it goes" if info["malformed"] else ""))
-    pixels = np.load(path.with_suffix(".npy"), mmap_mode="r")[:len(ds) - len(bad)]
+    pixels = PreparedImages(path.with_suffix(".u8"), len(ds) - len(bad), img_size)
     sizes = [tuple(size) for size in info["sizes"]]
     if not bad:
         return ds, pixels, sizes
@@ -1631,10 +1642,12 @@ class TrainingRun:
 
 
 def append_row(path, row):
-    """One row of a csv file, its header first if the file is new."""
+    """One row of a csv file under its header (written first if the file is new); a column the
+    row lacks (an epoch that was not validated) stays empty."""
     new = not path.exists()
+    fields = list(row) if new else path.read_text().splitlines()[0].split(",")
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
+        writer = csv.DictWriter(f, fieldnames=fields)
         if new:
             writer.writeheader()
         writer.writerow(row)
@@ -1649,7 +1662,8 @@ def log_epoch(run_dir, state, elapsed, scalars, start=None):
            **({"start": start} if start else {})}
     append_row(run_dir / "results.csv", row)
     lost, skipped = state.collisions, state.skipped
-    console.print(f"epoch {state.epoch}: " + " ".join(f"{n} {v:.3f}" for n, v in scalars.items())
+    console.print(f"epoch {state.epoch}: " + (" ".join(f"{n} {v:.3f}" for n, v in scalars.items())
+                                               or "not validated (--val-every)")
                   + (f" | {lost} boxes lost to shared cells" if lost else "")
                   + (f" | {skipped} steps skipped: loss NaN or inf" if skipped else ""))
 
@@ -1658,7 +1672,7 @@ def out_of_patience(cfg, best, epoch):
     """--patience N: the N validations before `epoch` found no better model. (Under torchrun only
     rank 0 validates: its answer is everyone's; the others may hold a resumed run's old `best`.)"""
     main = not dist.is_initialized() or dist.get_rank() == 0
-    waited = epoch - 1 - best["epoch"] if best and main else 0
+    waited = (epoch - 1 - best["epoch"]) // cfg.val_every if best and main else 0
     return bool(max_over_processes(cfg.patience and waited >= cfg.patience))
 
 
@@ -1731,6 +1745,10 @@ def fit(model, data, batches, compute_loss, validate, cfg, bf16, run_dir, meta, 
                 run.state = RunState(finished.epoch + 1, shuffle_state(),
                                      bad_in_a_row=finished.bad_in_a_row)
                 if not main:
+                    continue
+                if finished.epoch > 1 and finished.epoch % cfg.val_every and run.progress() < 1:
+                    log_epoch(run_dir, finished, time.time() - run.start, {}, meta.get("start"))
+                    save_checkpoint(run_dir / "last.pt", checkpoint(best))
                     continue
                 metrics = validate(inner)
                 scalars = {n: round(v, 5) for n, v in metrics.items() if isinstance(v, float)}
@@ -2178,8 +2196,10 @@ def plot_results(results_csv, path):
     epochs = [int(row["epoch"]) for row in rows]
     charts = [plot_lines(name, {name: [float(row[name]) for row in rows]}, epochs)
               for name in ["loss", "cls", "box", "giou"]]
-    charts += [plot_lines(f"validation {name}", {name: [float(row[key]) for row in rows]}, epochs,
-                          (0, 1)) for name, key in [("mAP50", "map50"), ("mAP50-95", "map")]]
+    validated = [row for row in rows if row["map"]]  # --val-every leaves epochs out
+    charts += [plot_lines(f"validation {name}", {name: [float(row[key]) for row in validated]},
+                          [int(row["epoch"]) for row in validated], (0, 1))
+               for name, key in [("mAP50", "map50"), ("mAP50-95", "map")]]
     tiles = [v2.functional.pil_to_tensor(chart) for chart in charts]
     v2.functional.to_pil_image(make_grid(tiles, nrow=3, padding=0)).save(path)
 
@@ -2968,8 +2988,10 @@ def train(
     batch: int = Config.batch,
     lr: float = Config.lr,
     seed: Seed = Config.seed,
-    patience: int = typer.Option(Config.patience, help="stop after this many epochs without a "
-                                 "better validation mAP50-95; 0: never"),
+    patience: int = typer.Option(Config.patience, help="stop after this many validations without "
+                                 "a better mAP50-95; 0: never"),
+    val_every: int = typer.Option(Config.val_every, min=1, help="validate after epoch 1, every "
+                                  "Nth and the last (long runs, large validation splits)"),
     weights: str = typer.Option(None, help="fine-tune: start from a trained detector's best.pt "
                                 "(a new run; the classes both have keep their weights)"),
     backbone: str = typer.Option(None, help="start from a backbone.pt of `odscratch pretrain`"),
@@ -2988,7 +3010,8 @@ def train(
                             "other: pass one")
         cfg = Config(data=data, bbox_format=bbox_format, img_size=img_size, stride=stride,
                      assign_radius=assign_radius, epochs=epochs, time=time_budget, batch=batch,
-                     lr=lr, patience=patience, seed=seed, fp32=fp32, device=device)
+                     lr=lr, patience=patience, val_every=val_every, seed=seed, fp32=fp32,
+                     device=device)
         run_dir, best, classes = train_detector(cfg, name, backbone, resume, weights, workers)
         if best:  # under torchrun, rank 0's
             title = f"best validation epoch: {best['epoch']} ({run_dir / 'best.pt'})"

@@ -2,6 +2,7 @@
 sizes: the whole suite runs in a few minutes on 2 CPU cores, offline."""
 
 import contextlib
+import csv
 import io
 import json
 import os
@@ -119,9 +120,9 @@ def test_a_split_is_decoded_once_per_machine_and_augmented_afresh_every_epoch(tm
     monkeypatch.setattr(ods, "prepare_image", lambda *a: decoded.append(1) or prepare_image(*a))
     ds = ods.load_split("synthetic", "validation").select(range(8))
     val = ods.DetectionDataset(ds, 64, train=False)
-    assert len(decoded) == 8 and isinstance(val.pixels, np.memmap)  # on disk, memory-mapped
+    assert len(decoded) == 8 and val.pixels.path.stat().st_size == 8 * 3 * 64 * 64  # on disk, uint8
     for i in range(8):  # the pixels kept are those a fresh resize gives
-        assert torch.equal(torch.from_numpy(np.array(val.pixels[i])), ods.resize_transform(64)(ds[i]["image"]))
+        assert torch.equal(torch.from_numpy(val.pixels[i]), ods.resize_transform(64)(ds[i]["image"]))
     train = ods.DetectionDataset(ds, 64, train=True)  # a second run, a --resume, another process
     assert len(decoded) == 8 and train.sizes == val.sizes
     ods.DetectionDataset(ds, 96, train=False)  # another --img-size is prepared anew
@@ -144,7 +145,7 @@ def test_an_image_file_changed_under_the_same_name_is_prepared_anew(tmp_path, mo
     path = Path(before.ds[0]["image"]["path"])
     PIL.Image.new("RGB", (64, 48), "white").save(path)  # relabelled nothing, replaced the photo
     after = ods.DetectionDataset(ods.load_split(str(data), "train", "xywh"), 32, train=False)
-    assert (np.array(after.pixels[0]) == 255).all() and not (np.array(before.pixels[0]) == 255).all()
+    assert (after.pixels[0] == 255).all() and not (before.pixels[0] == 255).all()
 
 
 def test_validation_images_are_never_augmented_and_their_boxes_scale_as_resize_scales_them():
@@ -1224,6 +1225,21 @@ def test_many_nan_steps_in_a_row_stop_training_and_keep_the_last_good_epoch(tmp_
     assert "epoch 3" in message
 
 
+def test_val_every_validates_after_epoch_1_every_nth_and_the_last(tmp_path, monkeypatch):
+    tiny_folder(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(ods.app, TINY_TRAIN + ["--epochs", "5", "--val-every", "2"])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "train" / "exp"
+    with open(run / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["epoch"] for row in rows] == ["1", "2", "3", "4", "5"]
+    assert [bool(row["map50"]) for row in rows] == [True, True, False, True, True]
+    assert all(row["loss"] for row in rows) and "epoch 3: not validated (--val-every)" in result.output
+    assert torch.load(run / "best.pt", weights_only=True)["epoch"] in (1, 2, 4, 5)
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 5 and (run / "results.png").is_file()
+
+
 def test_a_failing_write_keeps_the_previous_checkpoints(tmp_path, monkeypatch):
     tiny_folder(tmp_path)
     monkeypatch.chdir(tmp_path)
@@ -1322,6 +1338,57 @@ def test_torchrun_two_processes_write_one_checkpoint(tmp_path):
     assert len((tmp_path / "runs" / "train" / "exp" / "results.csv").read_text().splitlines()) == 3
     detector = ods.Detector.load(tmp_path / "runs" / "train" / "exp" / "best.pt", "cpu")
     assert detector.classes == ["cat", "dog"]
+
+
+def torchrun_train(folder, data, *args):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "odscratch", "train", "--data", str(data), "--bbox-format", "xywh",
+                             "--img-size", "64", "--batch", "4", "--device", "cpu", *args],
+                            cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_torchrun_ctrl_c_then_resume_ends_exactly_like_an_uninterrupted_run(tmp_path):
+    data = tiny_folder(tmp_path, n=60)  # 51 train images: 12 steps an epoch, 2 images a process
+    whole = torchrun_train(tmp_path, data, "--epochs", "6", "--name", "whole")
+    assert whole.wait(timeout=300) == 0, whole.stdout.read()
+    cut = torchrun_train(tmp_path, data, "--epochs", "6", "--name", "cut")
+    for line in cut.stdout:  # after epoch 1, Ctrl-C to one of the two processes: both stop at the same step
+        if line.startswith("epoch 1:"):
+            workers = Path(f"/proc/{cut.pid}/task/{cut.pid}/children").read_text().split()
+            os.kill(int(workers[-1]), signal.SIGINT)
+            break
+    output = cut.communicate(timeout=300)[0]
+    assert cut.returncode != 0 and "continue exactly from there with: odscratch train --resume runs/train/cut/last.pt" in output, output
+    resumed = torchrun_train(tmp_path, data, "--resume", "runs/train/cut/last.pt")
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0 and "resuming runs/train/cut at epoch" in output, output
+    a, b = (torch.load(tmp_path / "runs" / "train" / name / "last.pt", weights_only=True) for name in ("whole", "cut"))
+    assert a["epoch"] == b["epoch"] == 6 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    rows = [[row.split(",", 2)[::2] for row in (tmp_path / "runs" / "train" / name / "results.csv").read_text().splitlines()]
+            for name in ("whole", "cut")]
+    assert rows[0] == rows[1]
+
+
+def test_two_ranks_draw_different_images_and_augmentations_the_same_in_any_process(tmp_path, monkeypatch):
+    from torch.utils.data.distributed import DistributedSampler
+    monkeypatch.setattr(ods, "PREPARED", tmp_path / "prepared")
+    ds = ods.load_split("synthetic", "validation").select(range(16))
+    draws = []
+    for rank in (0, 1):  # each rank's own process: its own dataset, the same --seed
+        torch.manual_seed(0)
+        data = ods.DetectionDataset(ds, 64, train=True, seed=0)
+        data.epoch = 1
+        sampler = DistributedSampler(data, num_replicas=2, rank=rank, seed=0, drop_last=True)
+        sampler.set_epoch(1)
+        draws.append({i: data[i] for i in sampler})
+    assert not set(draws[0]) & set(draws[1])  # each image on one rank only
+    firsts = [next(iter(d.values())) for d in draws]
+    assert not torch.equal(firsts[0][1]["boxes"], firsts[1][1]["boxes"])  # not the same draw on both ranks
+    again = ods.DetectionDataset(ds, 64, train=True, seed=0)
+    again.epoch = 1
+    for i, (image, target) in {**draws[0], **draws[1]}.items():  # whatever process draws image i in epoch 1
+        assert torch.equal(again[i][0], image) and torch.equal(again[i][1]["boxes"], target["boxes"])
 
 
 def test_assign_radius_below_one_cell_is_one_line_error(tmp_path, monkeypatch):
