@@ -201,8 +201,7 @@ AUGMENT = v2.Compose([  # on the resized image, at training time only
 ])
 
 def sample_seed(seed, epoch, i):
-    """A seed for image i's random draws in this epoch: the same in any worker process, any rank
-    and a resumed run, different for every image and epoch."""
+    """A seed for image i's draws this epoch: the same in any process, rank or resumed run."""
     return int(np.random.SeedSequence([seed, epoch, i]).generate_state(1, np.uint64)[0])
 
 
@@ -536,10 +535,11 @@ def model_network(model, bf16):
 
 
 @torch.no_grad()
-def predict(network, data, batch, conf, iou):
-    """A DetectionDataset -> one detections dict per image, in original pixels."""
+def predict(network, data, batch, conf, iou, indices=None):
+    """A DetectionDataset (or its images at `indices`) -> a detections dict per image, in pixels."""
     results = []
-    for images, targets in torch.utils.data.DataLoader(data, batch_size=batch, collate_fn=collate):
+    for images, targets in torch.utils.data.DataLoader(data, batch, sampler=indices,
+                                                       collate_fn=collate):
         sizes = [data.sizes[t["index"]] for t in targets]
         results += select_detections(*network(images), sizes, conf, iou)
     return results
@@ -1744,13 +1744,18 @@ def fit(model, data, batches, compute_loss, validate, cfg, bf16, run_dir, meta, 
                 finished = run.state
                 run.state = RunState(finished.epoch + 1, shuffle_state(),
                                      bad_in_a_row=finished.bad_in_a_row)
+                # after epoch 1, every --val-every-th and the last (run.progress: every process)
+                last = run.progress() >= 1
+                if finished.epoch == 1 or finished.epoch % cfg.val_every == 0 or last:
+                    metrics = validate(inner)  # under torchrun: every process predicts a share
+                else:
+                    metrics = None
                 if not main:
                     continue
-                if finished.epoch > 1 and finished.epoch % cfg.val_every and run.progress() < 1:
+                if metrics is None:
                     log_epoch(run_dir, finished, time.time() - run.start, {}, meta.get("start"))
                     save_checkpoint(run_dir / "last.pt", checkpoint(best))
                     continue
-                metrics = validate(inner)
                 scalars = {n: round(v, 5) for n, v in metrics.items() if isinstance(v, float)}
                 log_epoch(run_dir, finished, time.time() - run.start, scalars, meta.get("start"))
                 shown = " | val " + " ".join(f"{n} {v:.2f}" for n, v in scalars.items())
@@ -1998,9 +2003,22 @@ def train_detector(cfg, name, backbone=None, resume=None, weights=None, workers=
               "random init")
     meta = {"kind": "detector", "classes": classes,
             "start": checkpoint.get("start", "random init") if checkpoint else origin}
-    best = fit(model, train_data, batches, loss,
-               lambda m: with_confidence(validate_detector(m, val_data, len(classes), cfg, bf16)),
-               cfg, bf16, run_dir, meta, best_metric="map",
+    def validate(model):
+        """Each process predicts its share of the validation images; rank 0 scores them all."""
+        for buffer in model.buffers() if processes > 1 else []:  # BatchNorm's statistics: rank 0's
+            dist.broadcast(buffer, src=0)
+        share = list(range(rank, len(val_data), processes))
+        found = predict(model_network(model, bf16), val_data, cfg.batch, EVAL_CONF, NMS_IOU, share)
+        if processes > 1:
+            shares = [None] * processes
+            dist.all_gather_object(shares, found)
+            found = [None] * len(val_data)
+            for r, part in enumerate(shares):
+                found[r::processes] = part
+        if rank == 0:
+            return with_confidence(evaluate(found, val_data.targets, len(classes)))
+
+    best = fit(model, train_data, batches, loss, validate, cfg, bf16, run_dir, meta, "map",
                workers=default_workers(device) if workers is None else workers,
                resume=checkpoint and checkpoint["resume"])
     if rank == 0:  # the pictures show the best epoch's model

@@ -1330,7 +1330,7 @@ def test_torchrun_two_processes_write_one_checkpoint(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                              "-m", "odscratch", "train", "--data", str(data), "--bbox-format", "xywh",
-                             "--img-size", "64", "--epochs", "2", "--batch", "4", "--device", "cpu"],
+                             "--img-size", "64", "--epochs", "2", "--batch", "4", "--device", "cpu", "--fp32"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "cpu x 2 processes" in result.stdout and result.stdout.count("epoch 2:") == 1  # rank 0 alone prints
@@ -1338,6 +1338,15 @@ def test_torchrun_two_processes_write_one_checkpoint(tmp_path):
     assert len((tmp_path / "runs" / "train" / "exp" / "results.csv").read_text().splitlines()) == 3
     detector = ods.Detector.load(tmp_path / "runs" / "train" / "exp" / "best.pt", "cpu")
     assert detector.classes == ["cat", "dog"]
+    # each process predicted half of the validation images; rank 0 scored them all: as one process scores them
+    best = torch.load(tmp_path / "runs" / "train" / "exp" / "best.pt", weights_only=True)
+    model = ods.GridDetector(2, 16, best["config"]["assign_radius"])
+    model.load_state_dict(best["model"])
+    val = ods.DetectionDataset(ods.load_split(str(data), "validation", "xywh"), 64, train=False)
+    cfg = ods.Config(**best["config"])
+    alone = ods.validate_detector(model, val, 2, cfg, bf16=False)
+    assert len(val) == 3 and alone["map50"] == pytest.approx(best["metrics"]["map50"], abs=1e-6)
+    assert alone["map"] == pytest.approx(best["metrics"]["map"], abs=1e-6)
 
 
 def torchrun_train(folder, data, *args):
