@@ -1379,24 +1379,35 @@ def test_torchrun_ctrl_c_then_resume_ends_exactly_like_an_uninterrupted_run(tmp_
     assert rows[0] == rows[1]
 
 
-def test_two_ranks_draw_different_images_and_augmentations_the_same_in_any_process(tmp_path, monkeypatch):
-    from torch.utils.data.distributed import DistributedSampler
+def first_augmented_batch(rank, folder):
+    """One of two gloo processes, as `train` under torchrun starts: the same --seed in both, the
+    train split's first batch of epoch 1 drawn and augmented; rank 0 saves both ranks' draws."""
+    import torch.distributed as dist
+    ods.PREPARED = folder / "prepared"
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2)
+    ods.seed_everything(0)
+    data = ods.DetectionDataset(ods.load_split("synthetic", "validation").select(range(16)), 64, train=True, seed=0)
+    batches = ods.seeded_batches(data, ods.Config(batch=4), processes=2)
+    batches.sampler.set_epoch(1)
+    data.epoch = 1
+    first = next(iter(batches))
+    draws = [None, None]
+    dist.all_gather_object(draws, {i: data[i] for i in first})
+    if rank == 0:
+        torch.save(draws, folder / "draws.pt")
+    dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_draw_different_images_and_augmentations_the_same_in_any_process(tmp_path, monkeypatch):
+    torch.multiprocessing.spawn(first_augmented_batch, args=(tmp_path,), nprocs=2)
+    draws = torch.load(tmp_path / "draws.pt", weights_only=False)
+    assert len(draws[0]) == len(draws[1]) == 2 and not set(draws[0]) & set(draws[1])  # each image on one rank
     monkeypatch.setattr(ods, "PREPARED", tmp_path / "prepared")
-    ds = ods.load_split("synthetic", "validation").select(range(16))
-    draws = []
-    for rank in (0, 1):  # each rank's own process: its own dataset, the same --seed
-        torch.manual_seed(0)
-        data = ods.DetectionDataset(ds, 64, train=True, seed=0)
-        data.epoch = 1
-        sampler = DistributedSampler(data, num_replicas=2, rank=rank, seed=0, drop_last=True)
-        sampler.set_epoch(1)
-        draws.append({i: data[i] for i in sampler})
-    assert not set(draws[0]) & set(draws[1])  # each image on one rank only
-    firsts = [next(iter(d.values())) for d in draws]
-    assert not torch.equal(firsts[0][1]["boxes"], firsts[1][1]["boxes"])  # not the same draw on both ranks
-    again = ods.DetectionDataset(ds, 64, train=True, seed=0)
+    again = ods.DetectionDataset(ods.load_split("synthetic", "validation").select(range(16)), 64, train=True)
     again.epoch = 1
-    for i, (image, target) in {**draws[0], **draws[1]}.items():  # whatever process draws image i in epoch 1
+    # each image's augmentation is its own, not a random stream every rank repeats (the same --seed
+    # everywhere): a third process draws exactly what the rank that had the image drew
+    for i, (image, target) in {**draws[0], **draws[1]}.items():
         assert torch.equal(again[i][0], image) and torch.equal(again[i][1]["boxes"], target["boxes"])
 
 
