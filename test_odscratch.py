@@ -1548,6 +1548,27 @@ def readme_python_example(n=1):
     return readme.split("```python\n")[n].split("```")[0]
 
 
+def test_the_readme_tour_names_sections_and_functions_that_exist():
+    root = Path(__file__).resolve().parent
+    readme, source = (root / "README.md").read_text(), (root / "odscratch.py").read_text()
+    tour = readme[readme.index("## Tour of `odscratch.py`"):]
+    tour = tour[:tour.index("\n## ", 1)]
+    sections = re.findall(r"^\| \*\*([^*]+)\*\* \|", tour, re.M)
+    assert len(sections) >= 15 and not re.search(r"\| \d+[–-]\d+ \|", tour)  # names, not line ranges
+    for section in sections:  # each opens with its `# Name:` comment
+        assert re.search(rf"^# {re.escape(section)}\b", source, re.M), section
+    # every function, class or setting it names (snake_case or CamelCase) is still in the file
+    for name in set(re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)`", tour)):
+        if "_" in name or name[0].isupper():
+            assert re.search(rf"\b{name}\b", source), name
+
+
+def test_part_1_the_lesson_is_at_most_650_lines():
+    lines = (Path(__file__).resolve().parent / "odscratch.py").read_text().splitlines()
+    banner = lines.index("# PART 2: THE PRODUCT") - 1  # the ===== line above it
+    assert lines[banner].startswith("# ===") and banner <= 650, banner
+
+
 def test_readme_python_example_runs(trained, monkeypatch, capsys):
     folder, _ = trained
     monkeypatch.chdir(folder)
