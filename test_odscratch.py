@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -106,10 +107,12 @@ def pretrained(tmp_path_factory):
 def test_synthetic_is_seeded_and_in_schema():
     ds = ods.load_split("synthetic", "validation")
     assert ods.category_feature(ds).names == ods.SYNTHETIC_CLASSES
-    ods.synthetic_split.cache_clear()
-    again = ods.load_split("synthetic", "validation")
-    assert ds[3]["objects"] == again[3]["objects"]
-    assert np.array_equal(np.asarray(ds[3]["image"]), np.asarray(again[3]["image"]))
+    # two fresh draws, not datasets' cache of one: the seed alone fixes the images and boxes
+    first, again = ([row for _, row in zip(range(4), ods.synthetic_rows("validation", "recipe"))] for _ in range(2))
+    assert first == again and first[3]["image"]["bytes"] != first[2]["image"]["bytes"]
+    cached = ds.cast_column("image", datasets.Image(decode=False))[3]  # and the split holds that draw
+    assert cached["image"]["bytes"] == first[3]["image"]["bytes"]
+    assert np.allclose(cached["objects"]["bbox"], first[3]["objects"]["bbox"], atol=1e-4)
     counts = [len(o["bbox"]) for o in ds["objects"]]
     assert min(counts) >= 1 and max(counts) <= 8
 
@@ -371,7 +374,9 @@ def test_train_writes_checkpoints_and_learns(trained):
     test = ods.DetectionDataset(ods.load_split("synthetic", "test"), cfg.img_size, train=False)
     found = ods.predict(ods.model_network(model, bf16=False), test, 32, ods.EVAL_CONF, ods.NMS_IOU)
     metrics = ods.evaluate(found, test.targets, 3)
-    assert metrics["map50"] > 0.2  # chance is ~0: a few seconds of training already finds the shapes
+    # chance is ~0; this run reaches mAP50 0.68 / mAP50-95 0.37 in bf16 and 0.61 / 0.32 in float32
+    # (Zen 5, 2026-12-06): floors a little below both
+    assert metrics["map50"] > 0.5 and metrics["map"] > 0.25, metrics
 
 
 def test_same_seed_same_weights(tmp_path, monkeypatch):
@@ -1210,6 +1215,8 @@ def test_nan_steps_are_skipped_and_counted(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     rows = (tmp_path / "runs" / "train" / "exp" / "results.csv").read_text().splitlines()
     assert [row.split(",")[7] for row in rows] == ["skipped_steps", "2", "0"]
+    last = torch.load(tmp_path / "runs" / "train" / "exp" / "last.pt", weights_only=True)
+    assert last["resume"]["optimizer"]["state"][0]["step"] == 8 - 2  # the NaN steps were not learnt
 
 
 def test_many_nan_steps_in_a_row_stop_training_and_keep_the_last_good_epoch(tmp_path, monkeypatch):
@@ -1222,6 +1229,7 @@ def test_many_nan_steps_in_a_row_stop_training_and_keep_the_last_good_epoch(tmp_
     # steps 6-8 (epoch 2) and 9-10 (epoch 3) were NaN: skipped steps change nothing, so the last finished
     # epoch's weights are those of step 5, from before the NaNs, and finite
     assert last["epoch"] == 2 and all(v.isfinite().all() for v in last["model"].values() if v.is_floating_point())
+    assert last["resume"]["optimizer"]["state"][0]["step"] == 5  # steps 1-5 learnt, none after
     assert "epoch 3" in message
 
 
@@ -1791,6 +1799,20 @@ def test_detect_without_arguments_runs_the_newest_model_on_built_in_images(train
     result = runner.invoke(ods.app, ["detect", "--name", "builtin"])
     assert result.exit_code == 0, result.output
     assert len(list((folder / "runs" / "detect" / "builtin").glob("*.jpg"))) == 4
+
+
+def test_the_newest_model_is_the_last_written_of_several(trained, tmp_path, monkeypatch):
+    folder, _ = trained
+    monkeypatch.chdir(tmp_path)
+    for name in ("a", "b"):  # two runs, the same model
+        (tmp_path / "runs" / "train" / name).mkdir(parents=True)
+        shutil.copy(folder / "runs" / "train" / "exp" / "best.pt", tmp_path / "runs" / "train" / name)
+    for newer, older in [("a", "b"), ("b", "a")]:  # by when it was written, not by name
+        os.utime(tmp_path / "runs" / "train" / older / "best.pt", (1_000_000, 1_000_000))
+        os.utime(tmp_path / "runs" / "train" / newer / "best.pt", (2_000_000, 2_000_000))
+        assert ods.newest_weights() == Path("runs") / "train" / newer / "best.pt"
+        result = runner.invoke(ods.app, ["eval", "--split", "validation", "--name", f"after_{newer}"])
+        assert result.exit_code == 0 and f"runs/train/{newer}/best.pt" in " ".join(result.output.split()), result.output
 
 
 def test_detect_pre_labels_read_back_as_datasets_that_pycocotools_and_labelling_tools_load(trained, tmp_path, monkeypatch):
