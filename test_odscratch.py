@@ -5,6 +5,7 @@ import contextlib
 import csv
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -179,6 +180,15 @@ def test_a_cell_reaches_the_centres_of_the_boxes_it_learns(radius):
     boxes = ods.cells_to_boxes(raw, 4, 4, radius)
     assert boxes[0, 0, 0] * 4 == pytest.approx(0.5 - radius)  # cell (0, 0), lowest offset
     assert boxes[0, 1, 0] * 4 == pytest.approx(1.5 + radius)  # cell (0, 1), highest offset
+
+
+def test_cells_to_boxes_on_a_grid_wider_than_high_with_distinct_x_y_w_h():
+    logit = lambda p: math.log(p / (1 - p))
+    raw = torch.zeros(1, 6, 4)  # a 2 x 3 grid (h = 2 rows, w = 3 columns), cell 4 = row 1, column 1
+    raw[0, 4] = torch.tensor([logit(0.75), logit(0.25), logit(0.3), logit(0.6)])
+    box = ods.cells_to_boxes(raw, 2, 3, radius=1.0)[0, 4]
+    # by hand: cx = (column + 0.5 + radius * (2 * 0.75 - 1)) / w, cy = (row + 0.5 + radius * (2 * 0.25 - 1)) / h
+    assert box.tolist() == pytest.approx([(1 + 0.5 + 0.5) / 3, (1 + 0.5 - 0.5) / 2, 0.3, 0.6])
 
 
 # --- loss: which cells learn which box ---------------------------------------------------------
@@ -1790,7 +1800,16 @@ def test_detect_writes_each_image_with_its_boxes(trained, tmp_path, monkeypatch)
     ods.load_split("synthetic", "test")[0]["image"].save(image)
     result = runner.invoke(ods.app, ["detect", str(image), "--conf", "0.05", "--name", "one"])
     assert result.exit_code == 0, result.output
-    assert PIL.Image.open(folder / "runs" / "detect" / "one" / "shapes.jpg").size == (320, 320)
+    written = np.asarray(PIL.Image.open(folder / "runs" / "detect" / "one" / "shapes.jpg"), dtype=float)
+    original = np.asarray(PIL.Image.open(image).convert("RGB"), dtype=float)
+    assert written.shape == (320, 320, 3)
+    # where the boxes and tags are drawn, the written picture has them (up to JPEG), not the photo
+    detector = ods.Detector.load(folder / "runs" / "train" / "exp" / "best.pt", "cpu")
+    drawn = ods.draw_detections(PIL.Image.open(image), detector(image, conf=0.05)[0], detector.classes)
+    drawn = np.asarray(drawn, dtype=float)
+    lines = (np.abs(drawn - original) > 60).any(-1)
+    assert lines.sum() > 500, lines.sum()
+    assert np.abs(written - drawn)[lines].mean() < np.abs(written - original)[lines].mean() / 3
 
 
 def test_detect_without_arguments_runs_the_newest_model_on_built_in_images(trained, monkeypatch):
