@@ -845,6 +845,9 @@ def test_hugging_face_integer_categories_without_names_are_named_by_number(tmp_p
         metadata.write_text("".join(json.dumps(row) + "\n" for row in rows))
     found, classes = loaded_objects(data)
     assert classes == ["0", "1", "2"] and len(found) == 10
+    # category k is class "k": each image keeps its labels
+    expected = {name: labels for items in canonical_images().values() for name, _, _, _, labels in items}
+    assert {name: labels for name, (_, _, labels) in found.items()} == expected
 
 
 def test_a_save_to_disk_folder_loads_with_its_splits(tmp_path):
