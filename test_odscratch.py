@@ -1189,11 +1189,14 @@ def test_hub_name_offline_is_one_line_error(tmp_path):
 def test_hub_unreachable_is_one_line_error_within_30_seconds(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parent)
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # a hub that does not answer, whatever this machine can reach
     result = subprocess.run([sys.executable, "-m", "odscratch", "train", "--data", "nobody/no-such-dataset"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
     output = (result.stdout + result.stderr).strip()
     assert result.returncode == 1 and len(output.splitlines()) == 1 and "Traceback" not in output, output
-    assert "nobody/no-such-dataset" in output and "local folder" in output
+    # its own words, not the not-found message's
+    assert "cannot reach the Hugging Face hub for 'nobody/no-such-dataset'" in output, output
+    assert output.endswith("point --data at a local folder, or use --data synthetic"), output
 
 
 def test_no_validation_split_is_carved_and_announced(tmp_path, monkeypatch):
