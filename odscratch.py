@@ -678,6 +678,7 @@ from typing import Annotated
 from xml.etree import ElementTree
 
 import huggingface_hub
+import pyarrow.compute as pc
 import torch.distributed as dist
 import typer
 import yaml
@@ -772,11 +773,14 @@ def prepared_name(ds, img_size):
     """What the prepared split is kept under: its content and img_size, and its image files'
     sizes and times (an image embedded in the dataset is in its fingerprint)."""
     key = hashlib.sha256(f"{ds._fingerprint} {img_size}".encode())
-    for batch in ds.select_columns(["image"]).iter(PREPARE_BATCH):
-        for record in batch["image"]:
-            if record["path"] and not record["bytes"] and os.path.isfile(record["path"]):
-                stat = os.stat(record["path"])
-                key.update(f"{record['path']} {stat.st_size} {stat.st_mtime_ns}".encode())
+    images = ds.select_columns(["image"]).with_format("arrow")  # the paths, not the bytes, read
+    for start in range(0, len(ds), PREPARE_BATCH):
+        column = images[start:start + PREPARE_BATCH]["image"]
+        embedded = pc.is_valid(pc.struct_field(column, "bytes")).to_pylist()
+        for path, inside in zip(pc.struct_field(column, "path").to_pylist(), embedded):
+            if path and not inside and os.path.isfile(path):
+                stat = os.stat(path)
+                key.update(f"{path} {stat.st_size} {stat.st_mtime_ns}".encode())
     return PREPARED / key.hexdigest()[:20]
 
 
@@ -1679,13 +1683,16 @@ def out_of_patience(cfg, best, epoch):
 def fit(model, data, batches, compute_loss, validate, cfg, bf16, run_dir, meta, best_metric,
         workers, resume=None):
     """Train `model` on `data` in `batches` (a BatchSampler of a seeded RandomSampler, or of a
-    DistributedSampler under torchrun), loaded by `workers` processes (a resumed epoch is cut
-    exactly as before, from the shuffle's saved state); after each epoch `validate(model)`.
-    Writes last.pt (with what --resume needs), best.pt (highest `best_metric`) and results.csv to
-    run_dir; returns the best metrics. `resume`: a last.pt's "resume" entry, to go on with that
-    run. Under torchrun `model` is in DistributedDataParallel; rank 0 validates and writes."""
+    DistributedSampler under torchrun), loaded by `workers` processes (None: default_workers; a
+    resumed epoch is cut exactly as before, from the shuffle's saved state); after each epoch
+    `validate(model)`. Writes last.pt (with what --resume needs), best.pt (highest `best_metric`)
+    and results.csv to run_dir; returns the best metrics. `resume`: a last.pt's "resume" entry, to
+    go on with that run. Under torchrun `model` is in DistributedDataParallel; every process
+    validates (its share), rank 0 writes."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     inner = getattr(model, "module", model)  # the model inside DistributedDataParallel
+    device = next(inner.parameters()).device
+    workers = default_workers(device) if workers is None else workers
     main = not dist.is_initialized() or dist.get_rank() == 0
     sampler = batches.sampler
     distributed = isinstance(sampler, DistributedSampler)  # it shuffles by seed and epoch itself
@@ -1732,7 +1739,7 @@ def fit(model, data, batches, compute_loss, validate, cfg, bf16, run_dir, meta, 
                 data.epoch = run.state.epoch  # its augmentation
                 loader = DataLoader(data, batch_sampler=epoch_batches[run.state.step:],
                                     num_workers=workers, collate_fn=collate,
-                                    pin_memory=next(model.parameters()).is_cuda)
+                                    pin_memory=device.type == "cuda")
                 with run.epoch_bar(f"epoch {run.state.epoch}{shown}", len(epoch_batches)):
                     train_epoch(model, loader, compute_loss, optimizer, cfg, bf16, run)
                 if run.stopped:
@@ -1937,7 +1944,7 @@ def train_detector(cfg, name, backbone=None, resume=None, weights=None, workers=
     """Train a detector in runs/train/<name>, from random weights, a pretrained backbone, or a
     trained detector's weights (fine-tuning: a new run); or, with resume = a last.pt, go on with
     that run exactly where it stopped, in its folder, with its settings and weights (cfg, backbone
-    and weights are then ignored). workers: loader processes (None: default_workers)."""
+    and weights are then ignored)."""
     checkpoint = read_on_rank_zero(lambda: read_checkpoint(resume, "detector", resumable=True)
                                    if resume else None)
     if checkpoint and "conf" not in (checkpoint["resume"]["best"] or {"conf": None}):
@@ -2019,8 +2026,7 @@ def train_detector(cfg, name, backbone=None, resume=None, weights=None, workers=
             return with_confidence(evaluate(found, val_data.targets, len(classes)))
 
     best = fit(model, train_data, batches, loss, validate, cfg, bf16, run_dir, meta, "map",
-               workers=default_workers(device) if workers is None else workers,
-               resume=checkpoint and checkpoint["resume"])
+               workers, resume=checkpoint and checkpoint["resume"])
     if rank == 0:  # the pictures show the best epoch's model
         inner = getattr(model, "module", model)
         load_best(inner, run_dir, device)
@@ -2056,9 +2062,8 @@ def pretrain_backbone(cfg, name, mask_crop, resume=None, workers=None):
 
     best = fit(model, train_data, batches, loss,
                lambda m: validate_ltd(m, val_data, cfg.batch, bf16), cfg, bf16, run_dir,
-               {"kind": "ltd", "mask_crop": mask_crop}, best_metric="iou",
-               workers=default_workers(device) if workers is None else workers,
-               resume=checkpoint and checkpoint["resume"])
+               {"kind": "ltd", "mask_crop": mask_crop}, "iou",
+               workers, resume=checkpoint and checkpoint["resume"])
     load_best(model, run_dir, device)
     save_checkpoint(run_dir / "backbone.pt", {
         "kind": "backbone", "stride": cfg.stride, "mask_crop": mask_crop, "config": asdict(cfg),
