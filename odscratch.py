@@ -13,12 +13,9 @@ Part 1, the recipe:
 6. Optionally first, without labels: Learn To Detect (LTD). Cut a sub-image S out of an image R and
    train the same network to find S's box in R; its backbone then starts the detector.
 
-Run it (offline, on built-in synthetic shapes unless --data names yours):
-    odscratch train                # -> runs/train/exp/best.pt and pictures of the run
-    odscratch eval                 # the newest best.pt on the test split: mAP per class
-    odscratch detect photo.jpg     # a table of boxes, and runs/detect/exp/photo.jpg
-
-Part 2, the product (your data, safe training, shipping), can be skipped: calls into it are marked.
+Run it: `odscratch lesson` trains on built-in shapes with the loop that ends Part 1, offline.
+Part 2, the product (your data, safe training, shipping: `odscratch train`, `eval`, `detect`), can
+be skipped: Part 1 names nothing in it.
 """
 
 # =============================================================================
@@ -34,10 +31,8 @@ from pathlib import Path
 
 import datasets
 import numpy as np
-import PIL.ExifTags
 import PIL.Image
 import PIL.ImageDraw
-import PIL.ImageOps
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -50,21 +45,15 @@ from torchvision.transforms import v2
 
 @dataclass
 class Config:
-    data: str = "synthetic"         # or a YOLO, COCO, VOC or Hugging Face dataset (or hub name)
-    bbox_format: str = "auto"       # Hugging Face boxes: xyxy, xywh or auto (others say theirs)
     img_size: int = 160             # images are resized to img_size x img_size
     stride: int = 16                # pixels per grid cell: 8, 16 or 32 (where ResNet-18 is cut)
     assign_radius: float = 1.0      # 0.5: a box trains its centre's cell; 1: also nearby cells
     epochs: int = 4
-    time: float = 0.0               # minutes; when set, the schedule ends at this budget
     batch: int = 8                  # for detection (docs/yolo11n.md measures it); pretrain keeps 16
     lr: float = 2e-3
     weight_decay: float = 5e-4
-    patience: int = 0               # stop after this many validations without a better model
-    val_every: int = 1              # validate after epoch 1, every val_every-th and the last
     seed: int = 0
     fp32: bool = False              # turn off bf16 autocast
-    device: str = "auto"
 
 
 # -----------------------------------------------------------------------------
@@ -153,42 +142,9 @@ def synthetic_split(split):
                                            gen_kwargs={"split": split, "recipe": recipe})
 
 
-def load_split(data, split, bbox_format="auto", labels=True):
-    """--data's split -> a datasets.Dataset in the one schema; labels=False: any images (LTD)."""
-    check_box_format(bbox_format)  # Part 2: a value we do not read is refused, whatever the data
-    if data == "synthetic" and split in SYNTHETIC_SPLITS:
-        return synthetic_split(split)
-    return read_split(data, split, bbox_format, labels)  # your data, read and checked: Part 2
-
-
-def open_image(record):
-    # record is datasets' undecoded image: {"bytes": ..., "path": ...}
-    return PIL.Image.open(io.BytesIO(record["bytes"]) if record["bytes"] else record["path"])
-
-
-def exif_orientation(image):
-    """An opened image's EXIF orientation, from its header: 2-8 say how to turn it, else 1. Phones
-    store most photos sideways with this tag; labelling tools turn them, and boxes are drawn so."""
-    known = image.format != "PNG" or "exif" in image.info  # a PNG's after its pixels: not read
-    orientation = image.getexif().get(PIL.ExifTags.Base.Orientation, 1) if known else 1
-    return orientation if orientation in range(1, 9) else 1
-
-
-def upright(image):
-    """An opened image as labelling tools show it (turned as its EXIF says), in RGB."""
-    if exif_orientation(image) != 1:
-        image = PIL.ImageOps.exif_transpose(image)
-    return image.convert("RGB")
-
-
 def resize_transform(img_size):
     # Resize first: every later step then works on the small image.
     return v2.Compose([v2.ToImage(), v2.Resize((img_size, img_size), antialias=True)])
-
-
-def inference_transform(img_size):
-    """A PIL image -> what the network sees: [3, img_size, img_size] floats in [0, 1]."""
-    return v2.Compose([resize_transform(img_size), v2.ToDtype(torch.float32, scale=True)])
 
 
 MIN_BOX_SIDE = 2  # pixels: a box narrower or shorter holds nothing to learn (read or augmented)
@@ -205,23 +161,37 @@ def sample_seed(seed, epoch, i):
     return int(np.random.SeedSequence([seed, epoch, i]).generate_state(1, np.uint64)[0])
 
 
-class DetectionDataset(torch.utils.data.Dataset):
-    """A load_split dataset as tensors: (image [3, img_size, img_size] in [0, 1], {boxes [N, 4]
-    xyxy in those pixels, labels [N], index i}). `targets[i]` keeps image i's boxes in its
-    original pixels and `sizes[i]` its (height, width): what the evaluator compares against."""
+def read_target(objects):
+    """A row's `objects` -> {boxes [N, 4] xyxy pixels, labels [N]}."""
+    return {"boxes": torch.tensor(objects["bbox"], dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor(objects["category"], dtype=torch.long)}
 
-    def __init__(self, ds, img_size, train, name="data", seed=0):
-        self.train, self.img_size, self.name = train, img_size, name
-        self.seed, self.epoch = seed, 0  # augmentation: sample_seed(seed, epoch, i)
-        # Part 2: images decoded once per machine and kept resized; boxes clipped and checked
-        self.ds, self.pixels, sizes = prepare_split(ds, name, img_size)
-        self.sizes, self.targets = read_targets(self.ds, sizes, name, train)
+
+def decode_split(ds, img_size):
+    """A split -> its images resized ([3, img_size, img_size] uint8 each), (height, width)s and
+    targets, in memory: enough for the built-in shapes (Part 2 checks yours, and keeps a file)."""
+    resize, images, sizes = resize_transform(img_size), [], []
+    for row in ds.select_columns(["image"]):
+        image = row["image"].convert("RGB")  # datasets decodes it (turned as its EXIF says)
+        images.append(resize(image).numpy())
+        sizes.append((image.height, image.width))
+    return images, sizes, [read_target(objects) for objects in ds["objects"]]
+
+
+class DetectionDataset(torch.utils.data.Dataset):
+    """Images resized to img_size ([3, S, S] uint8 each), their original (height, width) and targets
+    -> (image [3, S, S] in [0, 1], {boxes [N, 4] xyxy in its pixels, labels [N], index i}). `sizes`
+    and `targets` stay in the original pixels: what the evaluator compares against."""
+
+    def __init__(self, images, sizes, targets, img_size, train, seed=0):
+        self.images, self.sizes, self.targets, self.img_size = images, sizes, targets, img_size
+        self.train, self.seed, self.epoch = train, seed, 0  # augmentation: sample_seed(...)
 
     def __len__(self):
-        return len(self.ds)
+        return len(self.images)
 
     def __getitem__(self, i):
-        image = torch.from_numpy(self.pixels[i])  # [3, img_size, img_size] uint8
+        image = torch.from_numpy(self.images[i])  # [3, img_size, img_size] uint8
         # the boxes in the resized image's pixels, as a tv_tensor that AUGMENT moves with it
         (height, width), target = self.sizes[i], self.targets[i]
         scale = torch.tensor([self.img_size / width, self.img_size / height] * 2)
@@ -301,11 +271,11 @@ def run_model(model, images, bf16):
     """The one forward pass: images (or LTD's [R, S] pair) moved to the model's device in
     channels_last, under bf16 autocast where bf16 is on (float32 outputs either way)."""
     device = next(model.parameters()).device
-    pair = isinstance(images, list)  # a detector's batch is one tensor; LTD's is [R, S]
-    moved = [x.to(device, memory_format=MEMORY_FORMAT, non_blocking=True)
-             for x in (images if pair else [images])]
+    move = lambda x: x.to(device, memory_format=MEMORY_FORMAT, non_blocking=True)
+    # a detector's batch is one tensor; LTD's is [R, S]
+    images = [move(x) for x in images] if isinstance(images, list) else move(images)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        return model(moved if pair else moved[0])
+        return model(images)
 
 
 # -----------------------------------------------------------------------------
@@ -320,11 +290,9 @@ BACKGROUND_WEIGHT = 0.1
 def assign_boxes_to_cells(boxes, labels, h, w, background, radius):
     """boxes [N, 4] (cx, cy, w, h) relative to the image, their labels [N] -> per cell of the h x w
     grid a class [h*w] (`background` where no box) and a box [h*w, 4]; and how many boxes lost out.
-
-    A box always trains the cell its centre falls in (the centre-cell rule, radius 0.5). A larger
-    radius also trains the cells within `radius` cells of its centre (in x and in y) whose own
-    centres lie inside the box: radius 1 gives a large box the 2 x 2 cells around its centre,
-    while a box smaller than a cell keeps one cell (a neighbour's copy, a cell off, would escape
+    A box trains the cell its centre falls in (radius 0.5), and the cells within `radius` cells of
+    its centre (in x and y) whose own centres lie inside it: radius 1 gives a large box the 2 x 2
+    cells around its centre, a box smaller than a cell one cell (a neighbour's copy would escape
     NMS: docs/yolo11n.md). A cell claimed by several boxes goes to the box whose centre it holds,
     then to the largest (a relative area is below 1, so the centre always wins; the largest
     dominates the cell's features); a box left with no cell is a collision, lost for this image."""
@@ -377,7 +345,6 @@ def detection_loss(boxes, logits, targets, img_size, radius):
 
 MAX_DETECTIONS = 100
 NMS_IOU = 0.5
-DETECT_CONF = 0.25  # a user's default: few, sure boxes
 EVAL_CONF = 0.001  # evaluation keeps low-confidence boxes: they extend the PR curve
 
 
@@ -489,9 +456,9 @@ def evaluate(predictions, targets, num_classes):
 
 
 # -----------------------------------------------------------------------------
-# Training: one loop for every model in this file. The learning rate warms up, then follows a cosine
-# to zero over the planned run (--epochs, or minutes with --time). fit (Part 2) makes the AdamW
-# optimizer, runs this loop epoch after epoch, validates, and keeps the best checkpoint.
+# Training: AdamW, a learning rate that warms up, then follows a cosine to zero over the planned
+# run, and one step, the same for every model in this file: the lesson's loop at the end of Part 1
+# calls it, and so does Part 2's (which adds checkpoints, Ctrl-C, --resume, torchrun).
 
 WARMUP_FRACTION = 0.05
 GRAD_CLIP = 10.0
@@ -505,27 +472,28 @@ def learning_rate(cfg, progress):
     return cfg.lr * 0.5 * (1 + cosine)
 
 
-def train_epoch(model, batches, compute_loss, optimizer, cfg, bf16, run):
-    """One pass over `batches` of (images, targets), from step run.state.step on (a DataLoader
-    that Part 2 starts there). `run` (Part 2) keeps the place and the running sums, and says when
-    to stop: the planned run is done, or Ctrl-C was pressed."""
+def train_step(model, optimizer, images, targets, compute_loss, lr, bf16):
+    """Forward, loss, backward, clip, step -> the loss parts, the boxes lost to shared cells, and
+    whether the step was learnt. A NaN or inf loss makes the gradient's norm NaN or inf: that step
+    is skipped (under torchrun every process sees the same averaged gradient, so all skip it)."""
     model.train()
-    for images, targets in batches:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(cfg, run.progress())
-        # forward: a box and class logits per cell, and the loss of the boxes assigned to cells
-        parts, lost = compute_loss(run_model(model, images, bf16), targets)
-        # a NaN or inf loss is skipped, not learnt (several in a row stop the run: Part 2)
-        if run.finite(parts["loss"]):
-            # backward, clip the gradient's norm, step
-            optimizer.zero_grad(set_to_none=True)
-            parts["loss"].backward()
-            nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-            optimizer.step()
-            run.add(parts, len(targets), lost)
-        # log; end the epoch early when the run is done or Ctrl-C asks (Part 2)
-        if run.end_step():
-            return
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    parts, lost = compute_loss(run_model(model, images, bf16), targets)
+    optimizer.zero_grad(set_to_none=True)
+    parts["loss"].backward()
+    learnt = bool(torch.isfinite(nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)))
+    if learnt:
+        optimizer.step()
+    return parts, lost, learnt
+
+
+def use_bf16(device, fp32):
+    # Measured on a 2-core AVX-512-bf16 CPU: ResNet-18 trains ~2x faster (docs/speed.md). Without
+    # bf16 hardware the emulation is slower than float32, so we stay in float32 there.
+    if device.type == "cuda":
+        return not fp32 and torch.cuda.is_bf16_supported()
+    return not fp32 and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
 
 
 def model_network(model, bf16):
@@ -543,11 +511,6 @@ def predict(network, data, batch, conf, iou, indices=None):
         sizes = [data.sizes[t["index"]] for t in targets]
         results += select_detections(*network(images), sizes, conf, iou)
     return results
-
-
-def validate_detector(model, data, num_classes, cfg, bf16):
-    found = predict(model_network(model, bf16), data, cfg.batch, EVAL_CONF, NMS_IOU)
-    return evaluate(found, data.targets, num_classes)
 
 
 # -----------------------------------------------------------------------------
@@ -585,17 +548,16 @@ class LTDDataset(torch.utils.data.Dataset):
     """Any split's images, labels ignored -> ((R [3, I, I], S [3, LTD_CROP_SIZE, LTD_CROP_SIZE]),
     {boxes [1, 4], labels [1], index}): S as one object in detection's format, new at each draw."""
 
-    def __init__(self, ds, img_size, mask_crop, name="data", seed=LTD_HELD_OUT_SEED):
-        # R: each image decoded once per machine and kept resized (Part 2); S is the augmentation
-        self.ds, self.pixels, _ = prepare_split(ds.select_columns(["image"]), name, img_size)
-        self.img_size, self.mask_crop = img_size, mask_crop
+    def __init__(self, images, img_size, mask_crop, seed=LTD_HELD_OUT_SEED):
+        # R: images resized to img_size ([3, img_size, img_size] uint8 each); S is the augmentation
+        self.images, self.img_size, self.mask_crop = images, img_size, mask_crop
         self.seed, self.epoch = seed, 0  # the crops: sample_seed(seed, epoch, i)
 
     def __len__(self):
-        return len(self.ds)
+        return len(self.images)
 
     def __getitem__(self, i):
-        R = v2.functional.to_dtype(torch.from_numpy(self.pixels[i]), torch.float32, scale=True)
+        R = v2.functional.to_dtype(torch.from_numpy(self.images[i]), torch.float32, scale=True)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, self.epoch, i))
             S, box = sample_ltd_crop(R)
@@ -626,26 +588,64 @@ class LTDNet(nn.Module):
 
 
 @torch.no_grad()
-def locate_crops(model, data, n, batch, bf16):
-    """The first n held-out pairs -> predicted and true S boxes [n, 4] in R's pixels. The
-    prediction is the box of the cell most sure that it holds S."""
+def locate_crops(model, pairs, batch, bf16):
+    """Held-out (R, S) pairs -> predicted and true S boxes [n, 4] in R's pixels. The prediction
+    is the box of the cell most sure that it holds S."""
     model.eval()
     predicted, true = [], []
-    first_n = torch.utils.data.Subset(data, range(n))
-    for pairs, targets in torch.utils.data.DataLoader(first_n, batch, collate_fn=collate):
-        boxes, logits = run_model(model, pairs, bf16)  # [b, h*w, 4], [b, h*w, 2]
-        best = logits.softmax(-1)[..., 0].argmax(1)     # [b]
+    for (R, S), targets in torch.utils.data.DataLoader(pairs, batch, collate_fn=collate):
+        boxes, logits = run_model(model, [R, S], bf16)  # [b, h*w, 4], [b, h*w, 2]
+        best = logits.softmax(-1)[..., 0].argmax(1)      # [b]
         found = box_convert(boxes[torch.arange(len(best)), best], "cxcywh", "xyxy")
-        predicted.append(found.cpu() * data.img_size)
+        predicted.append(found.cpu() * R.shape[-1])
         true.append(torch.cat([t["boxes"] for t in targets]))
     return torch.cat(predicted), torch.cat(true)
 
 
 def validate_ltd(model, data, batch, bf16):
     """The LTD metric: mean IoU of the predicted S box, and the share of pairs with IoU >= 0.5."""
-    predicted, true = locate_crops(model, data, len(data), batch, bf16)
+    predicted, true = locate_crops(model, data, batch, bf16)
     iou = torch.stack([box_iou(p[None], t[None])[0, 0] for p, t in zip(predicted, true)])
     return {"iou": iou.mean().item(), "hit50": (iou >= 0.5).float().mean().item()}
+
+
+# -----------------------------------------------------------------------------
+# The lesson: all of the above in one loop, on the built-in shapes (`odscratch lesson` runs it).
+# Part 2's `train` takes the same steps in the same order: the same seed gives the same weights.
+
+PRINT_EVERY = 50  # steps
+
+
+def lesson(cfg=Config()):
+    """Train a detector on the built-in shapes, on the CPU; print the validation mAP at the end."""
+    torch.manual_seed(cfg.seed)  # the model's first weights
+    bf16 = use_bf16(torch.device("cpu"), cfg.fp32)
+    train_data, val_data = (DetectionDataset(*decode_split(synthetic_split(split), cfg.img_size),
+                                             cfg.img_size, train=split == "train", seed=cfg.seed)
+                            for split in ("train", "validation"))
+    # a new order of the images each epoch, fixed by the seed
+    order = torch.utils.data.RandomSampler(train_data, generator=torch.Generator().manual_seed(
+        cfg.seed))
+    batches = torch.utils.data.DataLoader(train_data, cfg.batch, sampler=order, drop_last=True,
+                                          collate_fn=collate)
+    model = GridDetector(len(SYNTHETIC_CLASSES), cfg.stride, cfg.assign_radius)
+    model = model.to(memory_format=MEMORY_FORMAT)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss = lambda out, targets: detection_loss(*out, targets, cfg.img_size, cfg.assign_radius)
+    steps = cfg.epochs * len(batches)
+    for epoch in range(1, cfg.epochs + 1):
+        train_data.epoch = epoch  # this epoch's augmentation
+        for step, (images, targets) in enumerate(batches, (epoch - 1) * len(batches)):
+            lr = learning_rate(cfg, step / steps)
+            parts, _, _ = train_step(model, optimizer, images, targets, loss, lr, bf16)
+            if step % PRINT_EVERY == 0:
+                print(f"epoch {epoch}, step {step}/{steps}: loss {parts['loss'].item():.3f}, "
+                      f"learning rate {lr:.5f}")
+    found = predict(model_network(model, bf16), val_data, cfg.batch, EVAL_CONF, NMS_IOU)
+    metrics = evaluate(found, val_data.targets, len(SYNTHETIC_CLASSES))
+    print(f"validation images: {len(val_data)}, mAP50-95 {metrics['map']:.3f}")
+    print(f"mAP50 {metrics['map50']:.3f}")
+    return model, metrics
 
 
 # =============================================================================
@@ -672,12 +672,14 @@ import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, field
+from dataclasses import asdict, field, fields
 from fractions import Fraction
 from typing import Annotated
 from xml.etree import ElementTree
 
 import huggingface_hub
+import PIL.ExifTags
+import PIL.ImageOps
 import pyarrow.compute as pc
 import torch.distributed as dist
 import typer
@@ -688,7 +690,7 @@ from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 from rich.table import Table
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 from torchvision.ops import remove_small_boxes
 from urllib.parse import urlparse
@@ -706,29 +708,26 @@ class UserError(Exception):
     """A problem with the user's input: shown as one line, never as a traceback."""
 
 
+@dataclass
+class RunConfig(Config):
+    """The recipe's settings, and what a run of the product adds: every training option."""
+    data: str = "synthetic"         # or a YOLO, COCO, VOC or Hugging Face dataset (or hub name)
+    bbox_format: str = "auto"       # Hugging Face boxes: xyxy, xywh or auto (others say theirs)
+    time: float = 0.0               # minutes; when set, the schedule ends at this budget
+    patience: int = 0               # stop after this many validations without a better model
+    val_every: int = 1              # validate after epoch 1, every val_every-th and the last
+    device: str = "auto"
+
+
 # -----------------------------------------------------------------------------
 # Checks: every image and box of every source goes through them once, when a split becomes a
 # DetectionDataset. Unreadable images are skipped and named, stray boxes clipped or dropped and
 # counted, a wrong box format caught.
 
 
-def objects_columns(objects):
-    # datasets stores `objects` either as a dict of lists or as a list of dicts; the class is
-    # `category` (fashionpedia) or `categories` (Hugging Face AutoTrain's layout)
-    if isinstance(objects, dict):
-        return objects["bbox"], objects.get("category", objects.get("categories"))
-    return [o["bbox"] for o in objects], [o.get("category", o.get("categories")) for o in objects]
-
-
-def objects_feature(ds):
-    objects = ds.features["objects"]
-    return getattr(objects, "feature", objects)  # list of dicts -> the dict
-
-
-def category_feature(ds):
-    objects = objects_feature(ds)
-    category = objects["category"] if "category" in objects else objects["categories"]
-    return getattr(category, "feature", category)
+def class_names(ds):
+    """A split in the schema -> its class names (its ClassLabel's)."""
+    return ds.features["objects"]["category"].feature.names
 
 
 UNREADABLE = (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError)  # what PIL raises
@@ -744,6 +743,26 @@ UNREADABLE = (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError
 PREPARED = Path(datasets.config.HF_DATASETS_CACHE) / "odscratch"
 PREPARE_BATCH = 256  # rows read at a time: a large split's images never sit in memory together
 EXIF_LOCK = threading.Lock()
+
+
+def open_image(record):
+    # record is datasets' undecoded image: {"bytes": ..., "path": ...}
+    return PIL.Image.open(io.BytesIO(record["bytes"]) if record["bytes"] else record["path"])
+
+
+def exif_orientation(image):
+    """An opened image's EXIF orientation, from its header: 2-8 say how to turn it, else 1. Phones
+    store most photos sideways with this tag; labelling tools turn them, and boxes are drawn so."""
+    known = image.format != "PNG" or "exif" in image.info  # a PNG's after its pixels: not read
+    orientation = image.getexif().get(PIL.ExifTags.Base.Orientation, 1) if known else 1
+    return orientation if orientation in range(1, 9) else 1
+
+
+def upright(image):
+    """An opened image as labelling tools show it (turned as its EXIF says), in RGB."""
+    if exif_orientation(image) != 1:
+        image = PIL.ImageOps.exif_transpose(image)
+    return image.convert("RGB")
 
 
 def cpu_cores():
@@ -907,16 +926,15 @@ def malformed_exif(image):
 
 
 def read_targets(ds, sizes, name, train):
-    """A split's boxes, read row by row, and its images' sizes [(height, width)] -> sizes and
-    targets [{boxes [N, 4] xyxy pixels, labels [N]}]. Boxes partly outside their image are
+    """A split's boxes, read row by row, and its images' sizes [(height, width)] -> targets
+    [{boxes [N, 4] xyxy pixels, labels [N]}]. Boxes partly outside their image are
     clipped, boxes without area dropped, both counted; a split where many boxes are impossible
     has the wrong --bbox-format, and is refused."""
-    classes = category_feature(ds).names
+    classes = class_names(ds)
     targets, n_boxes, n_impossible, n_clipped, n_dropped = [], 0, 0, 0, 0
     for row, (height, width) in zip(ds.select_columns(["objects"]), sizes):
-        boxes, cats = objects_columns(row["objects"])
-        boxes = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-        labels = torch.tensor(cats, dtype=torch.long)
+        target = read_target(row["objects"])
+        boxes, labels = target["boxes"], target["labels"]
         if len(labels) and not 0 <= labels.min() <= labels.max() < len(classes):
             wrong = labels.max() if labels.max() >= len(classes) else labels.min()
             raise UserError(f"{name}: category {wrong} is not in its class list {classes}")
@@ -936,7 +954,24 @@ def read_targets(ds, sizes, name, train):
     if n_clipped or n_dropped:
         console.print(f"{name}: {n_clipped} boxes clipped to their image, "
                       f"{n_dropped} with no area dropped")
-    return sizes, targets
+    return targets
+
+
+class CheckedDataset(DetectionDataset):
+    """A split in the schema -> a DetectionDataset of its readable images (decoded once per
+    machine and kept resized: prepare_split) and checked boxes (read_targets); `ds`: those rows,
+    `name`: what messages call it."""
+
+    def __init__(self, ds, img_size, train, name="data", seed=0):
+        self.ds, images, sizes = prepare_split(ds, name, img_size)
+        self.name = name
+        targets = read_targets(self.ds, sizes, name, train)
+        super().__init__(images, sizes, targets, img_size, train, seed)
+
+
+def ltd_images(ds, name, img_size):
+    """A split's readable images, resized (its boxes, if any, not read): what LTDDataset takes."""
+    return prepare_split(ds.select_columns(["image"]), name, img_size)[1]
 
 
 # -----------------------------------------------------------------------------
@@ -1295,6 +1330,22 @@ HUB_TIMEOUT = 10  # seconds; through datasets, an unreachable hub costs ~25 s of
 GUESS_ROWS = 200  # rows whose boxes decide between xyxy and xywh when --bbox-format is auto
 
 
+def objects_columns(objects):
+    # datasets stores `objects` either as a dict of lists or as a list of dicts; the class is
+    # `category` (fashionpedia) or `categories` (Hugging Face AutoTrain's layout)
+    if isinstance(objects, dict):
+        return objects["bbox"], objects.get("category", objects.get("categories"))
+    return [o["bbox"] for o in objects], [o.get("category", o.get("categories")) for o in objects]
+
+
+def category_feature(ds):
+    """The class feature of a split as read (objects_columns' two layouts)."""
+    objects = ds.features["objects"]
+    objects = getattr(objects, "feature", objects)  # list of dicts -> the dict
+    category = objects["category"] if "category" in objects else objects["categories"]
+    return getattr(category, "feature", category)
+
+
 def check_hub(name):
     """`name` is not a local folder, so it is a hub dataset: fail at once, in one line, if it cannot
     be had. With HF_HUB_OFFLINE=1, datasets looks in its local cache instead and answers at once."""
@@ -1347,7 +1398,9 @@ def to_detection_schema(ds, classes, bbox_format, name):
     # Data already in the schema (fashionpedia, BCCD) passes through: no copy of its images.
     feature = category_feature(ds)
     strings = getattr(feature, "dtype", None) == "string"
-    in_schema = isinstance(feature, datasets.ClassLabel) and "category" in objects_feature(ds)
+    objects = ds.features["objects"]  # the schema's: a dict of lists, `category` a ClassLabel
+    in_schema = isinstance(objects, dict) and "category" in objects and isinstance(
+        feature, datasets.ClassLabel)
     if bbox_format == "xyxy" and in_schema:
         return ds
 
@@ -1466,15 +1519,11 @@ def read_dataset(data, bbox_format, path):
     return splits
 
 
-def check_box_format(bbox_format):
-    if bbox_format not in ("auto", "xyxy", "xywh"):
+def load_split(data, split, bbox_format="auto", labels=True):
+    """--data's split (train, validation or val, test) -> a datasets.Dataset in the one schema,
+    checked: it exists, has images, and has boxes unless labels=False (LTD takes any images)."""
+    if bbox_format not in ("auto", "xyxy", "xywh"):  # refused whatever the data
         raise UserError(f"--bbox-format must be auto, xyxy or xywh, not {bbox_format!r}")
-
-
-def read_split(data, split, bbox_format, labels):
-    """load_split for any --data: a split of the synthetic set by another name (val), or of a
-    dataset read from a folder or the hub, checked: it exists, has images, and has boxes unless
-    labels=False."""
     split = SPLIT_WORDS.get(split, split)
     if data == "synthetic":
         if split not in SYNTHETIC_SPLITS:
@@ -1521,16 +1570,6 @@ def pick_device(name):
     return torch.device(name)
 
 
-def use_bf16(device, fp32):
-    # Measured on a 2-core AVX-512-bf16 CPU: ResNet-18 trains ~2x faster (docs/speed.md). Without
-    # bf16 hardware the emulation is slower than float32, so we stay in float32 there.
-    if fp32:
-        return False
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-
-
 def write_atomically(path, write):
     """temp file + rename: a crash or a full disk mid-write never leaves a half-written best.pt,
     last.pt or model.onnx; the previous one stays as it was."""
@@ -1571,17 +1610,31 @@ class RunState:
     skipped: int = 0
     bad_in_a_row: int = 0  # non-finite steps in a row, across epochs
 
+    def count(self, parts, lost, learnt, images):
+        """A train_step's result: its losses summed, or a skipped step counted (NONFINITE_LIMIT
+        in a row stop the run)."""
+        self.step += 1
+        if not learnt:
+            self.skipped, self.bad_in_a_row = self.skipped + 1, self.bad_in_a_row + 1
+            if self.bad_in_a_row >= NONFINITE_LIMIT:
+                raise FloatingPointError(f"the loss was NaN or inf for {NONFINITE_LIMIT} steps in "
+                                         "a row")
+            return
+        self.bad_in_a_row, self.seen = 0, self.seen + images
+        self.collisions += lost
+        for name, value in parts.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value.item() * images
 
-class TrainingRun:
-    """What train_epoch asks at each step: how much of the planned run is done (0 to 1: by wall
-    time with --time, else by steps), whether a loss can be learnt from, and whether to stop.
-    While it is entered, Ctrl-C asks for a stop at the end of the current step, so that last.pt
-    holds a consistent state that --resume continues exactly; a second Ctrl-C stops at once."""
+    def losses(self):
+        return {name: value / max(self.seen, 1) for name, value in self.sums.items()}
 
-    def __init__(self, cfg, steps_per_epoch, state):
+
+class Budget:
+    """How much of the planned run is done, 0 to 1: by wall time with --time, else by steps."""
+
+    def __init__(self, cfg, steps_per_epoch, done_steps=0, elapsed_s=0.0):
         self.minutes, self.total_steps = cfg.time, cfg.epochs * steps_per_epoch
-        self.start, self.steps, self.state = time.time(), 0, state
-        self.requested = self.stopped = False
+        self.start, self.steps = time.time() - elapsed_s, done_steps
 
     def progress(self):
         if not self.minutes:
@@ -1589,56 +1642,23 @@ class TrainingRun:
         # under torchrun every process must stop at the same step: the slowest clock decides
         return max_over_processes(min((time.time() - self.start) / (self.minutes * 60), 1.0))
 
-    def finite(self, loss):
-        state = self.state
-        if not max_over_processes(not torch.isfinite(loss).item()):
-            state.bad_in_a_row = 0
-            return True
-        state.skipped, state.bad_in_a_row = state.skipped + 1, state.bad_in_a_row + 1
-        if state.bad_in_a_row >= NONFINITE_LIMIT:
-            raise FloatingPointError(f"the loss was NaN or inf for {NONFINITE_LIMIT} steps in a "
-                                     "row")
-        return False
 
-    def add(self, parts, images, lost):
-        state = self.state
-        state.seen, state.collisions = state.seen + images, state.collisions + lost
-        for name, value in parts.items():
-            state.sums[name] = state.sums.get(name, 0.0) + value.item() * images
-
-    def end_step(self):
-        """Counts the step and shows it; True when the epoch ends here."""
-        state = self.state
-        self.steps, state.step = self.steps + 1, state.step + 1
-        info = " ".join(f"{n} {v / max(state.seen, 1):.3f}" for n, v in state.sums.items())
-        speed = (state.seen - self.bar_seen) / (time.time() - self.bar_start)
-        self.bar.update(self.task, advance=1, info=f"{info} | {speed:.1f} img/s")
-        if self.progress() >= 1:
-            return True
-        self.stopped = bool(max_over_processes(self.requested))
-        return self.stopped
-
-    @contextlib.contextmanager
-    def epoch_bar(self, title, steps):
-        columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-                   TimeElapsedColumn(), TimeRemainingColumn()]
-        self.bar_start, self.bar_seen = time.time(), self.state.seen
-        with Progress(*columns, console=console) as self.bar:
-            self.task = self.bar.add_task(title, total=steps, completed=self.state.step, info="")
-            yield
+class StopOnCtrlC:
+    """While entered, Ctrl-C asks for a stop at the end of the current step, so that last.pt
+    holds a consistent state that --resume continues exactly; a second Ctrl-C stops at once."""
 
     def __enter__(self):
-        self.previous = None
+        self.requested, self.previous = False, None
         # Python lets only the main thread handle signals
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self.request_stop)
+            self.previous = signal.signal(signal.SIGINT, self.request)
         return self
 
     def __exit__(self, *exc):
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
 
-    def request_stop(self, signum, frame):
+    def request(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
@@ -1660,7 +1680,7 @@ def append_row(path, row):
 def log_epoch(run_dir, state, elapsed, scalars, start=None):
     """A finished epoch: one row of results.csv (with where the run started, if said), one line on
     the console."""
-    losses = {n: round(v / max(state.seen, 1), 5) for n, v in state.sums.items()}
+    losses = {n: round(v, 5) for n, v in state.losses().items()}
     row = {"epoch": state.epoch, "elapsed_s": round(elapsed, 1), **losses,
            "collisions": state.collisions, "skipped_steps": state.skipped, **scalars,
            **({"start": start} if start else {})}
@@ -1683,12 +1703,12 @@ def out_of_patience(cfg, best, epoch):
 def fit(model, data, batches, compute_loss, validate, cfg, bf16, run_dir, meta, best_metric,
         workers, resume=None):
     """Train `model` on `data` in `batches` (a BatchSampler of a seeded RandomSampler, or of a
-    DistributedSampler under torchrun), loaded by `workers` processes (None: default_workers; a
-    resumed epoch is cut exactly as before, from the shuffle's saved state); after each epoch
-    `validate(model)`. Writes last.pt (with what --resume needs), best.pt (highest `best_metric`)
-    and results.csv to run_dir; returns the best metrics. `resume`: a last.pt's "resume" entry, to
-    go on with that run. Under torchrun `model` is in DistributedDataParallel; every process
-    validates (its share), rank 0 writes."""
+    DistributedSampler under torchrun) with train_step, loaded by `workers` processes (None:
+    default_workers; a resumed epoch is cut exactly as before, from the shuffle's saved state);
+    after each epoch `validate(model)`. Writes last.pt (with what --resume needs), best.pt (highest
+    `best_metric`) and results.csv to run_dir; returns the best metrics. `resume`: a last.pt's
+    "resume" entry, to go on with that run. Under torchrun `model` is in DistributedDataParallel;
+    every process validates (its share), rank 0 writes."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     inner = getattr(model, "module", model)  # the model inside DistributedDataParallel
     device = next(inner.parameters()).device
@@ -1697,24 +1717,25 @@ def fit(model, data, batches, compute_loss, validate, cfg, bf16, run_dir, meta, 
     sampler = batches.sampler
     distributed = isinstance(sampler, DistributedSampler)  # it shuffles by seed and epoch itself
     shuffle_state = (lambda: None) if distributed else sampler.generator.get_state
-    run, best, shown = TrainingRun(cfg, len(batches), RunState(1, shuffle_state())), None, ""
+    state, budget, best, shown = RunState(1, shuffle_state()), Budget(cfg, len(batches)), None, ""
     if resume:
         optimizer.load_state_dict(resume["optimizer"])
-        run.state, best, run.steps = RunState(**resume["run"]), resume["best"], resume["steps"]
-        run.start -= resume["elapsed_s"]  # a --time budget goes on where it stopped
+        state, best = RunState(**resume["run"]), resume["best"]
+        # a --time budget goes on where it stopped
+        budget = Budget(cfg, len(batches), resume["steps"], resume["elapsed_s"])
         torch.set_rng_state(resume["rng"])
-        console.print(f"resuming {run_dir} at epoch {run.state.epoch}, step {run.state.step} of "
+        console.print(f"resuming {run_dir} at epoch {state.epoch}, step {state.step} of "
                       f"{len(batches)}")
 
     def checkpoint(metrics, resumable=True):
-        state = {**meta, "model": inner.state_dict(), "config": asdict(cfg),
-                 "epoch": run.state.epoch - 1, "metrics": metrics}  # the last finished epoch
+        saved = {**meta, "model": inner.state_dict(), "config": asdict(cfg),
+                 "epoch": state.epoch - 1, "metrics": metrics}  # the last finished epoch
         # best.pt is for using the model; last.pt is for going on with training
         if resumable:
-            state["resume"] = {"optimizer": optimizer.state_dict(), "run": asdict(run.state),
-                               "best": best, "steps": run.steps, "rng": torch.get_rng_state(),
-                               "elapsed_s": time.time() - run.start}
-        return state
+            saved["resume"] = {"optimizer": optimizer.state_dict(), "run": asdict(state),
+                               "best": best, "steps": budget.steps, "rng": torch.get_rng_state(),
+                               "elapsed_s": time.time() - budget.start}
+        return saved
 
     command = f"odscratch {'pretrain' if meta['kind'] == 'ltd' else 'train'} --resume"
     command = f"{command} {run_dir}/last.pt"
@@ -1724,35 +1745,53 @@ def fit(model, data, batches, compute_loss, validate, cfg, bf16, run_dir, meta, 
             return "no epoch had finished, so nothing was saved"
         return f"{run_dir}/last.pt holds the last finished epoch; continue from it with: {command}"
 
+    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+               TimeElapsedColumn(), TimeRemainingColumn()]
     stalled = False  # --patience ran out
     try:
-        with run:
-            while run.progress() < 1:
-                stalled = out_of_patience(cfg, best, run.state.epoch)
+        with StopOnCtrlC() as ctrl_c:
+            while budget.progress() < 1:
+                stalled = out_of_patience(cfg, best, state.epoch)
                 if stalled:
                     break
                 if distributed:  # a new shuffle each epoch, the same in every process
-                    sampler.set_epoch(run.state.epoch)
+                    sampler.set_epoch(state.epoch)
                 else:  # drawn afresh from the epoch's start state
-                    sampler.generator.set_state(run.state.order)
+                    sampler.generator.set_state(state.order)
                 epoch_batches = list(batches)  # this epoch's batches of dataset indices
-                data.epoch = run.state.epoch  # its augmentation
-                loader = DataLoader(data, batch_sampler=epoch_batches[run.state.step:],
+                data.epoch = state.epoch  # its augmentation
+                loader = DataLoader(data, batch_sampler=epoch_batches[state.step:],
                                     num_workers=workers, collate_fn=collate,
                                     pin_memory=device.type == "cuda")
-                with run.epoch_bar(f"epoch {run.state.epoch}{shown}", len(epoch_batches)):
-                    train_epoch(model, loader, compute_loss, optimizer, cfg, bf16, run)
-                if run.stopped:
+                stopped, bar_start, bar_seen = False, time.time(), state.seen
+                with Progress(*columns, console=console) as bar:
+                    task = bar.add_task(f"epoch {state.epoch}{shown}", total=len(epoch_batches),
+                                        completed=state.step, info="")
+                    for images, targets in loader:
+                        lr = learning_rate(cfg, budget.progress())
+                        state.count(*train_step(model, optimizer, images, targets, compute_loss,
+                                                lr, bf16), images=len(targets))
+                        budget.steps += 1
+                        speed = (state.seen - bar_seen) / (time.time() - bar_start)
+                        info = " ".join(f"{n} {v:.3f}" for n, v in state.losses().items())
+                        bar.update(task, advance=1, info=f"{info} | {speed:.1f} img/s")
+                        # the planned run is done, or Ctrl-C asked (in any process) for a stop
+                        if budget.progress() >= 1:
+                            break
+                        stopped = bool(max_over_processes(ctrl_c.requested))
+                        if stopped:
+                            break
+                if stopped:
                     if main:
                         save_checkpoint(run_dir / "last.pt", checkpoint(best))
-                    raise UserError(f"stopped in epoch {run.state.epoch} at step {run.state.step} "
+                    raise UserError(f"stopped in epoch {state.epoch} at step {state.step} "
                                     f"of {len(epoch_batches)}; continue exactly from there with: "
                                     f"{command}")
-                finished = run.state
-                run.state = RunState(finished.epoch + 1, shuffle_state(),
-                                     bad_in_a_row=finished.bad_in_a_row)
-                # after epoch 1, every --val-every-th and the last (run.progress: every process)
-                last = run.progress() >= 1
+                finished = state
+                state = RunState(finished.epoch + 1, shuffle_state(),
+                                 bad_in_a_row=finished.bad_in_a_row)
+                # after epoch 1, every --val-every-th and the last (budget.progress: every process)
+                last = budget.progress() >= 1
                 if finished.epoch == 1 or finished.epoch % cfg.val_every == 0 or last:
                     metrics = validate(inner)  # under torchrun: every process predicts a share
                 else:
@@ -1760,25 +1799,26 @@ def fit(model, data, batches, compute_loss, validate, cfg, bf16, run_dir, meta, 
                 if not main:
                     continue
                 if metrics is None:
-                    log_epoch(run_dir, finished, time.time() - run.start, {}, meta.get("start"))
+                    log_epoch(run_dir, finished, time.time() - budget.start, {}, meta.get("start"))
                     save_checkpoint(run_dir / "last.pt", checkpoint(best))
                     continue
                 scalars = {n: round(v, 5) for n, v in metrics.items() if isinstance(v, float)}
-                log_epoch(run_dir, finished, time.time() - run.start, scalars, meta.get("start"))
+                log_epoch(run_dir, finished, time.time() - budget.start, scalars,
+                          meta.get("start"))
                 shown = " | val " + " ".join(f"{n} {v:.2f}" for n, v in scalars.items())
                 if best is None or metrics[best_metric] > best[best_metric]:
                     best = {**metrics, "epoch": finished.epoch}
                     save_checkpoint(run_dir / "best.pt", checkpoint(metrics, resumable=False))
                 save_checkpoint(run_dir / "last.pt", checkpoint(metrics))
     except KeyboardInterrupt:
-        interrupted = f"interrupted at once in epoch {run.state.epoch}"
+        interrupted = f"interrupted at once in epoch {state.epoch}"
         raise UserError(f"{interrupted}; {what_is_saved()}") from None
     except FloatingPointError as e:
-        raise UserError(f"{e} in epoch {run.state.epoch}: stopped (try a lower --lr, or check the "
+        raise UserError(f"{e} in epoch {state.epoch}: stopped (try a lower --lr, or check the "
                         f"data's boxes); {what_is_saved()}") from None
     if stalled and main:
         name = {"map": "mAP50-95"}.get(best_metric, best_metric)
-        console.print(f"stopped after epoch {run.state.epoch - 1}: no better validation {name} in "
+        console.print(f"stopped after epoch {state.epoch - 1}: no better validation {name} in "
                       f"{cfg.patience} epochs (--patience); the best is epoch {best['epoch']}")
     return best
 
@@ -1940,23 +1980,14 @@ def load_best(model, run_dir, device):
     model.load_state_dict(best["model"])
 
 
-def train_detector(cfg, name, backbone=None, resume=None, weights=None, workers=None):
-    """Train a detector in runs/train/<name>, from random weights, a pretrained backbone, or a
-    trained detector's weights (fine-tuning: a new run); or, with resume = a last.pt, go on with
-    that run exactly where it stopped, in its folder, with its settings and weights (cfg, backbone
-    and weights are then ignored)."""
-    checkpoint = read_on_rank_zero(lambda: read_checkpoint(resume, "detector", resumable=True)
+def start_run(cfg, resume, kind):
+    """What train and pretrain do first: the last.pt to go on with, if any (its settings then
+    replace cfg), the grid checked, the seed set, the device, bf16 or not, and under torchrun this
+    process's rank and the number of processes."""
+    checkpoint = read_on_rank_zero(lambda: read_checkpoint(resume, kind, resumable=True)
                                    if resume else None)
-    if checkpoint and "conf" not in (checkpoint["resume"]["best"] or {"conf": None}):
-        raise UserError(f"{resume} was written by an older odscratch, whose runs this one "
-                        f"cannot go on with: fine-tune its model instead (--weights "
-                        f"{Path(resume).parent}/best.pt)")
-    if checkpoint:
-        cfg, backbone, weights = Config(**checkpoint["config"]), None, None
+    cfg = RunConfig(**checkpoint["config"]) if checkpoint else cfg
     check_grid(cfg)
-    # a wrong backbone or detector file fails before any work
-    pretrained = load_backbone(backbone, cfg.stride) if backbone else None
-    start = load_start(weights, cfg.stride) if weights else None
     seed_everything(cfg.seed)
     device, rank, processes = pick_device(cfg.device), 0, 1
     # torchrun: one process per GPU (or per share of the CPU); --batch is shared out
@@ -1967,13 +1998,29 @@ def train_detector(cfg, name, backbone=None, resume=None, weights=None, workers=
         if cfg.batch % processes:
             raise UserError(f"--batch {cfg.batch} does not split evenly over {processes} "
                             "processes")
-    bf16 = use_bf16(device, cfg.fp32)
+    return checkpoint, cfg, device, use_bf16(device, cfg.fp32), rank, processes
+
+
+def train_detector(cfg, name, backbone=None, resume=None, weights=None, workers=None):
+    """Train a detector in runs/train/<name>, from random weights, a pretrained backbone, or a
+    trained detector's weights (fine-tuning: a new run); or, with resume = a last.pt, go on with
+    that run exactly where it stopped, in its folder, with its settings and weights (cfg, backbone
+    and weights are then ignored)."""
+    checkpoint, cfg, device, bf16, rank, processes = start_run(cfg, resume, "detector")
+    if checkpoint and "conf" not in (checkpoint["resume"]["best"] or {"conf": None}):
+        raise UserError(f"{resume} was written by an older odscratch, whose runs this one "
+                        f"cannot go on with: fine-tune its model instead (--weights "
+                        f"{Path(resume).parent}/best.pt)")
+    backbone, weights = (None, None) if checkpoint else (backbone, weights)
+    # a wrong backbone or detector file fails before any work
+    pretrained = load_backbone(backbone, cfg.stride) if backbone else None
+    start = load_start(weights, cfg.stride) if weights else None
     with first_process_of_each_machine_first():
         train_ds = load_split(cfg.data, "train", cfg.bbox_format)
-        classes = category_feature(train_ds).names
-        train_data = DetectionDataset(train_ds, cfg.img_size, train=True,
+        classes = class_names(train_ds)
+        train_data = CheckedDataset(train_ds, cfg.img_size, train=True,
                                       name=f"{cfg.data} train", seed=cfg.seed)
-        val_data = DetectionDataset(load_split(cfg.data, "validation", cfg.bbox_format),
+        val_data = CheckedDataset(load_split(cfg.data, "validation", cfg.bbox_format),
                                     cfg.img_size, train=False, name=f"{cfg.data} validation")
     # rank 0 writes
     run_dir = Path(resume).parent if resume else new_run_dir("train", name) if rank == 0 else None
@@ -2037,15 +2084,11 @@ def train_detector(cfg, name, backbone=None, resume=None, weights=None, workers=
 def pretrain_backbone(cfg, name, mask_crop, resume=None, workers=None):
     """LTD pretraining in runs/pretrain/<name>: detection's loss and fit on LTDDataset's pairs;
     resume = a last.pt goes on with that run (as in train_detector)."""
-    checkpoint = read_checkpoint(resume, "ltd", resumable=True) if resume else None
-    if checkpoint:
-        cfg, mask_crop = Config(**checkpoint["config"]), checkpoint["mask_crop"]
-    check_grid(cfg)
-    seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
-    bf16 = use_bf16(device, cfg.fp32)
-    train_data, val_data = (LTDDataset(load_split(cfg.data, split, labels=False), cfg.img_size,
-                                       mask_crop, f"{cfg.data} {split}", seed)
+    checkpoint, cfg, device, bf16, _, _ = start_run(cfg, resume, "ltd")
+    mask_crop = checkpoint["mask_crop"] if checkpoint else mask_crop
+    train_data, val_data = (LTDDataset(ltd_images(load_split(cfg.data, split, labels=False),
+                                                  f"{cfg.data} {split}", cfg.img_size),
+                                       cfg.img_size, mask_crop, seed)
                             for split, seed in [("train", cfg.seed),
                                                 ("validation", LTD_HELD_OUT_SEED)])
     run_dir = Path(resume).parent if resume else new_run_dir("pretrain", name)
@@ -2078,6 +2121,9 @@ def pretrain_backbone(cfg, name, mask_crop, resume=None, workers=None):
 # it); best.pt keeps it, and detect and Detector use it unless told another. The confusion matrix
 # at that threshold shows which classes the model mixes up, which objects it misses, and what it
 # finds where there is nothing.
+
+
+DETECT_CONF = 0.25  # a user's default: few, sure boxes
 
 
 def f1_by_confidence(curves):
@@ -2312,7 +2358,7 @@ def draw_ltd_samples(model, data, batch, bf16, path):
     """A grid of held-out R images with S's true box (green) and the predicted one (red), S beside
     each with the IoU under it."""
     n = min(LTD_SAMPLES, len(data))
-    predicted, true = locate_crops(model, data, n, batch, bf16)
+    predicted, true = locate_crops(model, Subset(data, range(n)), batch, bf16)
     pairs = [data[i][0] for i in range(n)]  # the same pairs locate_crops saw
     size, pad = data.img_size, 8
     tile = (size + LTD_CROP_SIZE + 2 * pad, max(size, LTD_CROP_SIZE + 16) + pad)
@@ -2338,6 +2384,11 @@ def draw_ltd_samples(model, data, batch, bf16, path):
 # here, then videos, cameras and streams, then photos larger than the model's input.
 
 
+def inference_transform(img_size):
+    """A PIL image -> what the network sees: [3, img_size, img_size] floats in [0, 1]."""
+    return v2.Compose([resize_transform(img_size), v2.ToDtype(torch.float32, scale=True)])
+
+
 def fold_batchnorm(model):
     """An inference copy of `model`: after training, a BatchNorm is a fixed per-channel scale and
     shift, so it folds into the weights of the convolution before it, and the network has half the
@@ -2353,10 +2404,10 @@ def fold_batchnorm(model):
 
 
 def load_detector(path, device):
-    """A best.pt -> the model for inference (BatchNorm folded), its Config, class names."""
+    """A best.pt -> the model for inference (BatchNorm folded), its RunConfig, class names."""
     checkpoint = read_checkpoint(path, "detector")
     # checkpoints from before --assign-radius trained with 0.5
-    cfg = Config(**{"assign_radius": 0.5, **checkpoint["config"]})
+    cfg = RunConfig(**{"assign_radius": 0.5, **checkpoint["config"]})
     model = GridDetector(len(checkpoint["classes"]), cfg.stride, cfg.assign_radius)
     model.load_state_dict(checkpoint["model"])
     return fold_batchnorm(model).to(device, memory_format=MEMORY_FORMAT), cfg, checkpoint["classes"]
@@ -2606,7 +2657,7 @@ def export_onnx(weights, path, img_size=None):
         raise UserError(ONNX_MISSING)
     model, cfg, classes = load_detector(weights, torch.device("cpu"))
     img_size = img_size or cfg.img_size
-    check_grid(Config(img_size=img_size, stride=cfg.stride))
+    check_grid(RunConfig(img_size=img_size, stride=cfg.stride))
     # a batch of 2: a batch of 1 would be fixed into the graph
     example = torch.rand(2, 3, img_size, img_size)
     model = ScoredCells(model.float().to(memory_format=torch.contiguous_format)).eval()
@@ -2629,7 +2680,7 @@ def calibration_images(cfg, data, img_size):
     (or of `data`), resized as the model sees them: what quantize_onnx calibrates on."""
     train = load_model_split(cfg, data, "train")
     sample = train.shuffle(seed=cfg.seed).select(range(min(CALIBRATION_IMAGES, len(train))))
-    return DetectionDataset(sample, img_size, train=False, name="calibration images")
+    return CheckedDataset(sample, img_size, train=False, name="calibration images")
 
 
 def quantize_onnx(path, int8_path, calibration):
@@ -2876,7 +2927,7 @@ def bench_detectors(detectors, image, batch, rounds, calls):
 
 DATA_HELP = ("'synthetic' (built in); a dataset folder or file: YOLO (data.yaml), COCO (.json), "
              "Pascal VOC (.xml) or Hugging Face (parquet, imagefolder); or a Hugging Face hub name")
-# The options several commands share, declared once; their defaults are Config's
+# The options several commands share, declared once; their defaults are RunConfig's
 Data = Annotated[str, typer.Option(help=DATA_HELP)]
 BboxFormat = Annotated[str, typer.Option(
     help="how Hugging Face data stores boxes: xyxy, xywh, or auto (xyxy unless only xywh fits "
@@ -2966,24 +3017,39 @@ def metrics_table(title, metrics, classes):
     return table
 
 
+@app.command("lesson")
+def lesson_command(epochs: int = Config.epochs, seed: Seed = Config.seed, fp32: Fp32 = False):
+    """The lesson: Part 1's training loop on the built-in shapes, on the CPU, printing as it goes
+    and the validation mAP50 last; writes no file."""
+    with user_errors():
+        lesson(Config(epochs=epochs, seed=seed, fp32=fp32))
+
+
+def options_config(options):
+    """A command's options (its locals()) -> RunConfig: each field from the option of its name
+    (--time's is time_budget); options that are not settings (--name, --resume, ...) left out."""
+    options = {**options, "time": options.get("time_budget", RunConfig.time)}
+    return RunConfig(**{f.name: options[f.name] for f in fields(RunConfig) if f.name in options})
+
+
 LTD_BATCH = 16  # pretrain's --batch: LTD was measured at 16 (docs/ltd.md), detection at 8
 
 
 @app.command()
 def pretrain(
-    data: str = typer.Option(Config.data, help=DATA_HELP + "; or a plain folder of images"),
-    img_size: int = typer.Option(Config.img_size, help="R is resized to img_size x img_size"),
-    stride: Stride = Config.stride,
-    epochs: int = Config.epochs,
-    time_budget: TimeBudget = Config.time,
+    data: str = typer.Option(RunConfig.data, help=DATA_HELP + "; or a plain folder of images"),
+    img_size: int = typer.Option(RunConfig.img_size, help="R is resized to img_size x img_size"),
+    stride: Stride = RunConfig.stride,
+    epochs: int = RunConfig.epochs,
+    time_budget: TimeBudget = RunConfig.time,
     batch: int = LTD_BATCH,
-    lr: float = Config.lr,
-    seed: Seed = Config.seed,
+    lr: float = RunConfig.lr,
+    seed: Seed = RunConfig.seed,
     mask_crop: bool = typer.Option(False, "--mask-crop",
                                    help="grey out S's hole in R (to measure what that changes)"),
     resume: Resume = None,
     fp32: Fp32 = False,
-    device: Device = Config.device,
+    device: Device = RunConfig.device,
     workers: Workers = None,
     name: Name = "exp",
 ):
@@ -2992,8 +3058,7 @@ def pretrain(
     with user_errors():
         if int(os.environ.get("WORLD_SIZE", 1)) > 1:
             raise UserError("pretrain runs in one process: start it without torchrun")
-        cfg = Config(data=data, img_size=img_size, stride=stride, epochs=epochs, time=time_budget,
-                     batch=batch, lr=lr, seed=seed, fp32=fp32, device=device)
+        cfg = options_config(locals())
         run_dir, best = pretrain_backbone(cfg, name, mask_crop, resume, workers)
         console.print(f"held-out crops: mean IoU {best['iou']:.3f}, {best['hit50']:.1%} with IoU "
                       f">= 0.5 -> {run_dir / 'backbone.pt'}; see {run_dir / 'ltd_samples.jpg'}")
@@ -3001,26 +3066,27 @@ def pretrain(
 
 @app.command()
 def train(
-    data: Data = Config.data,
-    bbox_format: BboxFormat = Config.bbox_format,
-    img_size: int = typer.Option(Config.img_size, help="train and detect at img_size x img_size"),
-    stride: Stride = Config.stride,
-    assign_radius: AssignRadius = Config.assign_radius,
-    epochs: int = Config.epochs,
-    time_budget: TimeBudget = Config.time,
-    batch: int = Config.batch,
-    lr: float = Config.lr,
-    seed: Seed = Config.seed,
-    patience: int = typer.Option(Config.patience, help="stop after this many validations without "
-                                 "a better mAP50-95; 0: never"),
-    val_every: int = typer.Option(Config.val_every, min=1, help="validate after epoch 1, every "
+    data: Data = RunConfig.data,
+    bbox_format: BboxFormat = RunConfig.bbox_format,
+    img_size: int = typer.Option(RunConfig.img_size, help="train and detect at img_size x "
+                                 "img_size"),
+    stride: Stride = RunConfig.stride,
+    assign_radius: AssignRadius = RunConfig.assign_radius,
+    epochs: int = RunConfig.epochs,
+    time_budget: TimeBudget = RunConfig.time,
+    batch: int = RunConfig.batch,
+    lr: float = RunConfig.lr,
+    seed: Seed = RunConfig.seed,
+    patience: int = typer.Option(RunConfig.patience, help="stop after this many validations "
+                                 "without a better mAP50-95; 0: never"),
+    val_every: int = typer.Option(RunConfig.val_every, min=1, help="validate after epoch 1, every "
                                   "Nth and the last (long runs, large validation splits)"),
     weights: str = typer.Option(None, help="fine-tune: start from a trained detector's best.pt "
                                 "(a new run; the classes both have keep their weights)"),
     backbone: str = typer.Option(None, help="start from a backbone.pt of `odscratch pretrain`"),
     resume: Resume = None,
     fp32: Fp32 = False,
-    device: Device = Config.device,
+    device: Device = RunConfig.device,
     workers: Workers = None,
     name: Name = "exp",
 ):
@@ -3031,10 +3097,7 @@ def train(
             raise UserError("--weights (fine-tune a detector), --backbone (start from a "
                             "pretrained backbone) and --resume (go on with a run) exclude each "
                             "other: pass one")
-        cfg = Config(data=data, bbox_format=bbox_format, img_size=img_size, stride=stride,
-                     assign_radius=assign_radius, epochs=epochs, time=time_budget, batch=batch,
-                     lr=lr, patience=patience, val_every=val_every, seed=seed, fp32=fp32,
-                     device=device)
+        cfg = options_config(locals())
         run_dir, best, classes = train_detector(cfg, name, backbone, resume, weights, workers)
         if best:  # under torchrun, rank 0's
             title = f"best validation epoch: {best['epoch']} ({run_dir / 'best.pt'})"
@@ -3049,9 +3112,9 @@ def scored_split(weights, cfg, classes, data, split):
     """The split `eval` and `bench` score a model on: of its own data, or of other data with its
     classes."""
     ds = load_model_split(cfg, data, split)
-    check_same_classes(classes, category_feature(ds).names, weights, data or cfg.data)
+    check_same_classes(classes, class_names(ds), weights, data or cfg.data)
     name = f"{data or cfg.data} {SPLIT_WORDS.get(split, split)}"
-    return DetectionDataset(ds, cfg.img_size, train=False, name=name)
+    return CheckedDataset(ds, cfg.img_size, train=False, name=name)
 
 
 @app.command("eval")
@@ -3059,9 +3122,9 @@ def evaluate_command(
     weights: Weights = None,
     data: str = typer.Option(None, help="default: the data the model was trained on"),
     split: str = typer.Option("test", help="train, validation (or val, valid) or test"),
-    batch: int = typer.Option(Config.batch),
+    batch: int = typer.Option(RunConfig.batch),
     fp32: Fp32 = False,
-    device: Device = Config.device,
+    device: Device = RunConfig.device,
     name: Name = "exp",
 ):
     """COCO mAP of a trained model on a split, overall and per class; precision and recall at the
@@ -3107,10 +3170,10 @@ def box_sides(data):
 
 @app.command("data")
 def data_command(
-    data: Data = Config.data,
-    bbox_format: BboxFormat = Config.bbox_format,
-    img_size: int = typer.Option(Config.img_size, help="the --img-size you would train at"),
-    assign_radius: AssignRadius = Config.assign_radius,
+    data: Data = RunConfig.data,
+    bbox_format: BboxFormat = RunConfig.bbox_format,
+    img_size: int = typer.Option(RunConfig.img_size, help="the --img-size you would train at"),
+    assign_radius: AssignRadius = RunConfig.assign_radius,
 ):
     """A dataset before training: its layout, splits, classes, box sizes, and which --stride."""
     with user_errors():
@@ -3123,12 +3186,12 @@ def data_command(
                     raise
                 missing.append(e)
                 continue
-            splits[split] = DetectionDataset(ds, img_size, train=False, name=f"{data} {split}")
+            splits[split] = CheckedDataset(ds, img_size, train=False, name=f"{data} {split}")
         if not splits:
             raise missing[0]
         # the grid is chosen for the split training learns from (or, without one, the first)
         learn = "train" if "train" in splits else next(iter(splits))
-        classes = category_feature(splits[learn].ds).names
+        classes = class_names(splits[learn].ds)
         table = Table("split", "images", "boxes", "boxes per image, mean / max",
                       "images with no box", *classes,
                       title=f"{data}: images and boxes per split and class")
@@ -3375,7 +3438,7 @@ def detect(
                                    "labels (implies --save-txt)"),
     show_grid: bool = typer.Option(False, "--show-grid", help="also <image>_grid.jpg: objectness"),
     fp32: Fp32 = False,
-    device: Device = Config.device,
+    device: Device = RunConfig.device,
     name: Name = "exp",
 ):
     """Detect objects in images and videos; prints a table, writes annotated images and videos (a
@@ -3504,7 +3567,7 @@ def bench(
     threads: int = typer.Option(None, help="CPU threads for every runtime; default: PyTorch's"),
     data: str = typer.Option(None, help="scored on, int8 calibrated on; default: the model's own"),
     split: str = typer.Option("test", help="the split each runtime's mAP is measured on"),
-    device: Device = Config.device,
+    device: Device = RunConfig.device,
 ):
     """Speed and mAP of the model in each runtime: PyTorch float32 and bf16, onnxruntime float32
     and int8."""

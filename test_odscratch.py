@@ -1,6 +1,7 @@
 """The specification, in the order of odscratch.py (Part 1, the recipe; Part 2, the product). Tiny
 sizes: the whole suite runs in a few minutes on 2 CPU cores, offline."""
 
+import ast
 import contextlib
 import csv
 import io
@@ -11,6 +12,7 @@ import re
 import shutil
 import signal
 import subprocess
+import symtable
 import sys
 from pathlib import Path
 
@@ -123,13 +125,13 @@ def test_a_split_is_decoded_once_per_machine_and_augmented_afresh_every_epoch(tm
     decoded, prepare_image = [], ods.prepare_image
     monkeypatch.setattr(ods, "prepare_image", lambda *a: decoded.append(1) or prepare_image(*a))
     ds = ods.load_split("synthetic", "validation").select(range(8))
-    val = ods.DetectionDataset(ds, 64, train=False)
-    assert len(decoded) == 8 and val.pixels.path.stat().st_size == 8 * 3 * 64 * 64  # on disk, uint8
+    val = ods.CheckedDataset(ds, 64, train=False)
+    assert len(decoded) == 8 and val.images.path.stat().st_size == 8 * 3 * 64 * 64  # on disk, uint8
     for i in range(8):  # the pixels kept are those a fresh resize gives
-        assert torch.equal(torch.from_numpy(val.pixels[i]), ods.resize_transform(64)(ds[i]["image"]))
-    train = ods.DetectionDataset(ds, 64, train=True)  # a second run, a --resume, another process
+        assert torch.equal(torch.from_numpy(val.images[i]), ods.resize_transform(64)(ds[i]["image"]))
+    train = ods.CheckedDataset(ds, 64, train=True)  # a second run, a --resume, another process
     assert len(decoded) == 8 and train.sizes == val.sizes
-    ods.DetectionDataset(ds, 96, train=False)  # another --img-size is prepared anew
+    ods.CheckedDataset(ds, 96, train=False)  # another --img-size is prepared anew
     assert len(decoded) == 16
     first = train[0]
     assert torch.equal(train[0][0], first[0])  # the same draw for the same (seed, epoch, image)
@@ -145,16 +147,16 @@ def test_a_split_is_decoded_once_per_machine_and_augmented_afresh_every_epoch(tm
 def test_an_image_file_changed_under_the_same_name_is_prepared_anew(tmp_path, monkeypatch):
     monkeypatch.setattr(ods, "PREPARED", tmp_path / "prepared")
     data = tiny_folder(tmp_path)
-    before = ods.DetectionDataset(ods.load_split(str(data), "train", "xywh"), 32, train=False)
+    before = ods.CheckedDataset(ods.load_split(str(data), "train", "xywh"), 32, train=False)
     path = Path(before.ds[0]["image"]["path"])
     PIL.Image.new("RGB", (64, 48), "white").save(path)  # relabelled nothing, replaced the photo
-    after = ods.DetectionDataset(ods.load_split(str(data), "train", "xywh"), 32, train=False)
-    assert (after.pixels[0] == 255).all() and not (before.pixels[0] == 255).all()
+    after = ods.CheckedDataset(ods.load_split(str(data), "train", "xywh"), 32, train=False)
+    assert (after.images[0] == 255).all() and not (before.images[0] == 255).all()
 
 
 def test_validation_images_are_never_augmented_and_their_boxes_scale_as_resize_scales_them():
     ds = ods.load_split("synthetic", "validation").select(range(8))
-    val = ods.DetectionDataset(ds, 64, train=False)
+    val = ods.CheckedDataset(ds, 64, train=False)
     fresh = ods.inference_transform(64)(ds[3]["image"].convert("RGB"))
     assert all(torch.equal(val[3][0], fresh) for _ in range(2))
     boxes = tv_tensors.BoundingBoxes(val.targets[3]["boxes"], format="XYXY", canvas_size=val.sizes[3])
@@ -164,11 +166,11 @@ def test_validation_images_are_never_augmented_and_their_boxes_scale_as_resize_s
 
 def test_a_corrupt_image_leaves_the_split_and_the_cache_lines_up():
     ds = ods.load_split("synthetic", "validation").select(range(8))
-    val = ods.DetectionDataset(ds, 64, train=False)
+    val = ods.CheckedDataset(ds, 64, train=False)
     rows = ds.cast_column("image", datasets.Image(decode=False))
     images = [{"bytes": b"not an image", "path": None} if i == 2 else row["image"] for i, row in enumerate(rows)]
     broken = datasets.Dataset.from_dict({"image": images, "objects": rows["objects"]}, features=ds.features)
-    skipped = ods.DetectionDataset(broken, 64, train=False)
+    skipped = ods.CheckedDataset(broken, 64, train=False)
     assert len(skipped) == 7 and torch.equal(skipped[2][0], val[3][0]) and torch.equal(skipped[6][0], val[7][0])
 
 
@@ -225,7 +227,7 @@ def test_assign_radius_one_adds_the_nearest_cells_inside_the_box():
 
 @pytest.mark.parametrize("radius", [0.5, 1.0])
 def test_encoded_targets_decode_back_to_the_ground_truth(radius):
-    data = ods.DetectionDataset(ods.load_split("synthetic", "validation").select(range(40)), 320, train=False)
+    data = ods.CheckedDataset(ods.load_split("synthetic", "validation").select(range(40)), 320, train=False)
     grid, K = 320 // 16, 3
     boxes, logits, lost = [], [], []
     for i in range(len(data)):
@@ -381,7 +383,7 @@ def test_train_writes_checkpoints_and_learns(trained):
     rows = (run / "results.csv").read_text().splitlines()
     assert len(rows) == 3 and "collisions" in rows[0] and "map50" in rows[0]
     model, cfg, classes = ods.load_detector(run / "best.pt", torch.device("cpu"))
-    test = ods.DetectionDataset(ods.load_split("synthetic", "test"), cfg.img_size, train=False)
+    test = ods.CheckedDataset(ods.load_split("synthetic", "test"), cfg.img_size, train=False)
     found = ods.predict(ods.model_network(model, bf16=False), test, 32, ods.EVAL_CONF, ods.NMS_IOU)
     metrics = ods.evaluate(found, test.targets, 3)
     # chance is ~0; this run reaches mAP50 0.68 / mAP50-95 0.37 in bf16 and 0.61 / 0.32 in float32
@@ -554,7 +556,8 @@ def test_mask_crop_greys_out_exactly_the_crop():
     images = [PIL.Image.fromarray(np.random.default_rng(i).integers(0, 255, (50, 70, 3), dtype=np.uint8))
               for i in range(3)]
     ds = datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()}))
-    intact, masked = ods.LTDDataset(ds, 64, mask_crop=False), ods.LTDDataset(ds, 64, mask_crop=True)
+    images = ods.ltd_images(ds, "images", 64)
+    intact, masked = ods.LTDDataset(images, 64, mask_crop=False), ods.LTDDataset(images, 64, mask_crop=True)
     for i in range(3):
         torch.manual_seed(i)
         (R, S), target = intact[i]
@@ -574,8 +577,9 @@ def test_pretrain_beats_predicting_the_centre(pretrained):
     assert PIL.Image.open(pretrained / "ltd_samples.jpg").size[0] > 2 * LTD_SIZE
     model = ods.LTDNet(stride=16)
     model.load_state_dict(torch.load(pretrained / "best.pt", weights_only=True)["model"])
-    held_out = ods.LTDDataset(ods.load_split("synthetic", "validation"), LTD_SIZE, mask_crop=False)
-    predicted, true = ods.locate_crops(model, held_out, len(held_out), 32, bf16=False)
+    images = ods.ltd_images(ods.load_split("synthetic", "validation"), "validation", LTD_SIZE)
+    held_out = ods.LTDDataset(images, LTD_SIZE, mask_crop=False)
+    predicted, true = ods.locate_crops(model, held_out, 32, bf16=False)
     learned = box_iou(predicted, true).diagonal()
     assert learned.mean().item() == pytest.approx(checkpoint["metrics"]["iou"], abs=0.02)  # the stored metric is real
     # the baseline: a square of the typical crop area in the middle of R, on the same held-out crops
@@ -816,7 +820,7 @@ def test_photos_stored_sideways_read_as_their_upright_copy(layout, tmp_path):
     compared = 0
     for split in ["train", "validation", "test"]:
         with contextlib.suppress(ods.UserError):  # the layouts without that split
-            a, b = (ods.DetectionDataset(ods.load_split(str(data), split), 64, train=False)
+            a, b = (ods.CheckedDataset(ods.load_split(str(data), split), 64, train=False)
                     for data in (upright, sideways))
             assert a.sizes == b.sizes
             for i in range(len(a)):
@@ -867,7 +871,7 @@ def test_load_split_imagefolder_xywh_strings_no_validation(tmp_path):
     first = train[0]["objects"]
     assert first["bbox"][0] == [4.0, 6.0, 24.0, 16.0]  # xywh -> xyxy
     assert first["category"] == [1, 0]  # dog, cat -> sorted class indices
-    data = ods.DetectionDataset(train, 64, train=False)
+    data = ods.CheckedDataset(train, 64, train=False)
     assert sum(len(t["boxes"]) for t in data.targets) == 17 + 17  # the 50x40 box is clipped, kept
     assert torch.equal(data.targets[0]["boxes"][1], torch.tensor([30.0, 20.0, 64.0, 48.0]))
     with pytest.raises(ods.UserError, match="no split 'test'"):
@@ -878,7 +882,7 @@ def test_load_split_imagefolder_xywh_strings_no_validation(tmp_path):
 def test_load_split_bccd():
     test = ods.load_split(str(BCCD), "test")
     assert len(test) == 72 and ods.category_feature(test).names == ["Platelets", "RBC", "WBC"]
-    data = ods.DetectionDataset(test, 320, train=False)
+    data = ods.CheckedDataset(test, 320, train=False)
     boxes = torch.cat([t["boxes"] for t in data.targets])
     assert len(boxes) == 945
     assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
@@ -969,7 +973,7 @@ def test_yolo_images_without_label_files_have_no_objects_and_classes_txt_names_t
         label.unlink()
     ods.read_dataset.cache_clear()
     with pytest.raises(ods.UserError, match="none of its 6 images has a box, so there is nothing to learn from"):
-        ods.DetectionDataset(ods.load_split(str(data), "train"), 64, train=True)
+        ods.CheckedDataset(ods.load_split(str(data), "train"), 64, train=True)
     (tmp_path / "train" / "labels" / "classes.txt").unlink()
     ods.read_dataset.cache_clear()
     with pytest.raises(ods.UserError, match="has no `names` and no classes.txt"):
@@ -1084,7 +1088,7 @@ def test_boxes_outside_the_image_are_clipped_or_dropped_and_counted(tmp_path):
     with contextlib.redirect_stdout(out):
         ods.console.file = out
         try:
-            data = ods.DetectionDataset(ds, 64, train=False, name="boxes")
+            data = ods.CheckedDataset(ds, 64, train=False, name="boxes")
         finally:
             ods.console.file = None
     assert torch.equal(data.targets[0]["boxes"], torch.tensor([[0.0, 10, 50, 50], [10, 10, 20, 20]]))
@@ -1151,7 +1155,7 @@ def test_a_category_id_past_the_class_list_is_refused():
     ds = datasets.Dataset.from_dict({"image": [image], "objects": [{"bbox": [[1.0, 1, 9, 9]], "category": [4]}]},
                                     features=features).cast(ods.detection_features(["a", "b"]))
     with pytest.raises(ods.UserError, match=r"category 4 is not in its class list \['a', 'b'\]"):
-        ods.DetectionDataset(ds, 32, train=False)
+        ods.CheckedDataset(ds, 32, train=False)
 
 
 def test_a_validation_category_that_train_never_has_is_refused(tmp_path):
@@ -1366,9 +1370,10 @@ def test_torchrun_two_processes_write_one_checkpoint(tmp_path):
     best = torch.load(tmp_path / "runs" / "train" / "exp" / "best.pt", weights_only=True)
     model = ods.GridDetector(2, 16, best["config"]["assign_radius"])
     model.load_state_dict(best["model"])
-    val = ods.DetectionDataset(ods.load_split(str(data), "validation", "xywh"), 64, train=False)
-    cfg = ods.Config(**best["config"])
-    alone = ods.validate_detector(model, val, 2, cfg, bf16=False)
+    val = ods.CheckedDataset(ods.load_split(str(data), "validation", "xywh"), 64, train=False)
+    cfg = ods.RunConfig(**best["config"])
+    found = ods.predict(ods.model_network(model, bf16=False), val, cfg.batch, ods.EVAL_CONF, ods.NMS_IOU)
+    alone = ods.evaluate(found, val.targets, 2)
     assert len(val) == 3 and alone["map50"] == pytest.approx(best["metrics"]["map50"], abs=1e-6)
     assert alone["map"] == pytest.approx(best["metrics"]["map"], abs=1e-6)
 
@@ -1410,8 +1415,8 @@ def first_augmented_batch(rank, folder):
     ods.PREPARED = folder / "prepared"
     dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2)
     ods.seed_everything(0)
-    data = ods.DetectionDataset(ods.load_split("synthetic", "validation").select(range(16)), 64, train=True, seed=0)
-    batches = ods.seeded_batches(data, ods.Config(batch=4), processes=2)
+    data = ods.CheckedDataset(ods.load_split("synthetic", "validation").select(range(16)), 64, train=True, seed=0)
+    batches = ods.seeded_batches(data, ods.RunConfig(batch=4), processes=2)
     batches.sampler.set_epoch(1)
     data.epoch = 1
     first = next(iter(batches))
@@ -1427,7 +1432,7 @@ def test_two_gloo_ranks_draw_different_images_and_augmentations_the_same_in_any_
     draws = torch.load(tmp_path / "draws.pt", weights_only=False)
     assert len(draws[0]) == len(draws[1]) == 2 and not set(draws[0]) & set(draws[1])  # each image on one rank
     monkeypatch.setattr(ods, "PREPARED", tmp_path / "prepared")
-    again = ods.DetectionDataset(ods.load_split("synthetic", "validation").select(range(16)), 64, train=True)
+    again = ods.CheckedDataset(ods.load_split("synthetic", "validation").select(range(16)), 64, train=True)
     again.epoch = 1
     # each image's augmentation is its own, not a random stream every rank repeats (the same --seed
     # everywhere): a third process draws exactly what the rank that had the image drew
@@ -1593,6 +1598,78 @@ def test_part_1_the_lesson_is_at_most_650_lines():
     assert lines[banner].startswith("# ===") and banner <= 650, banner
 
 
+def part_1_and_part_2():
+    """odscratch.py's source, its syntax tree, and the line of the Part 2 banner."""
+    source = (Path(__file__).resolve().parent / "odscratch.py").read_text()
+    return source, ast.parse(source), source.splitlines().index("# PART 2: THE PRODUCT") + 1
+
+
+def test_part_1_names_nothing_defined_in_part_2():
+    source, tree, cut = part_1_and_part_2()
+    # every name Part 2 binds at module level: functions, classes, constants, imports
+    below, submodules = set(), set()  # import PIL.ExifTags binds PIL, which Part 1 imports too
+    for node in (n for n in tree.body if n.lineno > cut):
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            below.add(node.name)
+        elif isinstance(node, ast.Import):
+            submodules |= {a.name for a in node.names if "." in a.name and not a.asname}
+            below |= {a.asname or a.name for a in node.names if "." not in a.name or a.asname}
+        elif isinstance(node, ast.ImportFrom):
+            below |= {a.asname or a.name for a in node.names}
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            below |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    assert {"UserError", "prepare_split", "load_split", "fit", "console", "json"} <= below
+    # what Part 1 looks up at module level: its top-level statements, decorators, defaults, bases
+    used = set()
+    for node in (n for n in tree.body if n.end_lineno < cut):
+        parts = ([*node.decorator_list, *getattr(node, "bases", []),
+                  *(node.args.defaults if isinstance(node, ast.FunctionDef) else [])]
+                 if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else [node])
+        used |= {n.id for part in parts for n in ast.walk(part) if isinstance(n, ast.Name)}
+
+    # ... and inside its functions and classes, each name that is global in its scope
+    def globals_in(table):
+        names = {s.get_name() for s in table.get_symbols() if s.is_global() and s.is_referenced()}
+        return names.union(*(globals_in(child) for child in table.get_children()))
+
+    for table in symtable.symtable(source, "odscratch.py", "exec").get_children():
+        if table.get_lineno() < cut:
+            used |= globals_in(table)
+    assert "decode_split" in used and not used & below, sorted(used & below)
+    dotted = {ast.unparse(n) for n in ast.walk(ast.Module([n for n in tree.body if n.end_lineno < cut], []))
+              if isinstance(n, ast.Attribute)}
+    assert "PIL.ImageOps" in submodules and not dotted & submodules, sorted(dotted & submodules)
+
+
+def test_the_lesson_and_train_take_the_same_steps(tmp_path, monkeypatch):
+    """The lesson's loop and `train` call one train_step: the same settings give the same weights
+    after two steps (the first one's learning rate is 0, so the second one shows the learning)."""
+    settings = {"img_size": 32, "stride": 32, "epochs": 1, "batch": 1000, "seed": 3}
+    model, metrics = ods.lesson(ods.Config(**settings))
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(ods.app, ["train", *(f"--{k.replace('_', '-')}={v}" for k, v in settings.items())])
+    assert result.exit_code == 0, result.output
+    last = torch.load(tmp_path / "runs/train/exp/last.pt", weights_only=True)
+    assert last["resume"]["steps"] == 2 and last["resume"]["optimizer"]["state"][0]["step"] == 2
+    torch.manual_seed(3)
+    fresh = ods.GridDetector(3, 32, ods.Config.assign_radius).state_dict()
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, last["model"][name]), name
+    assert not torch.equal(model.state_dict()["head.weight"], fresh["head.weight"])  # it learnt
+    assert metrics["map50"] == pytest.approx(last["metrics"]["map50"], abs=1e-9)
+
+
+def test_the_lesson_command_prints_map50_last_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(ods.app, ["lesson", "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[0].startswith("epoch 1, step 0/250: loss ") and "step 200/250" in result.output
+    assert re.fullmatch(r"mAP50 0\.\d{3}", lines[-1]) and float(lines[-1].split()[1]) > 0.2
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_readme_python_example_runs(trained, monkeypatch, capsys):
     folder, _ = trained
     monkeypatch.chdir(folder)
@@ -1700,12 +1777,12 @@ def test_onnx_detector_gives_pytorch_its_threads_back(trained, tmp_path):
 
 
 def test_int8_calibrates_on_a_seeded_sample_of_training_images():
-    first, again = (ods.calibration_images(ods.Config(seed=0), None, 64) for _ in range(2))
-    other = ods.calibration_images(ods.Config(seed=1), None, 64)
+    first, again = (ods.calibration_images(ods.RunConfig(seed=0), None, 64) for _ in range(2))
+    other = ods.calibration_images(ods.RunConfig(seed=1), None, 64)
     assert len(first) == ods.CALIBRATION_IMAGES == 200
     assert torch.equal(first[0][0], again[0][0]) and not torch.equal(first[0][0], other[0][0])
     train = ods.load_split("synthetic", "train")
-    start = ods.DetectionDataset(train.select(range(200)), 64, train=False)
+    start = ods.CheckedDataset(train.select(range(200)), 64, train=False)
     drawn = {float(first[i][0].sum()) for i in range(200)}
     assert len(drawn & {float(start[i][0].sum()) for i in range(200)}) == 15  # drawn from all 2000
 
@@ -1761,7 +1838,7 @@ def test_data_collision_shares_agree_with_the_assignment(tmp_path):
     image = {"bytes": jpeg_bytes(PIL.Image.new("RGB", (64, 64))), "path": None}
     ds = datasets.Dataset.from_dict({"image": [image] * 4, "objects": [{"bbox": boxes, "category": [0, 1, 0]}] * 4},
                                     features=ods.detection_features(["a", "b"]))
-    data = ods.DetectionDataset(ds, 64, train=False)
+    data = ods.CheckedDataset(ds, 64, train=False)
     relative = ods.box_convert(torch.tensor(boxes) / 64, "xyxy", "cxcywh")
     for radius in [0.5, 1.0]:
         shares = ods.collisions_per_stride(data, 64, radius)
@@ -1774,7 +1851,7 @@ def test_data_collision_shares_agree_with_the_assignment(tmp_path):
     objects = {"bbox": [[20.0, 4, 60, 52], [20, 12, 52, 48]], "category": [0, 1]}
     crowded = datasets.Dataset.from_dict({"image": [image], "objects": [objects]},
                                          features=ods.detection_features(["a", "b"]))
-    crowded = ods.DetectionDataset(crowded, 64, train=False)
+    crowded = ods.CheckedDataset(crowded, 64, train=False)
     assert ods.collisions_per_stride(crowded, 64, 0.5)[16] == 0.5
     assert ods.collisions_per_stride(crowded, 64, 1.0)[16] == 0.0
     folder = tmp_path / "data"
