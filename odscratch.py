@@ -2684,12 +2684,9 @@ def calibration_images(cfg, data, img_size):
 
 
 def quantize_onnx(path, int8_path, calibration):
-    """model.onnx -> model_int8.onnx: onnxruntime's static int8 quantisation, calibrated on the
-    images of a DetectionDataset. Each choice measured on BCCD (docs/shipping.md, Ship on a CPU):
-    uint8 activations and per-channel int8 weights make every convolution and residual add an int8
-    kernel; the QDQ format runs as fast as the QOperator one and OpenVINO reads it too; the head
-    and what follows it stay float (quantised: -0.03 mAP50-95). Weights use 7 of the 8 bits: CPUs
-    without VNNI add two uint8 x int8 products in 16 bits, which full 8-bit weights can overflow."""
+    """model.onnx -> model_int8.onnx: onnxruntime's static int8 quantisation (QDQ, per-channel
+    int8 weights in 7 bits, uint8 activations; the head and what follows it stay float), calibrated
+    on a DetectionDataset's images. Why each choice: docs/shipping.md, Ship on a CPU."""
     import onnx
     from onnxruntime import quantization as q
 
@@ -3168,6 +3165,13 @@ def box_sides(data):
                       for t, (h, w) in zip(data.targets, data.sizes)])
 
 
+def print_table(title, columns, rows):
+    table = Table(*columns, title=title)
+    for row in rows:
+        table.add_row(*map(str, row))
+    console.print(table)
+
+
 @app.command("data")
 def data_command(
     data: Data = RunConfig.data,
@@ -3192,35 +3196,29 @@ def data_command(
         # the grid is chosen for the split training learns from (or, without one, the first)
         learn = "train" if "train" in splits else next(iter(splits))
         classes = class_names(splits[learn].ds)
-        table = Table("split", "images", "boxes", "boxes per image, mean / max",
-                      "images with no box", *classes,
-                      title=f"{data}: images and boxes per split and class")
+        rows = []
         for split, d in splits.items():
             counts = [len(t["boxes"]) for t in d.targets]
             labels = torch.cat([t["labels"] for t in d.targets])
-            per_class = [str(int((labels == k).sum())) for k in range(len(classes))]
-            table.add_row(split, str(len(d)), str(sum(counts)),
-                          f"{np.mean(counts):.1f} / {max(counts)}", str(counts.count(0)),
-                          *per_class)
-        console.print(table)
+            per_class = [(labels == k).sum().item() for k in range(len(classes))]
+            rows.append([split, len(d), sum(counts), f"{np.mean(counts):.1f} / {max(counts)}",
+                         counts.count(0), *per_class])
+        print_table(f"{data}: images and boxes per split and class", ["split", "images", "boxes",
+                    "boxes per image, mean / max", "images with no box", *classes], rows)
         bins = list(zip([0, *SIZE_BINS], [*SIZE_BINS, math.inf]))
-        table = Table("split", *[f"{a:.0%}-{b:.0%}" if b < math.inf else f">= {a:.0%}"
-                                 for a, b in bins],
-                      title="box side / image side (side = square root of the area)")
-        for split, d in splits.items():
-            sides = box_sides(d)
-            table.add_row(split, *[f"{((sides >= a) & (sides < b)).float().mean():.1%}"
-                                   for a, b in bins])
-        console.print(table)
+        print_table("box side / image side (side = square root of the area)",
+                    ["split", *(f"{a:.0%}-{b:.0%}" if b < math.inf else f">= {a:.0%}"
+                                for a, b in bins)],
+                    ([split, *(f"{((sides >= a) & (sides < b)).float().mean():.1%}"
+                               for a, b in bins)]
+                     for split, sides in ((split, box_sides(d)) for split, d in splits.items())))
         sides = box_sides(splits[learn]) * img_size  # in pixels at --img-size
         lost = collisions_per_stride(splits[learn], img_size, assign_radius)
-        table = Table("--stride", "grid", "boxes smaller than a cell", "boxes lost to collisions",
-                      title=f"--assign-radius {assign_radius:g} at --img-size {img_size}, "
-                            f"{learn} split")
-        for stride, share in lost.items():
-            table.add_row(str(stride), f"{img_size // stride} x {img_size // stride}",
-                          f"{(sides < stride).float().mean():.1%}", f"{share:.2%}")
-        console.print(table)
+        print_table(f"--assign-radius {assign_radius:g} at --img-size {img_size}, {learn} split",
+                    ["--stride", "grid", "boxes smaller than a cell", "boxes lost to collisions"],
+                    ([stride, f"{img_size // stride} x {img_size // stride}",
+                      f"{(sides < stride).float().mean():.1%}", f"{share:.2%}"]
+                     for stride, share in lost.items()))
         good = [stride for stride, share in lost.items() if share < COLLISION_TOLERANCE]
         tolerance = f"{COLLISION_TOLERANCE:.0%}"
         console.print(f"pick --stride {max(good)}: the coarsest grid (fastest, widest view per "
