@@ -1184,7 +1184,9 @@ def read_coco(files, root, bbox_format):
     notes = [f"categories with no box left out: {', '.join(unused)}"] if unused else []
     index, rows, skipped, crowd = images_by_name(root), {}, [], 0
     for path, coco in cocos.items():
-        split = split_named(path.stem) or split_named(path.parent.name) or "train"
+        # the file's name, or its folder's under --data (--data's own name names no split)
+        inside = path.parent != root
+        split = split_named(path.stem) or (inside and split_named(path.parent.name)) or "train"
         objects = {image["id"]: ([], []) for image in coco["images"]}
         for a in coco["annotations"]:
             box = a.get("bbox")

@@ -786,14 +786,18 @@ LAYOUT_WRITERS = {  # root, sideways -> what --data names
 
 
 def loaded_objects(data):
-    """Every split of `data` -> {image file name: (split, boxes, labels)} and the class names."""
+    """Every split of `data` -> {image file name: (split, boxes, labels)} and the class names (a
+    split that is not there is left out; any other error fails)."""
     found = {}
     for split in ["train", "validation", "test"]:
-        with contextlib.suppress(ods.UserError):
+        try:
             ds = ods.load_split(str(data), split)
-            classes = ods.category_feature(ds).names
-            for row in ds.cast_column("image", datasets.Image(decode=False)):
-                found[Path(row["image"]["path"]).name] = (split, row["objects"]["bbox"], row["objects"]["category"])
+        except ods.UserError as e:
+            assert "has no split" in str(e), e
+            continue
+        classes = ods.class_names(ds)
+        for row in ds.cast_column("image", datasets.Image(decode=False)):
+            found[Path(row["image"]["path"]).name] = (split, row["objects"]["bbox"], row["objects"]["category"])
     return found, classes
 
 
@@ -809,6 +813,10 @@ def test_every_layout_loads_the_same_boxes_and_classes(layout, tmp_path):
         assert np.allclose(found[name][1], boxes, atol=1e-3) and found[name][2] == labels, name
         if layout not in ("coco one file", "voc flat"):  # these have no splits: validation is carved
             assert found[name][0] == {"val": "validation"}.get(split, split), name
+    # each split whole: 6, 2 and 2 images, or train carved into 8 and a seeded 2 for validation
+    carved = layout in ("coco one file", "voc flat")
+    counts = {split: [f[0] for f in found.values()].count(split) for split in ["train", "validation", "test"]}
+    assert counts == ({"train": 8, "validation": 2, "test": 0} if carved else {"train": 6, "validation": 2, "test": 2})
 
 
 @pytest.mark.parametrize("layout", ["yolo ultralytics", "coco one file", "voc flat", "autotrain"])
@@ -990,9 +998,12 @@ def test_yolo_txt_files_beside_the_images_without_data_yaml(tool, tmp_path):
         (folder / name).with_suffix(".txt").write_text(yolo_lines(width, height, boxes, labels))
     (tmp_path / ("obj.names" if tool == "cvat" else "classes.txt")).write_text("\n".join(CLASSES) + "\n")
     found, classes = loaded_objects(tmp_path)
-    expected = {name: boxes for name, _, _, boxes, _ in canonical_images()["train"]}
+    expected = {name: (boxes, labels) for name, _, _, boxes, labels in canonical_images()["train"]}
     assert classes == CLASSES and sorted(found) == sorted(expected)
-    assert all(np.allclose(found[name][1], boxes, atol=1e-3) for name, boxes in expected.items())
+    for name, (boxes, labels) in expected.items():
+        assert np.allclose(found[name][1], boxes, atol=1e-3) and found[name][2] == labels, name
+    splits = [f[0] for f in found.values()]  # one split, so a seeded 15 % of it validates
+    assert (splits.count("train"), splits.count("validation")) == (5, 1)
 
 
 def test_data_yaml_pointing_at_a_missing_folder_is_one_line_error(tmp_path, monkeypatch):
