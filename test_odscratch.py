@@ -1825,7 +1825,9 @@ def test_bench_times_and_scores_every_runtime(trained, monkeypatch):
     rows = {name: re.search(row.format(name), result.output) for name in names}
     assert all(rows.values()), result.output
     float32, int8 = ([float(v) for v in rows[name].groups()] for name in rows)
-    assert int8[0] > 0 and int8[1] > 0 and float32[2] > 0.2  # a time and a trained model's mAP50
+    # times, and the trained model's mAP50 and mAP50-95 (0.68 and 0.37, Zen 5 bf16, 2026-12-06; the
+    # float32-trained fixture reaches about 0.61 and 0.32): floors a little below both
+    assert int8[0] > 0 and int8[1] > 0 and float32[2] > 0.5 and float32[3] > 0.25
     assert int8[2] == pytest.approx(float32[2], abs=0.02)
     assert int8[3] == pytest.approx(float32[3], abs=0.02)
 
@@ -1967,7 +1969,9 @@ def test_detect_pre_labels_read_back_as_datasets_that_pycocotools_and_labelling_
         evaluation.summarize()
     assert [c["name"] for c in coco.loadCats(coco.getCatIds())] == ods.SYNTHETIC_CLASSES
     assert coco.imgs[1] == {"id": 1, "file_name": "images/000001.png", "width": 320, "height": 320}
-    assert evaluation.stats[1] > 0.2  # AP50: the boxes land on the right images, classes and pixels
+    # AP50 and AP50-95 (0.75 and 0.44 on these 12 images, Zen 5 bf16, 2026-12-06): the boxes land on the
+    # right images, classes and pixels
+    assert evaluation.stats[1] > 0.55 and evaluation.stats[0] > 0.3
     assert {"bbox", "area", "category_id", "score", "iscrowd"} <= set(coco.anns[1])
 
     # the YOLO dataset: the images as they came, labels with scores, data.yaml and classes.txt
