@@ -25,6 +25,7 @@ import pytest
 import torch
 from torchvision import tv_tensors
 from torchvision.ops import box_iou
+from torchvision.transforms import v2
 from typer.testing import CliRunner
 
 import odscratch as ods
@@ -127,8 +128,10 @@ def test_a_split_is_decoded_once_per_machine_and_augmented_afresh_every_epoch(tm
     ds = ods.load_split("synthetic", "validation").select(range(8))
     val = ods.CheckedDataset(ds, 64, train=False)
     assert len(decoded) == 8 and val.images.path.stat().st_size == 8 * 3 * 64 * 64  # on disk, uint8
-    for i in range(8):  # the pixels kept are those a fresh resize gives
-        assert torch.equal(torch.from_numpy(val.images[i]), ods.resize_transform(64)(ds[i]["image"]))
+    for i in range(8):  # the pixels kept are those torchvision's antialiased resize of the photo gives
+        photo = v2.functional.pil_to_tensor(ds[i]["image"])
+        assert torch.equal(torch.from_numpy(val.images[i]), v2.functional.resize(photo, [64, 64], antialias=True))
+        assert torch.allclose(val[i][0], torch.from_numpy(val.images[i]) / 255.0)  # what the network sees
     train = ods.CheckedDataset(ds, 64, train=True)  # a second run, a --resume, another process
     assert len(decoded) == 8 and train.sizes == val.sizes
     ods.CheckedDataset(ds, 96, train=False)  # another --img-size is prepared anew
@@ -245,6 +248,21 @@ def test_encoded_targets_decode_back_to_the_ground_truth(radius):
     assert len(clean) > 20
     metrics = ods.evaluate([detections[i] for i in clean], [data.targets[i] for i in clean], K)
     assert metrics["map"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_decoding_by_hand_on_an_image_wider_than_high():
+    """score_cells and select_detections against numbers worked out by hand: a 400 x 200 image, two
+    cells with distinct boxes and classes, and a background cell."""
+    boxes = torch.tensor([[[0.3, 0.4, 0.4, 0.4], [0.725, 0.375, 0.35, 0.25], [0.5, 0.5, 0.2, 0.2]]])  # cx cy w h
+    logits = torch.log(torch.tensor([[[0.9, 0.05, 0.05], [0.1, 0.7, 0.2], [0.01, 0.01, 0.98]]]))
+    corners, scores = ods.score_cells(boxes, logits)
+    assert torch.allclose(corners[0, :2], torch.tensor([[0.1, 0.2, 0.5, 0.6], [0.55, 0.25, 0.9, 0.5]]))
+    assert torch.allclose(scores[0], torch.tensor([[0.9, 0.05], [0.1, 0.7], [0.01, 0.01]]))  # background left out
+    found, = ods.select_detections(corners, scores, [(200, 400)], conf=0.5, iou=0.5)
+    assert torch.allclose(found["boxes"], torch.tensor([[40.0, 40, 200, 120], [220, 50, 360, 100]]))
+    assert found["labels"].tolist() == [0, 1] and torch.allclose(found["scores"], torch.tensor([0.9, 0.7]))
+    sure, = ods.select_detections(corners, scores, [(200, 400)], conf=0.8, iou=0.5)
+    assert sure["labels"].tolist() == [0]
 
 
 # --- evaluation: our evaluate() against pycocotools on the same inputs ---------------------------
