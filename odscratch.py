@@ -1585,6 +1585,15 @@ def write_atomically(path, write):
         raise UserError(f"cannot write {path} ({e.strerror or e}); {kept}") from None
 
 
+def save_picture(image, path):
+    """A PIL image -> path, in the format its suffix names. Pillow writes a picture in one call and
+    misses a short write (a full disk): it is encoded in memory, then written by Python, which
+    does not, atomically like a checkpoint."""
+    encoded = io.BytesIO()
+    image.save(encoded, PIL.Image.registered_extensions()[path.suffix.lower()])
+    write_atomically(path, lambda tmp: tmp.write_bytes(encoded.getvalue()))
+
+
 def save_checkpoint(path, checkpoint):
     write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
 
@@ -2272,7 +2281,7 @@ def plot_results(results_csv, path):
                           [int(row["epoch"]) for row in validated], (0, 1))
                for name, key in [("mAP50", "map50"), ("mAP50-95", "map")]]
     tiles = [v2.functional.pil_to_tensor(chart) for chart in charts]
-    v2.functional.to_pil_image(make_grid(tiles, nrow=3, padding=0)).save(path)
+    save_picture(v2.functional.to_pil_image(make_grid(tiles, nrow=3, padding=0)), path)
 
 
 def plot_pr_curves(metrics, classes, path):
@@ -2281,7 +2290,7 @@ def plot_pr_curves(metrics, classes, path):
              zip(classes, metrics["ap50_per_class"], metrics["pr50_per_class"]) if curve}
     chart = plot_lines("precision vs recall, IoU 0.5", lines, RECALL_POINTS.tolist(), (0, 1),
                        size=(480, 360))
-    chart.save(path)
+    save_picture(chart, path)
 
 
 def plot_f1_curves(metrics, classes, path):
@@ -2291,8 +2300,8 @@ def plot_f1_curves(metrics, classes, path):
     lines = {name: curve.tolist() for name, curve in zip(named, f1)}
     if len(f1):
         lines[f"all {metrics['f1']:.2f} at {metrics['conf']:.2f}"] = f1.mean(0).tolist()
-    plot_lines("F1 vs confidence, IoU 0.5", lines, CONFIDENCES.tolist(), (0, 1),
-               size=(480, 360)).save(path)
+    save_picture(plot_lines("F1 vs confidence, IoU 0.5", lines, CONFIDENCES.tolist(), (0, 1),
+                            size=(480, 360)), path)
 
 
 CELL = 48  # pixels per cell of the confusion matrix
@@ -2321,7 +2330,7 @@ def draw_confusion_matrix(matrix, classes, conf, path):
             draw.text((x + 6, y + CELL // 2 - 6), fmt.format(value),
                       fill="black" if level > 140 else "white")
         panels.append(v2.functional.pil_to_tensor(panel))
-    v2.functional.to_pil_image(make_grid(panels, nrow=2, padding=0)).save(path)
+    save_picture(v2.functional.to_pil_image(make_grid(panels, nrow=2, padding=0)), path)
 
 
 def draw_confidence_pictures(found, data, metrics, classes, folder):
@@ -2345,10 +2354,10 @@ def draw_validation_pictures(model, data, classes, metrics, run_dir, bf16, batch
     found = select_detections(boxes, scores, data.sizes[:n], DETECT_CONF, NMS_IOU)
     pictures = [draw_detections(image, f, classes, data.targets[i]["boxes"].tolist())
                 for i, (image, f) in enumerate(zip(originals, found))]
-    tile_images(pictures).save(run_dir / "val_pred.jpg")
+    save_picture(tile_images(pictures), run_dir / "val_pred.jpg")
     grids = objectness_grid(scores.cpu())
     pictures = [draw_objectness(image, grid) for image, grid in zip(originals, grids)]
-    tile_images(pictures).save(run_dir / "objectness.jpg")
+    save_picture(tile_images(pictures), run_dir / "objectness.jpg")
     plot_pr_curves(metrics, classes, run_dir / "pr_curve.png")
     plot_results(run_dir / "results.csv", run_dir / "results.png")
 
@@ -2376,7 +2385,7 @@ def draw_ltd_samples(model, data, batch, bf16, path):
         iou = box_iou(p[None], t[None]).item()
         under_S = (x + size + pad, y + LTD_CROP_SIZE + 4)
         PIL.ImageDraw.Draw(grid).text(under_S, f"IoU {iou:.2f}", fill="black")
-    grid.save(path)
+    save_picture(grid, path)
 
 
 # -----------------------------------------------------------------------------
@@ -2652,11 +2661,14 @@ class ScoredCells(nn.Module):
 ONNX_MISSING = "this needs the onnx extra: pip install 'odscratch[onnx]'"
 
 
+def onnx_installed():
+    # torch.onnx's exporter is built on onnxscript; onnxruntime runs what it writes
+    return all(importlib.util.find_spec(name) for name in ("onnxscript", "onnxruntime"))
+
+
 def export_onnx(weights, path, img_size=None):
     """best.pt -> one self-contained model.onnx for any batch size, class names and img_size in its
     metadata."""
-    if importlib.util.find_spec("onnxscript") is None:  # torch.onnx's exporter is built on it
-        raise UserError(ONNX_MISSING)
     model, cfg, classes = load_detector(weights, torch.device("cpu"))
     img_size = img_size or cfg.img_size
     check_grid(RunConfig(img_size=img_size, stride=cfg.stride))
@@ -3474,10 +3486,11 @@ def detect(
             for file_name, source, image, image_id, found in zip(names, sources_, images,
                                                                 image_ids, found_all):
                 stem = Path(file_name).stem
-                draw_detections(image, found, detector.classes).save(run_dir / f"{stem}.jpg")
+                save_picture(draw_detections(image, found, detector.classes),
+                             run_dir / f"{stem}.jpg")
                 if show_grid:
                     grid = draw_objectness(image, found["objectness"])
-                    grid.save(run_dir / f"{stem}_grid.jpg")
+                    save_picture(grid, run_dir / f"{stem}_grid.jpg")
                 for box, score, label in zip(found["boxes"].tolist(), found["scores"].tolist(),
                                              found["names"]):
                     xyxy = ", ".join(f"{v:.0f}" for v in box)
@@ -3489,7 +3502,7 @@ def detect(
                 if prelabels and isinstance(source, Path):
                     shutil.copy2(source, run_dir / "images" / file_name)
                 elif prelabels:
-                    image.save(run_dir / "images" / file_name)
+                    save_picture(image, run_dir / "images" / file_name)
                 if save_txt:
                     labels = yolo_labels(found, image.width, image.height, save_conf)
                     (run_dir / "labels" / f"{stem}.txt").write_text(labels)
@@ -3536,6 +3549,8 @@ def export(
     runs/export/<name>/."""
     with user_errors():
         weights = Path(weights) if weights else newest_weights()
+        if not onnx_installed():
+            raise UserError(ONNX_MISSING)
         if int8:  # the calibration images first: a wrong --data stops before anything is written
             _, cfg, _ = load_detector(weights, torch.device("cpu"))
             calibration = calibration_images(cfg, data, img_size or cfg.img_size)
@@ -3553,7 +3568,7 @@ def left_out_if_missing(what, load):
     try:
         return load()
     except UserError as e:
-        console.print(f"{what} left out: {e} (--data names other data)")
+        console.print(f"{what} left out: {e} (--data names other data)", markup=False)
         return None
 
 
@@ -3586,7 +3601,7 @@ def bench(
         scored = left_out_if_missing("mAP",
                                      lambda: scored_split(weights, cfg, classes, data, split))
         with tempfile.TemporaryDirectory() as tmp:
-            if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnxscript"):
+            if onnx_installed():
                 path = export_onnx(weights, Path(tmp) / "model.onnx")
                 detectors["onnxruntime float32"] = Detector.load(path)
                 calibration = left_out_if_missing(
@@ -3595,7 +3610,7 @@ def bench(
                     int8 = quantize_onnx(path, Path(tmp) / "model_int8.onnx", calibration)
                     detectors["onnxruntime int8"] = Detector.load(int8)
             else:
-                console.print(f"onnxruntime left out: {ONNX_MISSING}")
+                console.print(f"onnxruntime left out: {ONNX_MISSING}", markup=False)
             timings = bench_detectors(detectors, sample, batch, rounds, calls)
             metrics = ({name: d.evaluate(scored, batch)[0] for name, d in detectors.items()}
                        if scored is not None else {})

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import onnx
 import PIL.ExifTags
 import PIL.Image
 import PIL.ImageOps
@@ -224,6 +225,15 @@ def test_assign_radius_one_adds_the_nearest_cells_inside_the_box():
     assert grid[3, 2:].tolist() == [2, 2] and grid[2, 2:].tolist() == [3, 3]
     assert (classes != 3).sum() == 6
     assert torch.equal(targets[6], boxes[1]) and torch.equal(targets[5], boxes[0])
+
+
+def test_a_split_with_no_readable_image_is_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(ods, "PREPARED", tmp_path / "prepared")
+    rows = {"image": [{"bytes": b"not an image", "path": None}, {"bytes": b"\xff\xd8\xff" * 10, "path": None}],
+            "objects": [{"bbox": [[1, 1, 5, 5]], "category": [0]}] * 2}
+    ds = datasets.Dataset.from_dict(rows, features=ods.detection_features(["a"]))
+    with pytest.raises(ods.UserError, match="^broken: none of its 2 images can be read$"):
+        ods.CheckedDataset(ds, 32, train=True, name="broken")
 
 
 # --- decoding: targets assigned to cells decode back to the boxes --------------------------------
@@ -1039,11 +1049,30 @@ def test_coco_missing_files_and_crowd_boxes_are_counted_and_named(tmp_path):
     coco["images"][1]["file_name"] = "C:\\Users\\me\\labels\\" + coco["images"][1]["file_name"]  # Windows
     coco["annotations"][-1]["iscrowd"] = 1
     coco["annotations"].append({"id": 99, "image_id": 101, "category_id": 5, "bbox": [1, 1, 5, 5], "iscrowd": 0})
+    image, category = coco["annotations"][0]["image_id"], coco["annotations"][0]["category_id"]
+    for i, bbox in enumerate([[1, 2, 3], "1,2,3,4", [1, 2, "x", 4]]):  # as hand-edited files hold them
+        coco["annotations"].append({"id": 200 + i, "image_id": image, "category_id": category, "bbox": bbox,
+                                    "iscrowd": 0})
     (data / "train" / "_annotations.coco.json").write_text(json.dumps(coco))
     output = data_report(data)
     assert "skipped 1 image files not found (file_name): gone.jpg" in output
     assert "skipped 1 category ids not in `categories`: id 99" in output
+    assert "skipped 3 bboxes that are not 4 numbers: id 200, id 201, id 202" in output
     assert "train 5, validation 2, test 2" in output and "1 crowd boxes (iscrowd) left out" in output
+
+
+def test_a_split_with_most_of_its_boxes_broken_is_refused_in_one_line(tmp_path, monkeypatch):
+    data = write_coco(tmp_path / "data", "roboflow")
+    path = data / "train" / "_annotations.coco.json"
+    coco = json.loads(path.read_text())
+    train_boxes = len(coco["annotations"])
+    for a in coco["annotations"][:train_boxes // 2 + 1]:  # one more than half
+        a["bbox"] = a["bbox"][:3]
+    path.write_text(json.dumps(coco))
+    monkeypatch.chdir(tmp_path)
+    one_line_error(runner.invoke(ods.app, ["data", "--data", "data"]),
+                   f"{train_boxes // 2 + 1} of the {train_boxes} boxes of its train split are broken "
+                   "(bboxes that are not 4 numbers: id 1, ...)")
 
 
 def test_coco_empty_or_foreign_json_is_one_line_error(tmp_path, monkeypatch):
@@ -1318,6 +1347,45 @@ def test_a_failing_write_keeps_the_previous_checkpoints(tmp_path, monkeypatch):
     assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
     assert torch.load(run / "best.pt", weights_only=True)["epoch"] == 1
     assert not list(run.glob("*.tmp"))
+
+
+def test_resume_refuses_a_best_pt_and_data_whose_classes_changed(tmp_path, monkeypatch):
+    data = tiny_folder(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert runner.invoke(ods.app, TINY_TRAIN + ["--epochs", "2"]).exit_code == 0
+    one_line_error(runner.invoke(ods.app, ["train", "--resume", "runs/train/exp/best.pt"]),
+                   "runs/train/exp/best.pt holds no training state (a best.pt?): resume from the run's last.pt")
+    metadata = (data / "metadata.jsonl").read_text()
+    (data / "metadata.jsonl").write_text(metadata.replace('"cat"', '"cow"'))  # relabelled since
+    ods.read_dataset.cache_clear()
+    one_line_error(runner.invoke(ods.app, ["train", "--resume", "runs/train/exp/last.pt"]),
+                   "runs/train/exp/last.pt was trained on the classes ['cat', 'dog'], but data has ['cow', 'dog']")
+
+
+def test_settings_that_cannot_train_are_one_line_errors(tmp_path, monkeypatch):
+    tiny_folder(tmp_path)  # 17 train images after the carved validation split
+    monkeypatch.chdir(tmp_path)
+    one_line_error(runner.invoke(ods.app, TINY_TRAIN + ["--img-size", "100"]),
+                   "--img-size 100 is not a multiple of --stride 16")
+    one_line_error(runner.invoke(ods.app, TINY_TRAIN + ["--batch", "32"]),
+                   "the train split has 17 images, fewer than --batch 32")
+    one_line_error(runner.invoke(ods.app, TINY_TRAIN + ["--stride", "12"]), "--stride must be one of [8, 16, 32], not 12")
+    gpus = torch.cuda.device_count()  # one past the last GPU, on any machine
+    one_line_error(runner.invoke(ods.app, TINY_TRAIN + ["--device", f"cuda:{gpus}"]),
+                   f"--device cuda:{gpus}, but torch sees {gpus} GPUs here; use --device cpu")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it
+    one_line_error(runner.invoke(ods.app, ["pretrain", "--data", "data"]),
+                   "pretrain runs in one process: start it without torchrun")
+    assert not Path("runs/train/exp/last.pt").exists() and not Path("runs/pretrain").exists()
+
+
+def test_under_torchrun_a_batch_that_does_not_split_evenly_is_one_line_error(tmp_path):
+    data = tiny_folder(tmp_path)
+    run = torchrun_train(tmp_path, data, "--batch", "3")
+    output = run.communicate(timeout=300)[0]
+    # said in one line (torchrun then reports the failed processes its own way)
+    assert run.returncode != 0 and 'odscratch.py", line' not in output, output
+    assert "error: --batch 3 does not split evenly over 2 processes" in output, output
 
 
 def test_run_names_never_collide(tmp_path, monkeypatch):
@@ -1859,6 +1927,45 @@ def test_bench_without_the_data_still_times(trained, monkeypatch):
     no_map = r"│ PyTorch float32\s*│\s*[\d.]+ [^│]*│[^│]*│\s*-\s*│\s*-\s*│"
     assert re.search(no_map, result.output)
     assert "onnxruntime int8" not in result.output and "mAP:" not in result.output
+
+
+def test_without_the_onnx_extra_export_says_so_and_bench_leaves_onnx_out(trained, monkeypatch):
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    folder, _ = trained
+    monkeypatch.chdir(folder)
+    assert runner.invoke(ods.app, ["export", "--name", "unnamed"]).exit_code == 0  # with the extra
+    model = onnx.load(folder / "runs" / "export" / "unnamed" / "model.onnx")
+    kept = [entry for entry in model.metadata_props if entry.key != "classes"]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    onnx.save(model, folder / "unnamed.onnx")  # as another exporter writes it: no class names
+    one_line_error(runner.invoke(ods.app, ["detect", "--weights", "unnamed.onnx"]),
+                   "unnamed.onnx has no class names in its metadata")
+    for module in ("onnxruntime", "onnxscript", "onnx"):  # as if `pip install odscratch` without [onnx]
+        monkeypatch.setitem(sys.modules, module, None)
+    extra = "this needs the onnx extra: pip install 'odscratch[onnx]'"
+    one_line_error(runner.invoke(ods.app, ["export", "--name", "none"]), extra)
+    one_line_error(runner.invoke(ods.app, ["detect", "--weights", "runs/export/unnamed/model.onnx"]), extra)
+    result = runner.invoke(ods.app, ["bench", "--data", "./gone", "--rounds", "1", "--calls", "1"])
+    assert result.exit_code == 0 and f"onnxruntime left out: {extra}" in result.output, result.output
+    assert "PyTorch float32" in result.output and "onnxruntime float32" not in result.output
+    assert not (folder / "runs" / "export" / "none").exists()
+
+
+def test_a_failing_write_in_detect_is_one_line(trained, tmp_path):
+    """A real failing write: the process may write no file over 1 kB (ulimit -f), so detect's
+    picture cannot be written; a one-line error, no traceback."""
+    folder, _ = trained
+    image = tmp_path / "shapes.png"
+    ods.load_split("synthetic", "test")[0]["image"].save(image)
+    limit = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+             "resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024)); import odscratch; sys.argv[0] = 'odscratch'; "
+             "odscratch.app()")
+    result = subprocess.run([sys.executable, "-c", limit, "detect", str(image), "--name", "full"], cwd=folder,
+                            capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1 and "Traceback" not in output, output
+    assert output.strip().splitlines()[-1].startswith("error: ") and "File too large" in output, output
 
 
 # --- the command line ---------------------------------------------------------------------------
