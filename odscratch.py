@@ -1655,8 +1655,12 @@ class Budget:
 
 
 class StopOnCtrlC:
-    """While entered, Ctrl-C asks for a stop at the end of the current step, so that last.pt
-    holds a consistent state that --resume continues exactly; a second Ctrl-C stops at once."""
+    """While entered, Ctrl-C asks for a stop at the end of the current step (of training: last.pt
+    then holds a state that --resume continues exactly; or a video's frame: its picture and its
+    line both written); a second Ctrl-C stops at once."""
+
+    def __init__(self, step="step"):
+        self.step = step
 
     def __enter__(self):
         self.requested, self.previous = False, None
@@ -1673,7 +1677,8 @@ class StopOnCtrlC:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        console.print("Ctrl-C: stopping at the end of this step (press again to stop at once)")
+        console.print(f"Ctrl-C: stopping at the end of this {self.step} (press again to stop at "
+                      "once)")
 
 
 def append_row(path, row):
@@ -3399,21 +3404,25 @@ def detect_video(detector, file_name, source, run_dir, vid_stride, options):
                                                                    transient=True) as progress:
         task = progress.add_task("", total=total, fps=0.0)
         try:
-            for found in detector.stream(video, vid_stride, **options):
-                image = found["image"]
-                if writer is None:
-                    writer = VideoWriter(run_dir / f"{stem}.mp4", image.width, image.height,
-                                         video.rate / vid_stride)
-                writer.write(draw_detections(image, found, detector.classes))
-                boxes = [{"class": name, "score": round(score, 4),
-                          "box": [round(v, 1) for v in box]}
-                         for name, score, box in zip(found["names"], found["scores"].tolist(),
-                                                     found["boxes"].tolist())]
-                lines.write(json.dumps({"frame": found["frame"], "time": round(found["time"], 3),
-                                        "boxes": boxes}) + "\n")
-                frames, objects, last = frames + 1, objects + len(boxes), found["frame"]
-                progress.update(task, advance=1,
-                                fps=frames / (time.perf_counter() - started))
+            with StopOnCtrlC("frame") as ctrl_c:
+                for found in detector.stream(video, vid_stride, **options):
+                    image = found["image"]
+                    if writer is None:
+                        writer = VideoWriter(run_dir / f"{stem}.mp4", image.width, image.height,
+                                             video.rate / vid_stride)
+                    writer.write(draw_detections(image, found, detector.classes))
+                    boxes = [{"class": name, "score": round(score, 4),
+                              "box": [round(v, 1) for v in box]}
+                             for name, score, box in zip(found["names"], found["scores"].tolist(),
+                                                         found["boxes"].tolist())]
+                    line = {"frame": found["frame"], "time": round(found["time"], 3),
+                            "boxes": boxes}
+                    lines.write(json.dumps(line) + "\n")
+                    frames, objects, last = frames + 1, objects + len(boxes), found["frame"]
+                    progress.update(task, advance=1,
+                                    fps=frames / (time.perf_counter() - started))
+                    if ctrl_c.requested:
+                        raise KeyboardInterrupt
         except KeyboardInterrupt:
             stopped = "stopped by Ctrl-C"
         except UserError as e:  # a stream that stops, a frame that cannot be decoded
