@@ -1961,8 +1961,9 @@ def test_a_failing_write_in_detect_is_one_line(trained, tmp_path):
     limit = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
              "resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024)); import odscratch; sys.argv[0] = 'odscratch'; "
              "odscratch.app()")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent)}  # this odscratch.py
     result = subprocess.run([sys.executable, "-c", limit, "detect", str(image), "--name", "full"], cwd=folder,
-                            capture_output=True, text=True, timeout=300)
+                            env=env, capture_output=True, text=True, timeout=300)
     output = result.stdout + result.stderr
     assert result.returncode == 1 and "Traceback" not in output, output
     assert output.strip().splitlines()[-1].startswith("error: ") and "File too large" in output, output
