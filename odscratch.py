@@ -1543,7 +1543,7 @@ def load_split(data, split, bbox_format="auto", labels=True):
 
 
 # -----------------------------------------------------------------------------
-# Safe training: nothing is lost. fit runs train_epoch epoch after epoch, validates, and writes
+# Safe training: nothing is lost. fit runs train_step epoch after epoch, validates, and writes
 # best.pt and last.pt atomically; last.pt holds the optimizer, the place in the epoch and the
 # random state, so --resume goes on exactly. A NaN step is skipped, Ctrl-C stops at a step's end,
 # and under torchrun every process takes the same decisions. bf16 autocast where the hardware has

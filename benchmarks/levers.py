@@ -68,7 +68,7 @@ METRICS = ["map50", "map", "map75", "map90"]
 
 def test_metrics(run_dir, data):
     model, cfg, classes = ods.load_detector(run_dir / "best.pt", torch.device("cpu"))
-    test = ods.DetectionDataset(ods.load_split(data, "test"), cfg.img_size, train=False)
+    test = ods.CheckedDataset(ods.load_split(data, "test"), cfg.img_size, train=False)
     bf16 = ods.use_bf16(torch.device("cpu"), False)
     found = ods.predict(ods.model_network(model, bf16), test, cfg.batch, ods.EVAL_CONF, ods.NMS_IOU)
     return ods.evaluate(found, test.targets, len(classes))
@@ -80,7 +80,7 @@ def run(lever, seed, args):
     for name, value in constants.items():
         setattr(ods, name, value)
     try:
-        cfg = ods.Config(data=args.data, epochs=args.epochs, seed=seed, **{**BASE, **fields})
+        cfg = ods.RunConfig(data=args.data, epochs=args.epochs, seed=seed, **{**BASE, **fields})
         start = time.time()
         run_dir, _, _ = ods.train_detector(cfg, f"lever-{lever.replace(' ', '-')}-s{seed}")
         train_s = round(time.time() - start)

@@ -29,7 +29,7 @@ CONFIGS = ["scratch", "ltd", "ltd-equal", "ltd-masked"]
 
 def test_metrics(run_dir, data):
     model, cfg, classes = ods.load_detector(run_dir / "best.pt", torch.device("cpu"))
-    test = ods.DetectionDataset(ods.load_split(data, "test"), cfg.img_size, train=False)
+    test = ods.CheckedDataset(ods.load_split(data, "test"), cfg.img_size, train=False)
     network = ods.model_network(model, ods.use_bf16(torch.device("cpu"), False))
     predictions = ods.predict(network, test, cfg.batch, ods.EVAL_CONF, ods.NMS_IOU)
     return ods.evaluate(predictions, test.targets, len(classes))
@@ -40,14 +40,14 @@ def run(config, seed, args):
     backbone = None
     pretrain_epochs = {"scratch": 0, "ltd-equal": args.equal_pretrain_epochs}.get(config, args.pretrain_epochs)
     if pretrain_epochs:
-        cfg = ods.Config(data=args.data, img_size=args.img_size, epochs=pretrain_epochs, seed=seed, batch=ods.LTD_BATCH)
+        cfg = ods.RunConfig(data=args.data, img_size=args.img_size, epochs=pretrain_epochs, seed=seed, batch=ods.LTD_BATCH)
         start = time.time()
         run_dir, best = ods.pretrain_backbone(cfg, f"ablation-{config}-s{seed}", mask_crop=config == "ltd-masked")
         row.update(pretrain_epochs=pretrain_epochs, pretrain_s=round(time.time() - start),
                    ltd_iou=round(best["iou"], 4))
         backbone = run_dir / "backbone.pt"
     epochs = args.train_epochs - (pretrain_epochs if config == "ltd-equal" else 0)
-    cfg = ods.Config(data=args.data, img_size=args.img_size, epochs=epochs, seed=seed, assign_radius=0.5, batch=16)  # as measured
+    cfg = ods.RunConfig(data=args.data, img_size=args.img_size, epochs=epochs, seed=seed, assign_radius=0.5, batch=16)  # as measured
     start = time.time()
     run_dir, _, _ = ods.train_detector(cfg, f"ablation-{config}-s{seed}", backbone)
     row.update(train_epochs=epochs, train_s=round(time.time() - start))

@@ -75,7 +75,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     rows = []
     for name in args.only:
-        cfg = ods.Config(data=args.data, img_size=args.img_size, epochs=args.epochs, batch=args.batch, seed=args.seed)
+        cfg = ods.RunConfig(data=args.data, img_size=args.img_size, epochs=args.epochs, batch=args.batch, seed=args.seed)
         with patch.object(ods, "validate_ltd", validate_on_common_crops):
             for p in VARIANTS[name]:
                 p.start()

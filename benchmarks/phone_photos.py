@@ -33,7 +33,7 @@ import json, sys, torch
 sys.path.insert(0, sys.argv[1])
 import odscratch as ods
 model, cfg, classes = ods.load_detector(sys.argv[2], torch.device("cpu"))
-test = ods.DetectionDataset(ods.load_split(sys.argv[3], "test"), cfg.img_size, train=False)
+test = ods.CheckedDataset(ods.load_split(sys.argv[3], "test"), cfg.img_size, train=False)
 network = ods.model_network(model, ods.use_bf16(torch.device("cpu"), False))
 found = ods.predict(network, test, 16, ods.EVAL_CONF, ods.NMS_IOU)
 metrics = ods.evaluate(found, test.targets, len(classes))
@@ -65,7 +65,7 @@ def write_yolo_copy(data, root, sideways):
                                                     row["objects"]["category"])]
             (root / "labels" / split / f"{name}.txt").write_text("\n".join(lines) + "\n")
         spec.append(f"{'val' if split == 'validation' else split}: images/{split}")
-        classes = ods.category_feature(ds).names
+        classes = ods.class_names(ds)
     (root / "data.yaml").write_text("\n".join(spec) + f"\nnames: {json.dumps(classes)}\n")
     return root / "data.yaml"
 

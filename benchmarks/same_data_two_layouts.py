@@ -20,7 +20,7 @@ import odscratch as ods
 def split_contents(data, split):
     """-> classes, {image pixels' hash: (boxes [N, 4] sorted, class names sorted)}."""
     ds = ods.load_split(data, split)
-    classes = ods.category_feature(ds).names
+    classes = ods.class_names(ds)
     found = {}
     for row in ds:
         key = hashlib.sha1(np.asarray(row["image"].convert("RGB")).tobytes()).hexdigest()

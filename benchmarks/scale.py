@@ -42,8 +42,8 @@ import resource, sys, time
 start = time.perf_counter()
 import odscratch as ods
 data, img_size = sys.argv[1], int(sys.argv[2])
-train = ods.DetectionDataset(ods.load_split(data, "train"), img_size, train=True)
-val = ods.DetectionDataset(ods.load_split(data, "validation"), img_size, train=False)
+train = ods.CheckedDataset(ods.load_split(data, "train"), img_size, train=True)
+val = ods.CheckedDataset(ods.load_split(data, "validation"), img_size, train=False)
 print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
       len(train), len(val))
 """
@@ -116,9 +116,9 @@ def main():
         print(f"start-up, second run: {second[0]:.1f} s, peak memory {second[1]:.2f} GiB")
         os.environ["HF_DATASETS_CACHE"] = cache
         ods.PREPARED = Path(cache) / "odscratch"
-        data = ods.DetectionDataset(ods.load_split(str(folder), "train"), args.img_size,
+        data = ods.CheckedDataset(ods.load_split(str(folder), "train"), args.img_size,
                                     train=True)
-        cfg = ods.Config(data=str(folder), img_size=args.img_size, batch=args.batch)
+        cfg = ods.RunConfig(data=str(folder), img_size=args.img_size, batch=args.batch)
         batches = list(ods.seeded_batches(data, cfg))
         for workers in (0, 1, 2):
             loader = torch.utils.data.DataLoader(data, batch_sampler=batches[:args.loader_batches],

@@ -113,7 +113,7 @@ def main():
     weights = {(r["tool"], int(r["seed"])): r["weights"] for r in rows}
     yolo_scores = {int(r["seed"]): r for r in rows if r["tool"] == "yolo11n"}
     img_size = ods.load_detector(weights["odscratch", 0], torch.device("cpu"))[1].img_size
-    test = ods.DetectionDataset(ods.load_split(args.data, "test"), img_size, train=False)
+    test = ods.CheckedDataset(ods.load_split(args.data, "test"), img_size, train=False)
     print(f"{ods.cpu_kind()}, {torch.get_num_threads()} threads; "
           f"test split of {args.data}: {len(test)} images")
     scores, detectors = {}, {}
@@ -137,7 +137,7 @@ def main():
                               ods.calibration_images(cfg, args.data, cfg.img_size))
             name = f"onnxruntime int8, {weights_also} ({cfg.img_size} px)"
             detectors[name] = ods.Detector.load(out)
-            own_size = ods.DetectionDataset(test.ds, cfg.img_size, train=False)
+            own_size = ods.CheckedDataset(test.ds, cfg.img_size, train=False)
             metrics, _ = detectors[name].evaluate(own_size, 16)
             scores[name] = [(metrics["map50"], metrics["map"])]
         image = ods.open_image(test.ds[0]["image"]).convert("RGB")

@@ -37,7 +37,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--fp32", action="store_true")
     args = parser.parse_args()
-    cfg = ods.Config(data=args.data, img_size=args.img_size, batch=args.batch, fp32=args.fp32)
+    cfg = ods.RunConfig(data=args.data, img_size=args.img_size, batch=args.batch, fp32=args.fp32)
     device = torch.device("cpu")
     bf16 = ods.use_bf16(device, cfg.fp32)
     print(f"CPU: {ods.cpu_kind()}; {torch.get_num_threads()} threads; {'bf16' if bf16 else 'float32'}; "
@@ -49,14 +49,15 @@ def main():
     val_ds = ods.load_split(cfg.data, "validation", cfg.bbox_format)
     made = time.perf_counter() - start
     start = time.perf_counter()
-    data = ods.DetectionDataset(train_ds, cfg.img_size, train=True)
-    val = ods.DetectionDataset(val_ds, cfg.img_size, train=False)
+    data = ods.CheckedDataset(train_ds, cfg.img_size, train=True)
+    val = ods.CheckedDataset(val_ds, cfg.img_size, train=False)
     checked = time.perf_counter() - start
-    classes = ods.category_feature(train_ds).names
+    classes = ods.class_names(train_ds)
     model = ods.GridDetector(len(classes), cfg.stride, cfg.assign_radius)
     model = model.to(memory_format=ods.MEMORY_FORMAT)
     start = time.perf_counter()
-    ods.validate_detector(model, val, len(classes), cfg, bf16)
+    found = ods.predict(ods.model_network(model, bf16), val, cfg.batch, ods.EVAL_CONF, ods.NMS_IOU)
+    ods.evaluate(found, val.targets, len(classes))
     validated = time.perf_counter() - start
     print(f"start-up: data loaded {made:.1f} s (the first time on a machine: also drawn), "
           f"readability check + decoded cache {checked:.1f} s ({len(data)} + {len(val)} images), "

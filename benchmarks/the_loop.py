@@ -43,7 +43,7 @@ def train(data, minutes, name, work, *extra):
 
 def test_map(weights, data):
     model, cfg, classes = ods.load_detector(weights, torch.device("cpu"))
-    test = ods.DetectionDataset(ods.load_split(data, "test"), cfg.img_size, train=False)
+    test = ods.CheckedDataset(ods.load_split(data, "test"), cfg.img_size, train=False)
     network = ods.model_network(model, ods.use_bf16(torch.device("cpu"), False))
     found = ods.predict(network, test, 16, ods.EVAL_CONF, ods.NMS_IOU)
     metrics = ods.evaluate(found, test.targets, len(classes))

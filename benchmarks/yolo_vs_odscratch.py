@@ -45,7 +45,7 @@ def export_yolo_format(data, root):
     classes = None
     for split in ["train", "validation", "test"]:
         ds = ods.load_split(data, split)
-        classes = classes or ods.category_feature(ds).names
+        classes = classes or ods.class_names(ds)
         (root / "images" / split).mkdir(parents=True, exist_ok=True)
         (root / "labels" / split).mkdir(parents=True, exist_ok=True)
         for i, row in enumerate(ds.cast_column("image", ods.datasets.Image(decode=False))):
@@ -181,7 +181,7 @@ def run_tool(tool, seed, root, args):
     weights = train_yolo(root, args, seed) if tool == "yolo11n" else train_odscratch(args, seed)
     train_s = round(time.time() - start)
     torch.set_num_threads(args.threads)
-    test = ods.DetectionDataset(ods.load_split(args.data, "test"), args.img_size, train=False)
+    test = ods.CheckedDataset(ods.load_split(args.data, "test"), args.img_size, train=False)
     predictions = yolo_predictions(weights, test, args) if tool == "yolo11n" else odscratch_predictions(weights, test, args)
     metrics = ods.evaluate(predictions, test.targets, len(metrics_classes(args)))
     return {"tool": tool, "seed": seed, "train_s": train_s, "weights": str(weights),
