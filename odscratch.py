@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from torch.utils.data import DataLoader, RandomSampler
 from torchvision import tv_tensors
 from torchvision.ops import (batched_nms, box_convert, box_iou, clip_boxes_to_image,
                              generalized_box_iou_loss)
@@ -155,6 +156,7 @@ AUGMENT = v2.Compose([  # on the resized image, at training time only
     v2.ClampBoundingBoxes(),
     v2.SanitizeBoundingBoxes(min_size=MIN_BOX_SIDE),  # boxes pushed out or squeezed thin go
 ])
+
 
 def sample_seed(seed, epoch, i):
     """A seed for image i's draws this epoch: the same in any process, rank or resumed run."""
@@ -476,7 +478,6 @@ def train_step(model, optimizer, images, targets, compute_loss, lr, bf16):
     """Forward, loss, backward, clip, step -> the loss parts, the boxes lost to shared cells, and
     whether the step was learnt. A NaN or inf loss makes the gradient's norm NaN or inf: that step
     is skipped (under torchrun every process sees the same averaged gradient, so all skip it)."""
-    model.train()
     for group in optimizer.param_groups:
         group["lr"] = lr
     parts, lost = compute_loss(run_model(model, images, bf16), targets)
@@ -489,8 +490,7 @@ def train_step(model, optimizer, images, targets, compute_loss, lr, bf16):
 
 
 def use_bf16(device, fp32):
-    # Measured on a 2-core AVX-512-bf16 CPU: ResNet-18 trains ~2x faster (docs/speed.md). Without
-    # bf16 hardware the emulation is slower than float32, so we stay in float32 there.
+    # bf16 hardware trains ResNet-18 ~2x faster (docs/speed.md); emulated bf16 is slower than fp32
     if device.type == "cuda":
         return not fp32 and torch.cuda.is_bf16_supported()
     return not fp32 and getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
@@ -506,8 +506,7 @@ def model_network(model, bf16):
 def predict(network, data, batch, conf, iou, indices=None):
     """A DetectionDataset (or its images at `indices`) -> a detections dict per image, in pixels."""
     results = []
-    for images, targets in torch.utils.data.DataLoader(data, batch, sampler=indices,
-                                                       collate_fn=collate):
+    for images, targets in DataLoader(data, batch, sampler=indices, collate_fn=collate):
         sizes = [data.sizes[t["index"]] for t in targets]
         results += select_detections(*network(images), sizes, conf, iou)
     return results
@@ -545,11 +544,11 @@ def sample_ltd_crop(R):
 
 
 class LTDDataset(torch.utils.data.Dataset):
-    """Any split's images, labels ignored -> ((R [3, I, I], S [3, LTD_CROP_SIZE, LTD_CROP_SIZE]),
-    {boxes [1, 4], labels [1], index}): S as one object in detection's format, new at each draw."""
+    """Any images resized to img_size ([3, I, I] uint8 each) -> ((R [3, I, I] in [0, 1], S [3,
+    LTD_CROP_SIZE, LTD_CROP_SIZE]), {boxes [1, 4], labels [1], index}): S, the augmentation, as one
+    object in detection's format, new at each draw."""
 
     def __init__(self, images, img_size, mask_crop, seed=LTD_HELD_OUT_SEED):
-        # R: images resized to img_size ([3, img_size, img_size] uint8 each); S is the augmentation
         self.images, self.img_size, self.mask_crop = images, img_size, mask_crop
         self.seed, self.epoch = seed, 0  # the crops: sample_seed(seed, epoch, i)
 
@@ -593,7 +592,7 @@ def locate_crops(model, pairs, batch, bf16):
     is the box of the cell most sure that it holds S."""
     model.eval()
     predicted, true = [], []
-    for (R, S), targets in torch.utils.data.DataLoader(pairs, batch, collate_fn=collate):
+    for (R, S), targets in DataLoader(pairs, batch, collate_fn=collate):
         boxes, logits = run_model(model, [R, S], bf16)  # [b, h*w, 4], [b, h*w, 2]
         best = logits.softmax(-1)[..., 0].argmax(1)      # [b]
         found = box_convert(boxes[torch.arange(len(best)), best], "cxcywh", "xyxy")
@@ -624,10 +623,8 @@ def lesson(cfg=Config()):
                                              cfg.img_size, train=split == "train", seed=cfg.seed)
                             for split in ("train", "validation"))
     # a new order of the images each epoch, fixed by the seed
-    order = torch.utils.data.RandomSampler(train_data, generator=torch.Generator().manual_seed(
-        cfg.seed))
-    batches = torch.utils.data.DataLoader(train_data, cfg.batch, sampler=order, drop_last=True,
-                                          collate_fn=collate)
+    order = RandomSampler(train_data, generator=torch.Generator().manual_seed(cfg.seed))
+    batches = DataLoader(train_data, cfg.batch, sampler=order, drop_last=True, collate_fn=collate)
     model = GridDetector(len(SYNTHETIC_CLASSES), cfg.stride, cfg.assign_radius)
     model = model.to(memory_format=MEMORY_FORMAT)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -690,7 +687,7 @@ from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 from rich.table import Table
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 from torch.utils.data.distributed import DistributedSampler
 from torchvision.ops import remove_small_boxes
 from urllib.parse import urlparse
@@ -721,7 +718,7 @@ class RunConfig(Config):
 
 # -----------------------------------------------------------------------------
 # Checks: every image and box of every source goes through them once, when a split becomes a
-# DetectionDataset. Unreadable images are skipped and named, stray boxes clipped or dropped and
+# CheckedDataset. Unreadable images are skipped and named, stray boxes clipped or dropped and
 # counted, a wrong box format caught.
 
 
@@ -1716,6 +1713,30 @@ def out_of_patience(cfg, best, epoch):
     return bool(max_over_processes(cfg.patience and waited >= cfg.patience))
 
 
+def train_epoch(model, loader, optimizer, compute_loss, cfg, bf16, state, budget, ctrl_c, title):
+    """train_step over `loader` (the epoch from state.step on), under a progress bar -> whether
+    Ctrl-C (in any process) asked for a stop. Ends early when the planned run is done."""
+    model.train()  # validation left it in eval mode
+    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+               TimeElapsedColumn(), TimeRemainingColumn()]
+    start, seen = time.time(), state.seen
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task(title, total=state.step + len(loader), completed=state.step, info="")
+        for images, targets in loader:
+            lr = learning_rate(cfg, budget.progress())
+            state.count(*train_step(model, optimizer, images, targets, compute_loss, lr, bf16),
+                        images=len(targets))
+            budget.steps += 1
+            losses = " ".join(f"{n} {v:.3f}" for n, v in state.losses().items())
+            speed = (state.seen - seen) / (time.time() - start)
+            bar.update(task, advance=1, info=f"{losses} | {speed:.1f} img/s")
+            if budget.progress() >= 1:
+                return False
+            if max_over_processes(ctrl_c.requested):
+                return True
+    return False
+
+
 def fit(model, data, batches, compute_loss, validate, cfg, bf16, run_dir, meta, best_metric,
         workers, resume=None):
     """Train `model` on `data` in `batches` (a BatchSampler of a seeded RandomSampler, or of a
@@ -1761,8 +1782,6 @@ def fit(model, data, batches, compute_loss, validate, cfg, bf16, run_dir, meta, 
             return "no epoch had finished, so nothing was saved"
         return f"{run_dir}/last.pt holds the last finished epoch; continue from it with: {command}"
 
-    columns = [TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-               TimeElapsedColumn(), TimeRemainingColumn()]
     stalled = False  # --patience ran out
     try:
         with StopOnCtrlC() as ctrl_c:
@@ -1779,24 +1798,8 @@ def fit(model, data, batches, compute_loss, validate, cfg, bf16, run_dir, meta, 
                 loader = DataLoader(data, batch_sampler=epoch_batches[state.step:],
                                     num_workers=workers, collate_fn=collate,
                                     pin_memory=device.type == "cuda")
-                stopped, bar_start, bar_seen = False, time.time(), state.seen
-                with Progress(*columns, console=console) as bar:
-                    task = bar.add_task(f"epoch {state.epoch}{shown}", total=len(epoch_batches),
-                                        completed=state.step, info="")
-                    for images, targets in loader:
-                        lr = learning_rate(cfg, budget.progress())
-                        state.count(*train_step(model, optimizer, images, targets, compute_loss,
-                                                lr, bf16), images=len(targets))
-                        budget.steps += 1
-                        speed = (state.seen - bar_seen) / (time.time() - bar_start)
-                        info = " ".join(f"{n} {v:.3f}" for n, v in state.losses().items())
-                        bar.update(task, advance=1, info=f"{info} | {speed:.1f} img/s")
-                        # the planned run is done, or Ctrl-C asked (in any process) for a stop
-                        if budget.progress() >= 1:
-                            break
-                        stopped = bool(max_over_processes(ctrl_c.requested))
-                        if stopped:
-                            break
+                stopped = train_epoch(model, loader, optimizer, compute_loss, cfg, bf16, state,
+                                      budget, ctrl_c, f"epoch {state.epoch}{shown}")
                 if stopped:
                     if main:
                         save_checkpoint(run_dir / "last.pt", checkpoint(best))
@@ -1955,7 +1958,7 @@ def seeded_batches(data, cfg, processes=1):
         sampler = DistributedSampler(data, seed=cfg.seed, drop_last=True)
     else:
         generator = torch.Generator().manual_seed(cfg.seed)
-        sampler = torch.utils.data.RandomSampler(data, generator=generator)
+        sampler = RandomSampler(data, generator=generator)
     return torch.utils.data.BatchSampler(sampler, cfg.batch // processes, drop_last=True)
 
 
@@ -2035,9 +2038,9 @@ def train_detector(cfg, name, backbone=None, resume=None, weights=None, workers=
         train_ds = load_split(cfg.data, "train", cfg.bbox_format)
         classes = class_names(train_ds)
         train_data = CheckedDataset(train_ds, cfg.img_size, train=True,
-                                      name=f"{cfg.data} train", seed=cfg.seed)
+                                    name=f"{cfg.data} train", seed=cfg.seed)
         val_data = CheckedDataset(load_split(cfg.data, "validation", cfg.bbox_format),
-                                    cfg.img_size, train=False, name=f"{cfg.data} validation")
+                                  cfg.img_size, train=False, name=f"{cfg.data} validation")
     # rank 0 writes
     run_dir = Path(resume).parent if resume else new_run_dir("train", name) if rank == 0 else None
     where = f"{device}{f' x {processes} processes' if processes > 1 else ''}"

@@ -1691,8 +1691,8 @@ def test_the_readme_tour_names_sections_and_functions_that_exist():
 
 def test_part_1_the_lesson_is_at_most_650_lines():
     lines = (Path(__file__).resolve().parent / "odscratch.py").read_text().splitlines()
-    banner = lines.index("# PART 2: THE PRODUCT") - 1  # the ===== line above it
-    assert lines[banner].startswith("# ===") and banner <= 650, banner
+    title = lines.index("# PART 2: THE PRODUCT") + 1  # its line, under the ===== line that ends Part 1
+    assert lines[title - 2].startswith("# ===") and title <= 650, title
 
 
 def part_1_and_part_2():
@@ -1763,6 +1763,7 @@ def test_the_lesson_command_prints_map50_last_and_writes_nothing(tmp_path, monke
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
     assert lines[0].startswith("epoch 1, step 0/250: loss ") and "step 200/250" in result.output
+    # one epoch reaches mAP50 0.27 (Zen 5, bf16, 2026-12-06); chance is ~0
     assert re.fullmatch(r"mAP50 0\.\d{3}", lines[-1]) and float(lines[-1].split()[1]) > 0.2
     assert list(tmp_path.iterdir()) == []
 
