@@ -3,19 +3,18 @@ odscratch: an object detector built from scratch, in one file you can read top t
 
 Part 1, the recipe:
 1. A ResNet-18 (random init) turns an image into a grid of cells, one cell every `stride` pixels.
-2. One linear layer maps each cell's C features to a box (cx, cy, w, h) and K+1 class logits,
-   the last logit being "background" (so 1 - p(background) is the cell's objectness).
+2. One linear layer maps each cell's C features to its box's four edges, each a distribution over
+   17 distances from the cell's centre (DFL), and K+1 class logits, the last one "background".
 3. Training: each ground-truth box belongs to the cell its centre falls in (and, by default, to the
-   nearest cells inside it). Cross-entropy on every cell's class, SmoothL1 + GIoU on the boxes of
-   the cells that own a ground-truth box.
+   nearest cells inside it). Cross-entropy on every cell's class, DFL + GIoU on the boxes of the
+   cells that own a ground-truth box.
 4. Inference: softmax, a confidence threshold, per-class NMS, boxes scaled back to the image.
 5. Evaluation: COCO's mAP, written out here and tested against pycocotools.
 6. Optionally first, without labels: Learn To Detect (LTD). Cut a sub-image S out of an image R and
    train the same network to find S's box in R; its backbone then starts the detector.
 
 Run it: `odscratch lesson` trains on built-in shapes with the loop that ends Part 1, offline.
-Part 2, the product (your data, safe training, shipping: `odscratch train`, `eval`, `detect`), can
-be skipped: Part 1 names nothing in it.
+Part 2, the product (`odscratch train`, `eval`, `detect`), can be skipped: it is not used here.
 """
 
 # =============================================================================
@@ -39,7 +38,7 @@ import torch.nn.functional as F
 import torchvision
 from torch.utils.data import DataLoader, RandomSampler
 from torchvision import tv_tensors
-from torchvision.ops import (batched_nms, box_convert, box_iou, clip_boxes_to_image,
+from torchvision.ops import (batched_nms, box_area, box_convert, box_iou, clip_boxes_to_image,
                              generalized_box_iou_loss)
 from torchvision.transforms import v2
 
@@ -55,6 +54,9 @@ class Config:
     weight_decay: float = 5e-4
     seed: int = 0
     fp32: bool = False              # turn off bf16 autocast
+    iou_targets: bool = False       # a cell's class target is its box's IoU with the truth
+    dfl_bins: int = 17              # each edge a distribution; 0: a box is (cx, cy, w, h)
+
 
 
 # -----------------------------------------------------------------------------
@@ -230,26 +232,43 @@ def resnet18_backbone(stride):
     return nn.Sequential(*layers[:{8: 6, 16: 7, 32: 8}[stride]])
 
 
+def cell_centres(h, w, device):
+    """-> each cell's centre (x, y) in cells [h*w, 2], row by row."""
+    rows_cols = torch.cartesian_prod(torch.arange(h, device=device), torch.arange(w, device=device))
+    return rows_cols.flip(-1) + 0.5
+
+
 def cells_to_boxes(raw, h, w, radius):
     """Raw head outputs [B, h*w, 4] -> boxes (cx, cy, w, h) relative to the image. A cell's centre
     prediction reaches `radius` cells from its centre: as far as the cells it learns from (Loss)."""
-    rows, cols = torch.meshgrid(torch.arange(h, device=raw.device),
-                                torch.arange(w, device=raw.device), indexing="ij")
-    cx = (cols.flatten() + 0.5 + radius * (2 * raw[..., 0].sigmoid() - 1)) / w
-    cy = (rows.flatten() + 0.5 + radius * (2 * raw[..., 1].sigmoid() - 1)) / h
-    return torch.stack([cx, cy, raw[..., 2].sigmoid(), raw[..., 3].sigmoid()], -1)
+    centre = cell_centres(h, w, raw.device) + radius * (2 * raw[..., :2].sigmoid() - 1)
+    return torch.cat([centre / torch.tensor([w, h], device=raw.device), raw[..., 2:].sigmoid()], -1)
+
+
+def edges_to_boxes(edges, h, w):
+    """Edge logits [B, h*w, 4, n] -> boxes (cx, cy, w, h) relative to the image. Each cell says
+    how far its box's left, top, right and bottom edges are from its centre, as a distribution
+    over n distances, -1/(n-1) (a box smaller than a cell may not hold its centre) to (n-2)/(n-1)
+    of the image side: the box takes each one's expected distance."""
+    n = edges.shape[-1]
+    distances = (torch.arange(n, device=edges.device) - 1) / (n - 1)
+    left, top, right, bottom = (edges.softmax(-1) @ distances).unbind(-1)  # [B, h*w] each
+    centre = cell_centres(h, w, edges.device) / torch.tensor([w, h], device=edges.device)
+    return torch.stack([centre[:, 0] + (right - left) / 2, centre[:, 1] + (bottom - top) / 2,
+                        (left + right).clamp(min=0), (top + bottom).clamp(min=0)], -1)
 
 
 class GridDetector(nn.Module):
     """The detector: images [B, 3, I, I] in [0, 1] -> per cell of the (I/stride)^2 grid a box
-    [B, h*w, 4] (cx, cy, w, h relative to the image) and K + 1 class logits [B, h*w, K + 1], the
-    last one background. `features` and `cells` are its two halves, which LTD calls apart."""
+    [B, h*w, 4] (cx, cy, w, h relative to the image), K+1 class logits [B, h*w, K+1] (the last:
+    background), with dfl_bins n the edges' logits [B, h*w, 4, n] (else None). LTD calls its
+    two halves, `features` and `cells`, apart."""
 
-    def __init__(self, num_classes, stride, radius=0.5):
+    def __init__(self, num_classes, stride, radius=0.5, dfl_bins=0):
         super().__init__()
-        self.radius = radius
+        self.radius, self.dfl_bins = radius, dfl_bins
         self.backbone = resnet18_backbone(stride)
-        self.head = nn.Linear(BACKBONE_CHANNELS[stride], 4 + num_classes + 1)
+        self.head = nn.Linear(BACKBONE_CHANNELS[stride], 4 * max(dfl_bins, 1) + num_classes + 1)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 
@@ -258,8 +277,11 @@ class GridDetector(nn.Module):
 
     def cells(self, features):
         _, _, h, w = features.shape
-        out = self.head(features.flatten(2).transpose(1, 2))  # [B, h*w, 4 + K + 1]
-        return cells_to_boxes(out[..., :4].float(), h, w, self.radius), out[..., 4:].float()
+        out = self.head(features.flatten(2).transpose(1, 2)).float()  # [B, h*w, box + K + 1]
+        if self.dfl_bins:
+            edges = out[..., :4 * self.dfl_bins].unflatten(-1, (4, self.dfl_bins))
+            return edges_to_boxes(edges, h, w), out[..., 4 * self.dfl_bins:], edges
+        return cells_to_boxes(out[..., :4], h, w, self.radius), out[..., 4:], None
 
     def forward(self, images):
         return self.cells(self.features(images))
@@ -287,23 +309,22 @@ def run_model(model, images, bf16):
 
 # most cells are background: down-weighted, so that the few object cells are heard (docs/design.md)
 BACKGROUND_WEIGHT = 0.1
+DFL_WEIGHT = 0.25  # GFL's: DFL's log-losses are larger than the IoU loss beside it
 
 
 def assign_boxes_to_cells(boxes, labels, h, w, background, radius):
     """boxes [N, 4] (cx, cy, w, h) relative to the image, their labels [N] -> per cell of the h x w
     grid a class [h*w] (`background` where no box) and a box [h*w, 4]; and how many boxes lost out.
-    A box trains the cell its centre falls in (radius 0.5), and the cells within `radius` cells of
-    its centre (in x and y) whose own centres lie inside it: radius 1 gives a large box the 2 x 2
-    cells around its centre, a box smaller than a cell one cell (a neighbour's copy would escape
-    NMS: docs/yolo11n.md). A cell claimed by several boxes goes to the box whose centre it holds,
-    then to the largest (a relative area is below 1, so the centre always wins; the largest
-    dominates the cell's features); a box left with no cell is a collision, lost for this image."""
+    A box trains the cell its centre falls in (radius 0.5) and the cells within `radius` cells of
+    its centre whose own centres lie inside it (radius 1: a large box's 2 x 2 cells around its
+    centre; docs/yolo11n.md). A cell claimed by several boxes goes to the box whose centre it
+    holds, then to the largest (it dominates the cell's features; a relative area is below 1, so
+    the centre wins); a box left with no cell is a collision, lost for this image."""
     classes = torch.full((h * w,), background, dtype=torch.long)
     targets = torch.zeros(h * w, 4)
     if len(boxes) == 0:
         return classes, targets, 0
-    cell_x = (torch.arange(w) + 0.5).repeat(h)  # [h*w] cell centres, in cells
-    cell_y = (torch.arange(h) + 0.5).repeat_interleave(w)
+    cell_x, cell_y = cell_centres(h, w, boxes.device).T  # [h*w] each, in cells
     # a centre on the far edge (cx = 1) belongs to the last cell, not to one past the grid
     dx = cell_x - (boxes[:, 0:1] * w).clamp(max=w - 1e-4)  # [N, h*w]
     dy = cell_y - (boxes[:, 1:2] * h).clamp(max=h - 1e-4)
@@ -318,27 +339,59 @@ def assign_boxes_to_cells(boxes, labels, h, w, background, radius):
     return classes, targets, len(boxes) - len(owner[owned].unique())
 
 
-def detection_loss(boxes, logits, targets, img_size, radius):
-    """boxes [B, h*w, 4], logits [B, h*w, K+1], targets (boxes in img_size pixels) -> loss parts
-    and the number of boxes lost to collisions."""
+def paired_iou(a, b):
+    """Boxes a, b [P, 4] xyxy -> the IoU of each a with its b [P] (box_iou compares all pairs)."""
+    inter = (torch.min(a[:, 2:], b[:, 2:]) - torch.max(a[:, :2], b[:, :2])).clamp(min=0).prod(-1)
+    return inter / (box_area(a) + box_area(b) - inter).clamp(min=1e-9)
+
+
+def distribution_focal_loss(edges, distances):
+    """Edge logits [P, 4, n], true distances [P, 4] in image sides -> DFL: the two distances of
+    edges_to_boxes on either side of the true one learn it, each as much as it is close to it."""
+    n = edges.shape[-1]
+    at = (distances * (n - 1) + 1).clamp(0, n - 1.001).flatten()  # [P*4] in steps
+    below, above = at.floor(), at.floor() + 1
+    log_loss = lambda k: F.cross_entropy(edges.flatten(0, 1), k.long(), reduction="none")
+    return (log_loss(below) * (above - at) + log_loss(above) * (at - below)).mean()
+
+
+def detection_loss(boxes, logits, edges, targets, cfg):
+    """The model's outputs (boxes [B, h*w, 4], logits [B, h*w, K+1], edges [B, h*w, 4, n] or None),
+    targets (boxes in img_size pixels) -> loss parts and the number of boxes lost to collisions."""
     grid = math.isqrt(boxes.shape[1])  # images are square, so is the grid
     background = logits.shape[-1] - 1
-    assigned = [assign_boxes_to_cells(box_convert(t["boxes"] / img_size, "xyxy", "cxcywh"),
-                                      t["labels"], grid, grid, background, radius) for t in targets]
+    assigned = [assign_boxes_to_cells(box_convert(t["boxes"] / cfg.img_size, "xyxy", "cxcywh"),
+                                      t["labels"], grid, grid, background, cfg.assign_radius)
+                for t in targets]
     classes = torch.stack([a[0] for a in assigned]).to(logits.device)  # [B, h*w]
     target_boxes = torch.stack([a[1] for a in assigned]).to(boxes.device)  # [B, h*w, 4]
-    weight = torch.tensor([1.0] * background + [BACKGROUND_WEIGHT], device=logits.device)
-    cls = F.cross_entropy(logits.flatten(0, 1), classes.flatten(), weight=weight)
     positive = classes != background
     pred, true = boxes[positive], target_boxes[positive]  # [P, 4]
+    pred_xyxy, true_xyxy = box_convert(pred, "cxcywh", "xyxy"), box_convert(true, "cxcywh", "xyxy")
+    # Class: cross-entropy against a target per cell, each cell weighed by its class's weight.
+    # With iou_targets, a cell that owns a box is that box's class only as far as its predicted
+    # box overlaps it (the rest is background): the confidence NMS ranks by says how tight it is.
+    target = F.one_hot(classes, background + 1).float()  # [B, h*w, K+1]
+    if cfg.iou_targets:
+        iou = paired_iou(pred_xyxy.detach(), true_xyxy)  # [P]
+        target[positive] = target[positive] * iou[:, None]
+        target[..., background][positive] = 1 - iou
+    weighted = target * torch.tensor([1.0] * background + [BACKGROUND_WEIGHT], device=target.device)
+    cls = -(weighted * logits.log_softmax(-1)).sum() / weighted.sum()
+    # Box: GIoU, plus DFL on the edges' distances from the cell's centre (or, for a box as 4
+    # numbers, SmoothL1 on (cx, cy, w, h) in cell units, so that errors are O(1))
     if len(pred):
-        box = F.smooth_l1_loss(pred * grid, true * grid)  # in cell units, so errors are O(1)
-        giou = generalized_box_iou_loss(box_convert(pred, "cxcywh", "xyxy"),
-                                        box_convert(true, "cxcywh", "xyxy"), reduction="mean")
+        giou = generalized_box_iou_loss(pred_xyxy, true_xyxy, reduction="mean")
+        if edges is None:
+            box = F.smooth_l1_loss(pred * grid, true * grid)
+        else:
+            centre = cell_centres(grid, grid, boxes.device)[positive.nonzero()[:, 1]] / grid
+            distances = torch.cat([centre - true_xyxy[:, :2], true_xyxy[:, 2:] - centre], -1)
+            box = DFL_WEIGHT * distribution_focal_loss(edges[positive], distances)
     else:  # zeros that stay in the graph: backward (and DDP) work with no box in the batch
         box = giou = boxes.sum() * 0
-    lost = sum(a[2] for a in assigned)
-    return {"loss": cls + box + giou, "cls": cls, "box": box, "giou": giou}, lost
+    parts = {"loss": cls + box + giou, "cls": cls, "box": box, "giou": giou}
+    return parts, sum(a[2] for a in assigned)
 
 
 # -----------------------------------------------------------------------------
@@ -418,8 +471,7 @@ def match_detections(predictions, targets):
 
 def precision_curve(hits, num_true):
     """hits [D] in descending score order -> COCO's interpolated precision at RECALL_POINTS."""
-    tp = np.cumsum(hits).astype(float)
-    fp = np.cumsum(~hits).astype(float)
+    tp, fp = np.cumsum(hits).astype(float), np.cumsum(~hits).astype(float)
     recall = tp / num_true
     precision = tp / (tp + fp + np.spacing(1))
     # the best precision at this recall or beyond; the first detection reaching each recall point
@@ -458,9 +510,8 @@ def evaluate(predictions, targets, num_classes):
 
 
 # -----------------------------------------------------------------------------
-# Training: AdamW, a learning rate that warms up, then follows a cosine to zero over the planned
-# run, and one step, the same for every model in this file: the lesson's loop at the end of Part 1
-# calls it, and so does Part 2's (which adds checkpoints, Ctrl-C, --resume, torchrun).
+# Training: AdamW, a learning rate that warms up, then follows a cosine to zero, and one step for
+# every model in this file: the lesson's loop calls it, and so does Part 2's (checkpoints, resume).
 
 WARMUP_FRACTION = 0.05
 GRAD_CLIP = 10.0
@@ -499,7 +550,7 @@ def use_bf16(device, fp32):
 def model_network(model, bf16):
     """A GridDetector, set to eval -> its network: images [B, 3, I, I] in [0, 1] -> score_cells'."""
     model.eval()
-    return lambda images: score_cells(*run_model(model, images, bf16))
+    return lambda images: score_cells(*run_model(model, images, bf16)[:2])
 
 
 @torch.no_grad()
@@ -544,9 +595,8 @@ def sample_ltd_crop(R):
 
 
 class LTDDataset(torch.utils.data.Dataset):
-    """Any images resized to img_size ([3, I, I] uint8 each) -> ((R [3, I, I] in [0, 1], S [3,
-    LTD_CROP_SIZE, LTD_CROP_SIZE]), {boxes [1, 4], labels [1], index}): S, the augmentation, as one
-    object in detection's format, new at each draw."""
+    """Images resized to img_size ([3, I, I] uint8) -> ((R [3, I, I] in [0, 1], S [3, LTD_CROP_SIZE,
+    LTD_CROP_SIZE]), {boxes [1, 4], labels [1], index}): S as one object, new at each draw."""
 
     def __init__(self, images, img_size, mask_crop, seed=LTD_HELD_OUT_SEED):
         self.images, self.img_size, self.mask_crop = images, img_size, mask_crop
@@ -593,7 +643,7 @@ def locate_crops(model, pairs, batch, bf16):
     model.eval()
     predicted, true = [], []
     for (R, S), targets in DataLoader(pairs, batch, collate_fn=collate):
-        boxes, logits = run_model(model, [R, S], bf16)  # [b, h*w, 4], [b, h*w, 2]
+        boxes, logits, _ = run_model(model, [R, S], bf16)  # [b, h*w, 4], [b, h*w, 2]
         best = logits.softmax(-1)[..., 0].argmax(1)      # [b]
         found = box_convert(boxes[torch.arange(len(best)), best], "cxcywh", "xyxy")
         predicted.append(found.cpu() * R.shape[-1])
@@ -604,7 +654,7 @@ def locate_crops(model, pairs, batch, bf16):
 def validate_ltd(model, data, batch, bf16):
     """The LTD metric: mean IoU of the predicted S box, and the share of pairs with IoU >= 0.5."""
     predicted, true = locate_crops(model, data, batch, bf16)
-    iou = torch.stack([box_iou(p[None], t[None])[0, 0] for p, t in zip(predicted, true)])
+    iou = paired_iou(predicted, true)
     return {"iou": iou.mean().item(), "hit50": (iou >= 0.5).float().mean().item()}
 
 
@@ -625,10 +675,10 @@ def lesson(cfg=Config()):
     # a new order of the images each epoch, fixed by the seed
     order = RandomSampler(train_data, generator=torch.Generator().manual_seed(cfg.seed))
     batches = DataLoader(train_data, cfg.batch, sampler=order, drop_last=True, collate_fn=collate)
-    model = GridDetector(len(SYNTHETIC_CLASSES), cfg.stride, cfg.assign_radius)
+    model = GridDetector(len(SYNTHETIC_CLASSES), cfg.stride, cfg.assign_radius, cfg.dfl_bins)
     model = model.to(memory_format=MEMORY_FORMAT)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loss = lambda out, targets: detection_loss(*out, targets, cfg.img_size, cfg.assign_radius)
+    loss = lambda out, targets: detection_loss(*out, targets, cfg)
     steps = cfg.epochs * len(batches)
     for epoch in range(1, cfg.epochs + 1):
         train_data.epoch = epoch  # this epoch's augmentation
@@ -640,7 +690,8 @@ def lesson(cfg=Config()):
                       f"learning rate {lr:.5f}")
     found = predict(model_network(model, bf16), val_data, cfg.batch, EVAL_CONF, NMS_IOU)
     metrics = evaluate(found, val_data.targets, len(SYNTHETIC_CLASSES))
-    print(f"validation images: {len(val_data)}, mAP50-95 {metrics['map']:.3f}")
+    print(f"{len(val_data)} validation images: mAP50-95 {metrics['map']:.3f}, AP90 "
+          f"{metrics['map90']:.3f}")
     print(f"mAP50 {metrics['map50']:.3f}")
     return model, metrics
 
@@ -669,7 +720,7 @@ import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, field, fields
+from dataclasses import asdict, field, fields, replace
 from fractions import Fraction
 from typing import Annotated
 from xml.etree import ElementTree
@@ -1867,8 +1918,13 @@ def check_grid(cfg):
     if cfg.assign_radius < 0.5:
         raise UserError("--assign-radius must be at least 0.5 (the cell a box's centre falls "
                         f"in), not {cfg.assign_radius}")
+    if cfg.dfl_bins and cfg.dfl_bins < 4:
+        raise UserError(f"--dfl-bins must be 0 (boxes as 4 numbers) or at least 4, not "
+                        f"{cfg.dfl_bins}")
 
 
+# what a checkpoint written before each option trained with
+BEFORE_THEIR_OPTION = {"assign_radius": 0.5, "iou_targets": False, "dfl_bins": 0}
 CHECKPOINT_KINDS = {
     "detector": "a detector (`odscratch train` writes it)",
     "ltd": "a whole LTD network (`odscratch pretrain`'s best.pt / last.pt)",
@@ -1894,6 +1950,8 @@ def read_checkpoint(path, kind, resumable=False):
     if resumable and "resume" not in checkpoint:
         raise UserError(f"{path} holds no training state (a best.pt?): resume from the run's "
                         "last.pt")
+    if "config" in checkpoint:  # settings added since, as checkpoints before them trained
+        checkpoint["config"] = {**BEFORE_THEIR_OPTION, **checkpoint["config"]}
     return checkpoint
 
 
@@ -1932,8 +1990,10 @@ def keep_shared_classes(model, checkpoint, classes):
     shared = [name for name in classes if name in old]
     if old != classes:
         # the head's rows: the box's 4, one per class, background's last
+        box = model.head.out_features - len(classes) - 1  # 4, or 4 edges x --dfl-bins
+
         def rows(names):
-            return [*range(4), *(4 + names.index(name) for name in shared), 4 + len(names)]
+            return [*range(box), *(box + names.index(name) for name in shared), box + len(names)]
 
         for key in ("head.weight", "head.bias"):
             fresh = model.state_dict()[key].clone()
@@ -2034,6 +2094,8 @@ def train_detector(cfg, name, backbone=None, resume=None, weights=None, workers=
     # a wrong backbone or detector file fails before any work
     pretrained = load_backbone(backbone, cfg.stride) if backbone else None
     start = load_start(weights, cfg.stride) if weights else None
+    if start:  # fine-tuning keeps the trained model's kind of boxes
+        cfg = replace(cfg, dfl_bins=start["config"]["dfl_bins"])
     with first_process_of_each_machine_first():
         train_ds = load_split(cfg.data, "train", cfg.bbox_format)
         classes = class_names(train_ds)
@@ -2048,7 +2110,7 @@ def train_detector(cfg, name, backbone=None, resume=None, weights=None, workers=
                   f"images, classes {classes}, {where}, {'bf16' if bf16 else 'float32'} -> "
                   f"{run_dir}")
     batches = seeded_batches(train_data, cfg, processes)
-    model = GridDetector(len(classes), cfg.stride, cfg.assign_radius)
+    model = GridDetector(len(classes), cfg.stride, cfg.assign_radius, cfg.dfl_bins)
     if pretrained:
         model.backbone.load_state_dict(pretrained)
         console.print(f"backbone from {backbone}")
@@ -2069,7 +2131,7 @@ def train_detector(cfg, name, backbone=None, resume=None, weights=None, workers=
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
     def loss(outputs, targets):
-        return detection_loss(*outputs, targets, cfg.img_size, cfg.assign_radius)
+        return detection_loss(*outputs, targets, cfg)
 
     # where the run started, kept in best.pt, last.pt and results.csv
     origin = (f"weights {weights}" if weights else f"backbone {backbone}" if backbone else
@@ -2120,7 +2182,9 @@ def pretrain_backbone(cfg, name, mask_crop, resume=None, workers=None):
         model.load_state_dict(checkpoint["model"])
 
     def loss(outputs, targets):
-        return detection_loss(*outputs, targets, cfg.img_size, model.detector.radius)
+        # LTD's loss as docs/ltd.md measured it: its detector's radius, one-hot targets
+        return detection_loss(*outputs, targets, replace(
+            cfg, assign_radius=model.detector.radius, iou_targets=False))
 
     best = fit(model, train_data, batches, loss,
                lambda m: validate_ltd(m, val_data, cfg.batch, bf16), cfg, bf16, run_dir,
@@ -2357,7 +2421,7 @@ def draw_validation_pictures(model, data, classes, metrics, run_dir, bf16, batch
     model.eval()
     n = min(PICTURE_IMAGES, len(data))
     images, _ = collate([data[i] for i in range(n)])
-    boxes, scores = score_cells(*run_model(model, images, bf16))
+    boxes, scores = score_cells(*run_model(model, images, bf16)[:2])
     originals = [upright(open_image(data.ds[i]["image"])) for i in range(n)]
     found = select_detections(boxes, scores, data.sizes[:n], DETECT_CONF, NMS_IOU)
     pictures = [draw_detections(image, f, classes, data.targets[i]["boxes"].tolist())
@@ -2425,9 +2489,8 @@ def fold_batchnorm(model):
 def load_detector(path, device):
     """A best.pt -> the model for inference (BatchNorm folded), its RunConfig, class names."""
     checkpoint = read_checkpoint(path, "detector")
-    # checkpoints from before --assign-radius trained with 0.5
-    cfg = RunConfig(**{"assign_radius": 0.5, **checkpoint["config"]})
-    model = GridDetector(len(checkpoint["classes"]), cfg.stride, cfg.assign_radius)
+    cfg = RunConfig(**checkpoint["config"])
+    model = GridDetector(len(checkpoint["classes"]), cfg.stride, cfg.assign_radius, cfg.dfl_bins)
     model.load_state_dict(checkpoint["model"])
     return fold_batchnorm(model).to(device, memory_format=MEMORY_FORMAT), cfg, checkpoint["classes"]
 
@@ -2663,7 +2726,7 @@ class ScoredCells(nn.Module):
         self.detector = detector
 
     def forward(self, images):  # [B, 3, img_size, img_size] in [0, 1]
-        return score_cells(*self.detector(images))
+        return score_cells(*self.detector(images)[:2])
 
 
 ONNX_MISSING = "this needs the onnx extra: pip install 'odscratch[onnx]'"
@@ -2956,6 +3019,12 @@ Stride = Annotated[int, typer.Option(
 AssignRadius = Annotated[float, typer.Option(
     help="a box trains the cells within this many cells of its centre; 0.5: only the cell its "
          "centre falls in")]
+DflBins = Annotated[int, typer.Option(
+    help="each box edge as a distribution over this many distances (tighter boxes); 0: a box is "
+         "4 numbers (cx, cy, w, h), as models before it")]
+IouTargets = Annotated[bool, typer.Option(
+    help="a cell's class target is its box's IoU with the truth, so that confidence ranks tight "
+         "boxes first")]
 TimeBudget = Annotated[float, typer.Option("--time", help="minutes; overrides --epochs")]
 Seed = Annotated[int, typer.Option(help="fixes init, data order and augmentation (LTD: the crops)")]
 Resume = Annotated[str, typer.Option(
@@ -3091,6 +3160,8 @@ def train(
                                  "img_size"),
     stride: Stride = RunConfig.stride,
     assign_radius: AssignRadius = RunConfig.assign_radius,
+    dfl_bins: DflBins = RunConfig.dfl_bins,
+    iou_targets: IouTargets = RunConfig.iou_targets,
     epochs: int = RunConfig.epochs,
     time_budget: TimeBudget = RunConfig.time,
     batch: int = RunConfig.batch,
