@@ -2306,6 +2306,43 @@ def draw_objectness(image, objectness):
     return PIL.Image.blend(image.convert("RGB"), overlay, 0.55)
 
 
+EDGE_CELLS = 4      # detections per image whose edge distributions edges.jpg draws
+EDGE_PEAK = 0.15    # of a tile's side: how tall a distance of probability 1 is drawn
+EDGE_SHOWN = 0.05   # distances less likely than this are not drawn
+
+
+def draw_edge_distributions(image, boxes, scores, edges):
+    """One image's cells, as score_cells sees them (boxes [h*w, 4] xyxy relative, scores [h*w, K])
+    with their edges' logits [h*w, 4, n] -> a tile showing, for the EDGE_CELLS surest detections,
+    each cell's centre (a dot), its box, and across each edge that edge's distribution over the
+    distances from the centre: a narrow peak is an edge the model is sure of, a wide or double one
+    an edge it hesitates over."""
+    # the image dimmed, so that the lines stand out
+    image = PIL.Image.blend(image.convert("RGB").resize((TILE, TILE)),
+                            PIL.Image.new("RGB", (TILE, TILE)), 0.5)
+    draw = PIL.ImageDraw.Draw(image)
+    best, labels = scores.max(-1)
+    kept = batched_nms(boxes, best, labels, NMS_IOU)[:EDGE_CELLS]
+    grid, n = math.isqrt(len(best)), edges.shape[-1]
+    distances = (torch.arange(n) - 1) / (n - 1) * TILE  # the same in x and y: the tile is square
+    for cell in kept[best[kept] > DETECT_CONF].tolist():
+        colour = BOX_COLOURS[labels[cell] % len(BOX_COLOURS)]
+        x1, y1, x2, y2 = (boxes[cell] * TILE).tolist()
+        cx, cy = (cell_centres(grid, grid, "cpu")[cell] / grid * TILE).tolist()
+        draw.rectangle((x1, y1, x2, y2), outline=colour, width=1)
+        draw.ellipse((cx - 3, cy - 3, cx + 3, cy + 3), fill=colour)
+        middle = ((x1 + x2) / 2, (y1 + y2) / 2)
+        # left, top, right, bottom: where each distance puts the edge, and its probability's height
+        for side, p in enumerate(edges[cell].float().softmax(-1)):
+            likely = (p >= EDGE_SHOWN).nonzero()[:, 0]  # and a distance either side: a peak
+            shown = torch.arange(max(likely[0] - 1, 0), min(likely[-1] + 2, n))
+            along = [cx, cy][side % 2] + (-1 if side < 2 else 1) * distances[shown]
+            across = middle[1 - side % 2] - p[shown] * EDGE_PEAK * TILE
+            points = zip(along, across) if side % 2 == 0 else zip(across, along)
+            draw.line([(float(u), float(v)) for u, v in points], fill=colour, width=2)
+    return image
+
+
 def tile_images(images, columns=4):
     """Pictures -> one grid of TILE x TILE tiles, white where the last row is short."""
     tiles = [v2.functional.pil_to_tensor(image.resize((TILE, TILE))) for image in images]
@@ -2414,14 +2451,15 @@ def draw_confidence_pictures(found, data, metrics, classes, folder):
 
 @torch.no_grad()
 def draw_validation_pictures(model, data, classes, metrics, run_dir, bf16, batch):
-    """After training: val_pred.jpg, objectness.jpg, pr_curve.png, results.png, f1_curve.png and
-    confusion_matrix.png in run_dir."""
+    """After training: val_pred.jpg, objectness.jpg, edges.jpg, pr_curve.png, results.png,
+    f1_curve.png and confusion_matrix.png in run_dir."""
     draw_confidence_pictures(predict(model_network(model, bf16), data, batch, EVAL_CONF, NMS_IOU),
                              data, metrics, classes, run_dir)
     model.eval()
     n = min(PICTURE_IMAGES, len(data))
     images, _ = collate([data[i] for i in range(n)])
-    boxes, scores = score_cells(*run_model(model, images, bf16)[:2])
+    outputs = run_model(model, images, bf16)
+    boxes, scores = score_cells(*outputs[:2])
     originals = [upright(open_image(data.ds[i]["image"])) for i in range(n)]
     found = select_detections(boxes, scores, data.sizes[:n], DETECT_CONF, NMS_IOU)
     pictures = [draw_detections(image, f, classes, data.targets[i]["boxes"].tolist())
@@ -2430,6 +2468,10 @@ def draw_validation_pictures(model, data, classes, metrics, run_dir, bf16, batch
     grids = objectness_grid(scores.cpu())
     pictures = [draw_objectness(image, grid) for image, grid in zip(originals, grids)]
     save_picture(tile_images(pictures), run_dir / "objectness.jpg")
+    if outputs[2] is not None:  # boxes as edge distributions (--dfl-bins)
+        pictures = [draw_edge_distributions(image, *cells) for image, *cells in
+                    zip(originals, boxes.cpu(), scores.cpu(), outputs[2].cpu())]
+        save_picture(tile_images(pictures), run_dir / "edges.jpg")
     plot_pr_curves(metrics, classes, run_dir / "pr_curve.png")
     plot_results(run_dir / "results.csv", run_dir / "results.png")
 
@@ -3190,12 +3232,14 @@ def train(
         cfg = options_config(locals())
         run_dir, best, classes = train_detector(cfg, name, backbone, resume, weights, workers)
         if best:  # under torchrun, rank 0's
+            has_edges = (run_dir / "edges.jpg").exists()
             title = f"best validation epoch: {best['epoch']} ({run_dir / 'best.pt'})"
             console.print(metrics_table(title, best, classes))
             console.print(f"pictures: {run_dir}/results.png (losses, mAP per epoch), val_pred.jpg "
                           "(predicted and true boxes), pr_curve.png, objectness.jpg (per-cell "
-                          "objectness), f1_curve.png and confusion_matrix.png (at the confidence "
-                          "best.pt keeps for detect)", soft_wrap=True)
+                          f"objectness), {'edges.jpg (how sure each box edge is), ' * has_edges}"
+                          "f1_curve.png and confusion_matrix.png (at the confidence best.pt keeps "
+                          "for detect)", soft_wrap=True)
 
 
 def scored_split(weights, cfg, classes, data, split):

@@ -20,6 +20,7 @@ import datasets
 import numpy as np
 import onnx
 import PIL.ExifTags
+import PIL.ImageColor
 import PIL.Image
 import PIL.ImageOps
 import pytest
@@ -1718,7 +1719,8 @@ def test_training_draws_its_pictures(trained):
     folder, result = trained
     run = folder / "runs" / "train" / "exp"
     sizes = {"results.png": (3 * 320, 2 * 220), "val_pred.jpg": (4 * ods.TILE, 2 * ods.TILE),
-             "objectness.jpg": (4 * ods.TILE, 2 * ods.TILE), "pr_curve.png": (480, 360),
+             "objectness.jpg": (4 * ods.TILE, 2 * ods.TILE), "edges.jpg": (4 * ods.TILE, 2 * ods.TILE),
+             "pr_curve.png": (480, 360),
              "f1_curve.png": (480, 360), "confusion_matrix.png": (2 * (96 + 4 * ods.CELL + 8), 96 + 4 * ods.CELL + 8)}
     for name, size in sizes.items():
         with PIL.Image.open(run / name) as image:
@@ -1729,6 +1731,23 @@ def test_training_draws_its_pictures(trained):
     conf = torch.load(run / "best.pt", weights_only=True)["metrics"]["conf"]
     assert f"precision and recall at confidence {conf:.2f}, the best F1" in output
     assert "confusion_matrix.png" in output and "f1_curve.png" in output
+
+
+def test_the_edges_picture_draws_each_distribution_across_its_edge():
+    n, grid = 17, 2  # distances (k - 1) / 16 of the side; cell 0's centre is at a quarter of the tile
+    edges = torch.full((grid * grid, 4, n), -30.0)
+    edges[0, :, 3] = 30.0  # every edge of cell 0 sure to be 2/16 of the side from its centre
+    boxes = ods.box_convert(ods.edges_to_boxes(edges[None], grid, grid)[0], "cxcywh", "xyxy")
+    scores = torch.tensor([[0.9, 0.0], [0.1, 0.0], [0.0, 0.1], [0.0, 0.0]])  # only cell 0 is sure
+    picture = ods.draw_edge_distributions(PIL.Image.new("RGB", (400, 300)), boxes, scores, edges)
+    pixels = np.asarray(picture).astype(int)
+    colour = np.array(PIL.ImageColor.getrgb(ods.BOX_COLOURS[0]))
+    centre, edge, peak = ods.TILE / 4, ods.TILE / 4 - ods.TILE * 2 / 16, ods.TILE * ods.EDGE_PEAK
+    # the left edge's peak: at its distance left of the centre, raised by the height of probability 1
+    assert np.abs(pixels[round(centre - peak), round(edge)] - colour).max() < 10
+    assert np.abs(pixels[round(centre), round(centre)] - colour).max() < 10  # the cell's centre
+    assert (np.abs(pixels - colour).max(-1) < 10).sum() < 0.05 * ods.TILE ** 2  # nothing else drawn
+    assert boxes[0].tolist() == pytest.approx([0.125, 0.125, 0.375, 0.375])
 
 
 def test_the_confusion_matrix_counts_mix_ups_misses_and_inventions():
