@@ -58,7 +58,6 @@ class Config:
     dfl_bins: int = 17              # each edge a distribution; 0: a box is (cx, cy, w, h)
 
 
-
 # -----------------------------------------------------------------------------
 # Data: every source becomes one format, the schema of detection-datasets/fashionpedia: a
 # datasets.Dataset with `image` and `objects` = {bbox: [[x_min, y_min, x_max, y_max]] in pixels,

@@ -36,6 +36,8 @@ VARIANTS = {  # name -> RunConfig fields; the rest are the defaults
 DATA = {  # a short name -> the settings every variant trains it with (data= comes from --data)
     "shapes": {},  # the built-in shapes at the default run's settings
     "bccd": {"img_size": 320},
+    "raccoon": {"img_size": 320},   # few large objects (benchmarks/public_sets.py writes it)
+    "cherries": {"img_size": 320},  # many small ones (the same)
 }
 METRICS = ["map50", "map75", "map90", "map"]
 LATENCY_IMAGES = 30
