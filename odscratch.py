@@ -244,24 +244,26 @@ def cells_to_boxes(raw, h, w, radius):
     return torch.cat([centre / torch.tensor([w, h], device=raw.device), raw[..., 2:].sigmoid()], -1)
 
 
+def edge_distances(n, device):
+    # -1/(n-1) (a box smaller than a cell may not hold its centre) to (n-2)/(n-1) of the image side
+    return (torch.arange(n, device=device) - 1) / (n - 1)
+
+
 def edges_to_boxes(edges, h, w):
     """Edge logits [B, h*w, 4, n] -> boxes (cx, cy, w, h) relative to the image. Each cell says
     how far its box's left, top, right and bottom edges are from its centre, as a distribution
-    over n distances, -1/(n-1) (a box smaller than a cell may not hold its centre) to (n-2)/(n-1)
-    of the image side: the box takes each one's expected distance."""
-    n = edges.shape[-1]
-    distances = (torch.arange(n, device=edges.device) - 1) / (n - 1)
-    left, top, right, bottom = (edges.softmax(-1) @ distances).unbind(-1)  # [B, h*w] each
+    over n edge_distances: the box takes each one's expected distance."""
+    distances = edges.softmax(-1) @ edge_distances(edges.shape[-1], edges.device)  # [B, h*w, 4]
+    left, top, right, bottom = distances.unbind(-1)
     centre = cell_centres(h, w, edges.device) / torch.tensor([w, h], device=edges.device)
     return torch.stack([centre[:, 0] + (right - left) / 2, centre[:, 1] + (bottom - top) / 2,
                         (left + right).clamp(min=0), (top + bottom).clamp(min=0)], -1)
 
 
 class GridDetector(nn.Module):
-    """The detector: images [B, 3, I, I] in [0, 1] -> per cell of the (I/stride)^2 grid a box
-    [B, h*w, 4] (cx, cy, w, h relative to the image), K+1 class logits [B, h*w, K+1] (the last:
-    background), with dfl_bins n the edges' logits [B, h*w, 4, n] (else None). LTD calls its
-    two halves, `features` and `cells`, apart."""
+    """Images [B, 3, I, I] in [0, 1] -> per cell of the (I/stride)^2 grid a box [B, h*w, 4] (cx,
+    cy, w, h relative to the image), K+1 class logits [B, h*w, K+1] (the last: background), edge
+    logits [B, h*w, 4, dfl_bins] (None if 0). LTD calls its halves, `features`, `cells`, apart."""
 
     def __init__(self, num_classes, stride, radius=0.5, dfl_bins=0):
         super().__init__()
@@ -345,8 +347,8 @@ def paired_iou(a, b):
 
 
 def distribution_focal_loss(edges, distances):
-    """Edge logits [P, 4, n], true distances [P, 4] in image sides -> DFL: the two distances of
-    edges_to_boxes on either side of the true one learn it, each as much as it is close to it."""
+    """Edge logits [P, 4, n], true distances [P, 4] in image sides -> DFL: the two of the
+    edge_distances on either side of the true one learn it, each as much as it is close to it."""
     n = edges.shape[-1]
     at = (distances * (n - 1) + 1).clamp(0, n - 1.001).flatten()  # [P*4] in steps
     below, above = at.floor(), at.floor() + 1
@@ -689,8 +691,7 @@ def lesson(cfg=Config()):
                       f"learning rate {lr:.5f}")
     found = predict(model_network(model, bf16), val_data, cfg.batch, EVAL_CONF, NMS_IOU)
     metrics = evaluate(found, val_data.targets, len(SYNTHETIC_CLASSES))
-    print(f"{len(val_data)} validation images: mAP50-95 {metrics['map']:.3f}, AP90 "
-          f"{metrics['map90']:.3f}")
+    print(f"validation mAP50-95 {metrics['map']:.3f}, AP90 {metrics['map90']:.3f}")
     print(f"mAP50 {metrics['map50']:.3f}")
     return model, metrics
 
@@ -2323,11 +2324,12 @@ def draw_edge_distributions(image, boxes, scores, edges):
     best, labels = scores.max(-1)
     kept = batched_nms(boxes, best, labels, NMS_IOU)[:EDGE_CELLS]
     grid, n = math.isqrt(len(best)), edges.shape[-1]
-    distances = (torch.arange(n) - 1) / (n - 1) * TILE  # the same in x and y: the tile is square
+    distances = edge_distances(n, "cpu") * TILE  # the same in x and y: the tile is square
+    centres = cell_centres(grid, grid, "cpu") / grid * TILE
     for cell in kept[best[kept] > DETECT_CONF].tolist():
         colour = BOX_COLOURS[labels[cell] % len(BOX_COLOURS)]
         x1, y1, x2, y2 = (boxes[cell] * TILE).tolist()
-        cx, cy = (cell_centres(grid, grid, "cpu")[cell] / grid * TILE).tolist()
+        cx, cy = centres[cell].tolist()
         draw.rectangle((x1, y1, x2, y2), outline=colour, width=1)
         draw.ellipse((cx - 3, cy - 3, cx + 3, cy + 3), fill=colour)
         middle = ((x1 + x2) / 2, (y1 + y2) / 2)
