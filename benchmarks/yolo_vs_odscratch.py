@@ -65,7 +65,7 @@ def export_yolo_format(data, root):
 
 
 def train_yolo(root, args, seed):
-    name = f"yolo-s{seed}"
+    name = f"yolo-{args.minutes:g}min-s{seed}"
     code = (f"from ultralytics import YOLO; YOLO('yolo11n.yaml').train(data={str(root / 'data.yaml')!r}, "
             f"time={args.minutes / 60}, epochs=1000, imgsz={args.img_size}, batch={YOLO_BATCH}, device='cpu', "
             f"seed={seed}, plots=False, project={str(BENCH.resolve())!r}, name={name!r}, exist_ok=True)")
@@ -75,7 +75,7 @@ def train_yolo(root, args, seed):
 
 
 def train_odscratch(args, seed):
-    name = f"odscratch-s{seed}"
+    name = f"odscratch-{args.minutes:g}min-s{seed}"
     subprocess.run([str(Path(sys.executable).parent / "odscratch"), "train", "--data", args.data, "--img-size", str(args.img_size),
                     "--time", str(args.minutes), "--seed", str(seed), "--name", name, *args.odscratch_args.split(),
                     *(["--fp32"] if args.fp32 else [])],
@@ -123,7 +123,7 @@ def odscratch_forward(weights, bf16, fold=True):
     """odscratch's model as `odscratch detect` runs it (load_detector), + select_detections."""
     model, cfg, classes = ods.load_detector(weights, torch.device("cpu"))
     if not fold:  # the same weights, BatchNorm left as it was trained
-        model = ods.GridDetector(len(classes), cfg.stride, cfg.assign_radius).eval()
+        model = ods.GridDetector(len(classes), cfg.stride, cfg.assign_radius, cfg.dfl_bins).eval()
         model.load_state_dict(torch.load(weights, weights_only=True)["model"])
     memory = ods.MEMORY_FORMAT
     model = model.to(memory_format=memory)
@@ -131,7 +131,7 @@ def odscratch_forward(weights, bf16, fold=True):
     @torch.inference_mode()
     def forward(image):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            boxes, logits = model(image.to(memory_format=memory))
+            boxes, logits, _ = model(image.to(memory_format=memory))
         found = ods.score_cells(boxes, logits)
         return ods.select_detections(*found, [image.shape[2:]], ods.DETECT_CONF, ods.NMS_IOU)
     return forward
@@ -230,10 +230,12 @@ def main():
     parser.add_argument("--runs", type=int, default=20, help="timed single-image forwards per model and round")
     parser.add_argument("--fp32", action="store_true",
                         help="odscratch in float32 even where the CPU has bf16, as on a CPU without it")
-    parser.add_argument("--csv", type=Path, help="default: benchmarks/yolo_vs_odscratch[_fp32].csv")
+    parser.add_argument("--csv", type=Path,
+                        help="default: benchmarks/yolo_vs_odscratch[_fp32][_MINUTESmin].csv (no suffix at 15)")
     parser.add_argument("--table", action="store_true", help="only print the table from the CSV")
     args = parser.parse_args()
-    args.csv = args.csv or Path(f"benchmarks/yolo_vs_odscratch{'_fp32' if args.fp32 else ''}.csv")
+    budget = "" if args.minutes == 15 else f"_{args.minutes:g}min"
+    args.csv = args.csv or Path(f"benchmarks/yolo_vs_odscratch{'_fp32' if args.fp32 else ''}{budget}.csv")
     if not args.table:
         root = BENCH / "yolo-data"
         if not (root / "data.yaml").exists():
